@@ -1,0 +1,8 @@
+"""Pretrained CNNs as scikit-learn estimators: features and fine-tuning."""
+
+from ._features import CNNFeatureTransformer
+from ._inspect import list_layers
+
+__version__ = "0.1.0"
+
+__all__ = ["CNNFeatureTransformer", "list_layers", "__version__"]

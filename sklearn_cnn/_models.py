@@ -1,0 +1,229 @@
+"""Build the network a user asked for and work out how to preprocess for it.
+
+``model`` is a torchvision model name, a ``torch.nn.Module`` or a zero-argument
+callable that returns one. ``weights`` is None, "DEFAULT", a torchvision weights
+enum or its name, or the path of a state-dict file.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import WeightsEnum
+from torchvision.transforms import InterpolationMode
+
+from ._images import Preprocessing
+
+# The convention of torchvision's and timm's ImageNet checkpoints: the fallback
+# for a user's own module when neither the weights nor the user say otherwise.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _close(name: str, options: list[str], n: int = 5) -> str:
+    matches = difflib.get_close_matches(name, options, n=n, cutoff=0.5)
+    return f" Did you mean {', '.join(map(repr, matches))}?" if matches else ""
+
+
+def _torchvision_weights_enum(name: str) -> type[WeightsEnum] | None:
+    try:
+        return torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        return None
+
+
+def _resolve_torchvision_weights(name: str, weights: Any) -> WeightsEnum | None:
+    """A torchvision enum member for ``weights``, or None if it is not one."""
+    if isinstance(weights, WeightsEnum):
+        return weights
+    if not isinstance(weights, str):
+        return None
+    enum = _torchvision_weights_enum(name)
+    if enum is None:
+        return None
+    key = weights.split(".")[-1]  # "ResNet18_Weights.IMAGENET1K_V1" works too
+    if key == "DEFAULT":
+        return enum.DEFAULT
+    return enum.__members__.get(key)
+
+
+def _is_weights_file(weights: Any) -> bool:
+    return isinstance(weights, os.PathLike) or (
+        isinstance(weights, str) and os.path.isfile(weights)
+    )
+
+
+def load_state_dict_file(module: nn.Module, path: str | os.PathLike) -> None:
+    """Load a state-dict file into ``module`` strictly, with a clear error."""
+    path = os.fspath(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"Weights file not found: {path!r}.") from None
+    except Exception as exc:  # torch raises many types for a bad file
+        raise ValueError(
+            f"Cannot read weights file {path!r} as a state dict: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0]}. It must be a file "
+            "written by torch.save(model.state_dict(), path)."
+        ) from None
+    # Training checkpoints often wrap the state dict.
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"Weights file {path!r} holds a {type(state).__name__}, not a state "
+            "dict. Save it with torch.save(model.state_dict(), path)."
+        )
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state
+        and hasattr(state[k], "shape")
+        and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
+            if keys:
+                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+                parts.append(f"{label}: {', '.join(keys[:3])}{more}")
+        raise ValueError(
+            f"Weights file {path!r} does not fit the model {type(module).__name__}"
+            f" ({'; '.join(parts)}). Pass the architecture the file was saved "
+            "from, or the matching weights file."
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def _build_torchvision(name: str, weights: Any) -> tuple[nn.Module, WeightsEnum | None]:
+    available = torchvision.models.list_models()
+    if name not in available:
+        raise ValueError(
+            f"Unknown model {name!r}: not a torchvision model name.{_close(name, available)}"
+            " Pass a torchvision name (see torchvision.models.list_models()), a "
+            "torch.nn.Module, or a callable that builds one."
+        )
+    enum_member = _resolve_torchvision_weights(name, weights)
+    if weights is None or _is_weights_file(weights):
+        module = torchvision.models.get_model(name, weights=None)
+        if weights is not None:
+            load_state_dict_file(module, weights)
+        return module, None
+    if enum_member is None:
+        enum = _torchvision_weights_enum(name)
+        valid = ["DEFAULT", *enum.__members__] if enum is not None else []
+        raise ValueError(
+            f"weights={weights!r} is neither a weights name of {name!r} "
+            f"(valid: {', '.join(valid) or 'none'}) nor an existing file."
+        )
+    try:
+        module = torchvision.models.get_model(name, weights=enum_member)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        raise RuntimeError(
+            f"Could not download the weights {enum_member} for {name!r} "
+            f"({type(exc).__name__}: {exc}). Without internet access, download "
+            f"them on another machine ({enum_member.url}) and pass the file's "
+            "path as weights=."
+        ) from None
+    return module, enum_member
+
+
+def build_model(model: Any, weights: Any) -> tuple[nn.Module, WeightsEnum | None]:
+    """The module with its weights loaded, and the torchvision enum if any.
+
+    The user's own module is deep-copied, so fitting never changes it.
+    """
+    if isinstance(model, str):
+        return _build_torchvision(model, weights)
+    if isinstance(model, nn.Module):
+        module = copy.deepcopy(model)
+    elif callable(model):
+        module = model()
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"model is a callable that returned {type(module).__name__}; it "
+                "must return a torch.nn.Module."
+            )
+    else:
+        raise TypeError(
+            f"model must be a torchvision model name, a torch.nn.Module or a "
+            f"callable that returns one; got {type(model).__name__}."
+        )
+    # For a module of the user's own, "DEFAULT" and None keep the weights it has.
+    if weights is None or (isinstance(weights, str) and weights == "DEFAULT"):
+        return module, None
+    if _is_weights_file(weights):
+        load_state_dict_file(module, weights)
+        return module, None
+    raise ValueError(
+        f"weights={weights!r} cannot be used with a module of your own: pass the "
+        "path of a state-dict file, or None/'DEFAULT' to keep the module's weights."
+        + ("" if not isinstance(weights, str) else " (No such file exists.)")
+    )
+
+
+def _as_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    if len(size) == 1:
+        return (int(size[0]), int(size[0]))
+    return (int(size[0]), int(size[1]))
+
+
+def resolve_preprocessing(
+    model: Any,
+    weights_enum: WeightsEnum | None,
+    image_size: Any,
+    mean: Any,
+    std: Any,
+) -> Preprocessing:
+    """Preprocessing from the user's parameters, else the weights' metadata.
+
+    A state-dict file for a torchvision architecture uses the metadata of that
+    architecture's default weights (a static table, nothing is downloaded).
+    """
+    meta = None
+    if weights_enum is not None:
+        meta = weights_enum.transforms()
+    elif isinstance(model, str):
+        enum = _torchvision_weights_enum(model)
+        if enum is not None:
+            meta = enum.DEFAULT.transforms()
+
+    interpolation = getattr(meta, "interpolation", InterpolationMode.BILINEAR)
+    if image_size is None:
+        if meta is not None and hasattr(meta, "crop_size"):
+            resize, crop = int(meta.resize_size[0]), _as_hw(meta.crop_size)
+        else:
+            resize, crop = None, None
+    elif image_size == "native":
+        resize, crop = None, None
+    else:
+        resize, crop = _as_hw(image_size), None
+    if mean is None:
+        mean = tuple(getattr(meta, "mean", IMAGENET_MEAN))
+    if std is None:
+        std = tuple(getattr(meta, "std", IMAGENET_STD))
+    return Preprocessing(
+        resize=resize,
+        crop=crop,
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        interpolation=interpolation,
+    )
+
