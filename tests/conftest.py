@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny CNN and small images, so the suite runs in minutes."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """conv-bn-relu stem, two stages, pooled head: the shape of a real CNN."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
+        self.stage1 = nn.Sequential(
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+        )
+        self.stage2 = nn.Sequential(
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(4 * width),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.stage1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def make_tiny_cnn(seed: int = 0) -> TinyCNN:
+    """A TinyCNN with fixed random weights (a picklable builder via partial)."""
+    torch.manual_seed(seed)
+    model = TinyCNN()
+    # Non-trivial BatchNorm statistics, as a pretrained network has.
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture
+def tiny_builder():
+    """A zero-argument callable that builds the same TinyCNN every time."""
+    return functools.partial(make_tiny_cnn, 0)
+
+
+@pytest.fixture
+def images():
+    """12 uint8 RGB images, 16 x 16."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def labelled_images():
+    """60 images of 3 classes that a tiny CNN can tell apart (mean colour)."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.array(["red", "green", "blue"]), 20)
+    X = rng.integers(0, 96, size=(60, 16, 16, 3), dtype=np.uint8)
+    for channel, name in enumerate(["red", "green", "blue"]):
+        X[y == name, :, :, channel] += 150
+    return X, y
