@@ -16,8 +16,9 @@ def list_layers(
     """The layers of ``model`` that can be tapped, in forward order.
 
     Every module that runs exactly once in a forward pass and returns a tensor
-    is listed, nested ones included (``"layer3"`` and ``"layer3.1.conv2"``).
-    A module object reused at several places (a shared activation, say) is left
+    is listed, nested ones included (``"layer3"`` and ``"layer3.1.conv2"``), in
+    the order their outputs are computed (a block after its sublayers). A module
+    object reused at several places (resnet's ``layer1.0.relu``, say) is left
     out: its output would be ambiguous.
 
     Parameters
@@ -39,7 +40,7 @@ def list_layers(
     --------
     >>> from sklearn_cnn import list_layers
     >>> [layer.name for layer in list_layers("resnet18")][4:8]
-    ['layer1.0.conv1', 'layer1.0.bn1', 'layer1.0.relu', 'layer1.0.conv2']
+    ['layer1.0.conv1', 'layer1.0.bn1', 'layer1.0.conv2', 'layer1.0.bn2']
     >>> [layer for layer in list_layers("resnet18") if layer.name == "layer3"]
     [Layer(name='layer3', output_shape=(256, 14, 14))]
     """
