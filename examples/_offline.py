@@ -43,7 +43,9 @@ def load_animal_mnist(
     """
     import animal_mnist
 
-    folder = os.path.join(os.path.dirname(animal_mnist.__file__), "data", "Animal_MNIST")
+    folder = os.path.join(
+        os.path.dirname(animal_mnist.__file__), "data", "Animal_MNIST"
+    )
     with gzip.open(os.path.join(folder, "animal_data_version_3.gz"), "rb") as f:
         X = np.asarray(pickle.load(f), dtype=np.uint8)
     with gzip.open(os.path.join(folder, "animal_label_version_3.gz"), "rb") as f:

@@ -82,9 +82,13 @@ pipe = pipeline(CNNFeatureTransformer(**lite0(), image_size=96))
 search = GridSearchCV(pipe, {"features__layer": layers}, cv=3)
 start = time.perf_counter()
 search.fit(X_train[:1000], y_train[:1000])
-print(f"grid search over {len(layers)} layers, 3-fold: "
-      f"{time.perf_counter() - start:.1f} s")
+print(
+    f"grid search over {len(layers)} layers, 3-fold: "
+    f"{time.perf_counter() - start:.1f} s"
+)
 for layer, score in zip(layers, search.cv_results_["mean_test_score"]):
     print(f"  layer={layer!s:>11}: CV accuracy {score:.3f}")
-print(f"best layer: {search.best_params_['features__layer']}, "
-      f"held-out accuracy {search.score(X_test, y_test):.3f}")
+print(
+    f"best layer: {search.best_params_['features__layer']}, "
+    f"held-out accuracy {search.score(X_test, y_test):.3f}"
+)
