@@ -87,14 +87,15 @@ def main() -> None:
     print(f"{'':52} {'images/s':>9} {'speed-up vs loop':>17} {'min cosine':>11}")
     for name in names:
         rate = args.images / statistics.median(times[name])
-        ratios = [t_ref / t for t_ref, t in zip(times[names[0]], times[name])]
+        ratios = [
+            t_ref / t for t_ref, t in zip(times[names[0]], times[name], strict=True)
+        ]
         out = outputs[name]
         cosine = (out * ref).sum(1) / (
             np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1)
         )
-        print(
-            f"{name:52} {rate:9.1f} {statistics.median(ratios):16.2f}x {cosine.min():11.6f}"
-        )
+        speedup = statistics.median(ratios)
+        print(f"{name:52} {rate:9.1f} {speedup:16.2f}x {cosine.min():11.6f}")
 
 
 if __name__ == "__main__":

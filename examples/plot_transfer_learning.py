@@ -86,7 +86,7 @@ print(
     f"grid search over {len(layers)} layers, 3-fold: "
     f"{time.perf_counter() - start:.1f} s"
 )
-for layer, score in zip(layers, search.cv_results_["mean_test_score"]):
+for layer, score in zip(layers, search.cv_results_["mean_test_score"], strict=True):
     print(f"  layer={layer!s:>11}: CV accuracy {score:.3f}")
 print(
     f"best layer: {search.best_params_['features__layer']}, "

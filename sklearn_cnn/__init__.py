@@ -1,9 +1,16 @@
 """Pretrained CNNs as scikit-learn estimators: features and fine-tuning."""
 
 from ._features import CNNFeatureTransformer
+from ._finetune import FineTuneClassifier
 from ._folder import load_image_folder
 from ._inspect import list_layers
 
 __version__ = "0.1.0"
 
-__all__ = ["CNNFeatureTransformer", "list_layers", "load_image_folder", "__version__"]
+__all__ = [
+    "CNNFeatureTransformer",
+    "FineTuneClassifier",
+    "list_layers",
+    "load_image_folder",
+    "__version__",
+]

@@ -120,7 +120,8 @@ class NetworkMixin:
     # Pickling: the module travels on the CPU, so that an estimator fitted on a
     # GPU loads on a machine without one; it moves back to a device on load.
     def __getstate__(self) -> dict:
-        state = super().__getstate__()
+        # A copy: BaseEstimator.__getstate__ returns the live __dict__ itself.
+        state = dict(super().__getstate__())
         model = state.get("model_")
         if model is not None and any(
             t.device.type != "cpu" for t in model.state_dict().values()

@@ -179,7 +179,7 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
 
         Returns
         -------
-        features : ndarray of shape (n_samples, n_features_out_), dtype float32
+        features : ndarray of shape (n_samples, n_features), dtype float32
             One row per image; several layers are concatenated in order.
         """
         check_is_fitted(self)
@@ -222,7 +222,7 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
         return np.asarray(
             [
                 f"{name}_{i}"
-                for name, width in zip(self.layers_, self._widths)
+                for name, width in zip(self.layers_, self._widths, strict=True)
                 for i in range(width)
             ],
             dtype=object,

@@ -44,7 +44,9 @@ class Preprocessing:
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 or float (C, H, W) or (N, C, H, W) RGB -> normalized float32."""
         if self.resize is not None:
-            size = list(self.resize) if isinstance(self.resize, tuple) else [self.resize]
+            size = (
+                list(self.resize) if isinstance(self.resize, tuple) else [self.resize]
+            )
             image = TF.resize(
                 image, size, interpolation=self.interpolation, antialias=True
             )
@@ -160,9 +162,10 @@ def array_to_tensor(a: np.ndarray, batched: bool) -> torch.Tensor:
     """
     dtype = np.uint8 if a.dtype.kind in "iu" else np.float32
     # torch.from_numpy shares memory: copy read-only arrays (torch wants them
-    # writable) and anything that needs a dtype change; never write to them.
+    # writable), reversed views such as img[:, ::-1] (torch has no negative
+    # strides) and anything that needs a dtype change; never write to them.
     a = np.asarray(a, dtype=dtype)
-    if not a.flags.writeable:
+    if not a.flags.writeable or any(s < 0 for s in a.strides):
         a = a.copy()
     t = torch.from_numpy(a)
     grey_2d = a.ndim == (3 if batched else 2)
@@ -194,6 +197,10 @@ def _load_file(path: str | os.PathLike) -> torch.Tensor:
 
 
 def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    if im.mode.startswith("I;16"):
+        # 16-bit grey (PNG, TIFF): convert("RGB") would clip it at 255.
+        grey = np.asarray(im).astype(np.float32) / 65535.0
+        return array_to_tensor(grey, batched=False)
     if im.mode != "RGB":
         im = im.convert("RGB")
     return TF.pil_to_tensor(im)

@@ -139,7 +139,9 @@ def _check_layer_name(name: Any, tr: Trace) -> str:
             if counts[name] == 0
             else "does not return a tensor"
         )
-        hint = f" Its sublayers are: {', '.join(map(repr, children))}." if children else ""
+        hint = (
+            f" Its sublayers are: {', '.join(map(repr, children))}." if children else ""
+        )
         raise ValueError(f"Layer {name!r} {why}, so it cannot be tapped.{hint}")
     matches = difflib.get_close_matches(name, valid, n=5, cutoff=0.6)
     suggestion = (
@@ -174,6 +176,8 @@ class Tapper:
         self._handles: list = []
 
     def __enter__(self) -> Tapper:
+        if self._handles:  # entered already (re-entry): hooks are in place
+            return self
         modules = dict(self.module.named_modules())
         for tap in self.taps:
             m = modules[tap.module]
@@ -192,6 +196,9 @@ class Tapper:
         self._store[tap] = value
         if len(self._store) == len(self.taps):
             raise _Stop
+        # The forward goes on, and in-place ops after this layer (resnet's
+        # ReLU(inplace=True), ``out += identity``) would overwrite the tensor.
+        self._store[tap] = value.clone()
 
     def _pre(self, tap: Tap):
         def hook(_m: nn.Module, args: tuple) -> None:

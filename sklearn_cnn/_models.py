@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -47,7 +48,9 @@ def _resolve_torchvision_weights(name: str, weights: Any) -> WeightsEnum | None:
     enum = _torchvision_weights_enum(name)
     if enum is None:
         return None
-    key = weights.split(".")[-1]  # "ResNet18_Weights.IMAGENET1K_V1" works too
+    prefix, _, key = weights.rpartition(".")  # "ResNet18_Weights.IMAGENET1K_V1" too
+    if prefix and prefix != enum.__name__:  # another model's weights
+        return None
     if key == "DEFAULT":
         return enum.DEFAULT
     return enum.__members__.get(key)
@@ -114,7 +117,8 @@ def _build_torchvision(name: str, weights: Any) -> tuple[nn.Module, WeightsEnum 
     available = torchvision.models.list_models()
     if name not in available:
         raise ValueError(
-            f"Unknown model {name!r}: not a torchvision model name.{_close(name, available)}"
+            f"Unknown model {name!r}: not a torchvision model name."
+            f"{_close(name, available)}"
             " Pass a torchvision name (see torchvision.models.list_models()), a "
             "torch.nn.Module, or a callable that builds one."
         )
@@ -127,6 +131,7 @@ def _build_torchvision(name: str, weights: Any) -> tuple[nn.Module, WeightsEnum 
     if enum_member is None:
         enum = _torchvision_weights_enum(name)
         valid = ["DEFAULT", *enum.__members__] if enum is not None else []
+        valid = list(dict.fromkeys(valid))  # __members__ lists DEFAULT too
         raise ValueError(
             f"weights={weights!r} is neither a weights name of {name!r} "
             f"(valid: {', '.join(valid) or 'none'}) nor an existing file."
@@ -178,8 +183,8 @@ def build_model(model: Any, weights: Any) -> tuple[nn.Module, WeightsEnum | None
 
 
 def _as_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
+    if isinstance(size, Integral):  # np.int64 too, as the constraints allow
+        return (int(size), int(size))
     if len(size) == 1:
         return (int(size[0]), int(size[0]))
     return (int(size[0]), int(size[1]))
@@ -226,4 +231,3 @@ def resolve_preprocessing(
         std=tuple(float(s) for s in std),
         interpolation=interpolation,
     )
-

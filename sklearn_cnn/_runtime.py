@@ -19,7 +19,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: Any) -> torch.device:
-    """"auto" -> CUDA when available, else the CPU.
+    """ "auto" -> CUDA when available, else the CPU.
 
     A CUDA device asked for on a machine without one (an estimator fitted on a
     GPU and loaded elsewhere) falls back to the CPU with a warning.
