@@ -107,10 +107,13 @@ class NetworkMixin:
         )
 
     def _stream(self, X: Any, tapper: Tapper, reduce, label: str):
-        """Yield ``reduce(tapped tensors)`` batch by batch, in inference mode."""
+        """Yield ``reduce(tapped tensors)`` batch by batch, in inference mode.
+
+        The caller holds ``tapper`` entered (its hooks registered).
+        """
         progress = Progress(len(X), label, enabled=bool(self.verbose))
         self.model_.eval()
-        with torch.inference_mode(), tapper:
+        with torch.inference_mode():
             for batch in self._batches(X):
                 with autocast(self.device_, self._autocast_dtype):
                     out = reduce(tapper(batch))

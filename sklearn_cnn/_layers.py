@@ -176,8 +176,6 @@ class Tapper:
         self._handles: list = []
 
     def __enter__(self) -> Tapper:
-        if self._handles:  # entered already (re-entry): hooks are in place
-            return self
         modules = dict(self.module.named_modules())
         for tap in self.taps:
             m = modules[tap.module]
