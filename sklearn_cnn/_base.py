@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from numbers import Integral
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from ._images import ImageDataset, Preprocessing
-from ._layers import Tapper, Trace, trace
+from ._layers import Tap, Tapper, Trace, trace
 from ._models import build_model, resolve_preprocessing
 from ._runtime import (
     PRECISIONS,
@@ -106,19 +107,31 @@ class NetworkMixin:
             **kwargs,
         )
 
-    def _stream(self, X: Any, tapper: Tapper, reduce, label: str):
-        """Yield ``reduce(tapped tensors)`` batch by batch, in inference mode.
+    def _run(
+        self,
+        X: Any,
+        taps: list[Tap],
+        reduce: Callable[[list[torch.Tensor]], torch.Tensor],
+        n_columns: int,
+        label: str,
+    ) -> np.ndarray:
+        """``reduce(tapped tensors)`` of every image, as one float32 array.
 
-        The caller holds ``tapper`` entered (its hooks registered).
+        Batches stream through the network in inference mode; only the reduced
+        rows of each batch are kept.
         """
+        out = np.empty((len(X), n_columns), dtype=np.float32)
         progress = Progress(len(X), label, enabled=bool(self.verbose))
         self.model_.eval()
-        with torch.inference_mode():
+        start = 0
+        with torch.inference_mode(), Tapper(self.model_, taps) as tapper:
             for batch in self._batches(X):
                 with autocast(self.device_, self._autocast_dtype):
-                    out = reduce(tapper(batch))
+                    rows = reduce(tapper(batch))
+                out[start : start + len(rows)] = rows.cpu().numpy()
+                start += len(rows)
                 progress.update(len(batch))
-                yield out
+        return out
 
     # Pickling: the module travels on the CPU, so that an estimator fitted on a
     # GPU loads on a machine without one; it moves back to a device on load.

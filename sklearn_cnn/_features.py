@@ -184,13 +184,9 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X = check_images(X)
-        out = np.empty((len(X), self.n_features_out_), dtype=np.float32)
-        start = 0
-        with Tapper(self.model_, self._taps) as tapper:
-            for feats in self._stream(X, tapper, self._pool_all, "transform"):
-                out[start : start + len(feats)] = feats.cpu().numpy()
-                start += len(feats)
-        return out
+        return self._run(
+            X, self._taps, self._pool_all, self.n_features_out_, "transform"
+        )
 
     def _pool_all(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         parts = [pool(t, self.pooling) for t in tensors]

@@ -1059,13 +1059,7 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
     def _logits_of(self, X: Any) -> np.ndarray:
         check_is_fitted(self)
         X = check_images(X)
-        out = np.empty((len(X), len(self.classes_)), dtype=np.float32)
-        start = 0
-        with Tapper(self.model_, []) as tapper:
-            for logits in self._stream(X, tapper, _float_logits, "predict"):
-                out[start : start + len(logits)] = logits.cpu().numpy()
-                start += len(logits)
-        return out
+        return self._run(X, [], _float_logits, len(self.classes_), "predict")
 
     def decision_function(self, X: Any) -> np.ndarray:
         """The head's logits.
