@@ -74,9 +74,10 @@ def check_images(X: Any) -> np.ndarray | list:
             "X is a single PIL image; pass a list of images, e.g. X=[image]."
         )
     if hasattr(X, "to_numpy") and not isinstance(X, np.ndarray):
-        X = X.to_numpy()  # pandas Series of paths
+        X = X.to_numpy()  # a pandas Series or one-column DataFrame of paths
     if isinstance(X, np.ndarray) and X.dtype.kind in "USO":
-        X = list(X.ravel()) if X.ndim == 1 else X
+        # (n,) or (n, 1): what ColumnTransformer passes for a column of paths.
+        X = list(X.ravel()) if X.ndim == 1 or X.shape[1:] == (1,) else X
     if isinstance(X, (list, tuple)):
         if len(X) == 0:
             raise ValueError("X is empty: pass at least one image.")

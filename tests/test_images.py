@@ -141,6 +141,14 @@ def test_pandas_series_of_paths(images, tmp_path):
     assert_array_equal(features(pd.Series(paths)), features(images))
 
 
+def test_one_column_of_paths_as_column_transformer_passes_it(images, tmp_path):
+    pd = pytest.importorskip("pandas")
+    paths = [str(p) for p in save_all(images, tmp_path, ".png")]
+    frame = pd.DataFrame({"path": paths})
+    assert_array_equal(features(frame), features(images))
+    assert_array_equal(features(np.array(paths)[:, None]), features(images))
+
+
 def test_jpeg_paths_close_to_array(images, tmp_path):
     # JPEG is lossy: close, not equal. Smooth images keep the loss small.
     smooth = np.repeat(np.repeat(images[:, ::4, ::4], 4, axis=1), 4, axis=2)
