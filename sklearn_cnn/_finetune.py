@@ -18,13 +18,11 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
 from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -36,348 +34,33 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch import nn
-from torchvision.transforms import RandomResizedCrop
-from torchvision.transforms.v2 import functional as TF
 
 from ._base import NetworkMixin, _network_constraints
-from ._images import ImageDataset, Preprocessing, check_images, collate_batch
-from ._layers import Tap, Tapper, Trace, _check_layer_name, pool, trace
+from ._freezing import (
+    _float_logits,
+    _frozen_modules,
+    _install_head,
+    _logits,
+    _stages,
+)
+from ._images import check_images
+from ._layers import Tap, Tapper, trace
 from ._runtime import Progress, autocast, has_conv2d
+from ._training import (
+    _Augmented,
+    _cosine_warmup,
+    _FeatureSource,
+    _ImageSource,
+    _Labelled,
+    _Loss,
+    _Selection,
+    light_augment,
+)
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_BACKBONE = "backbone"
-#: Fraction of all optimizer steps spent warming the learning rate up.
-_WARMUP = 0.1
 #: The probe's logistic regression: sklearn's default strength on standardized
 #: features, iterations enough for a few thousand features.
 _PROBE_C, _PROBE_MAX_ITER = 1.0, 1000
-
-
-# ---------------------------------------------------------------------------
-# Structure: the head, the stages, what a ``freeze`` value freezes
-# ---------------------------------------------------------------------------
-
-
-def _logits(out: Any) -> torch.Tensor:
-    """The logits of a model's output (torchvision's aux-logit tuples included)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)) and out:
-        return out[0]
-    raise TypeError(
-        f"The model returned a {type(out).__name__}; FineTuneClassifier needs a "
-        "tensor of logits (or a tuple whose first element is one)."
-    )
-
-
-def _float_logits(outputs: list[Any]) -> torch.Tensor:
-    """A Tapper without taps returns ``[model output]``: its float32 logits."""
-    return _logits(outputs[0]).float()
-
-
-class _AppendedHead:
-    """Forward hook for a model without ``nn.Linear``: its pooled output goes
-    through a new linear head registered as the submodule ``name``.
-    A class, not a closure, so that the model still pickles."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self, module: nn.Module, _args: tuple, output: Any) -> torch.Tensor:
-        return getattr(module, self.name)(pool(_logits(output), "avg"))
-
-
-def _install_head(
-    model: nn.Module, tr: Trace, n_classes: int, example: torch.Tensor
-) -> tuple[str, bool]:
-    """Replace the last ``nn.Linear`` by a fresh one with ``n_classes`` outputs.
-
-    A model without one gets a head appended on its globally average-pooled
-    output. Returns the head's module name and whether it was appended.
-    """
-    name = tr.head
-    if name is not None:
-        old = model.get_submodule(name)
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        device = old.weight.device
-        setattr(parent, attr, nn.Linear(old.in_features, n_classes).to(device))
-        return name, False
-    with torch.inference_mode():
-        width = pool(_logits(model(example)), "avg").shape[1]
-    name = "head" if not hasattr(model, "head") else "sklearn_cnn_head"
-    model.add_module(name, nn.Linear(width, n_classes).to(example.device))
-    model.register_forward_hook(_AppendedHead(name))
-    return name, True
-
-
-def _first_calls(tr: Trace) -> dict[str, int]:
-    """Module name -> position of its first (completed) call in the forward."""
-    first: dict[str, int] = {}
-    for i, name in enumerate(tr.calls):
-        first.setdefault(name, i)
-    return first
-
-
-def _has_state(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
-
-
-def _stages(model: nn.Module, tr: Trace, head: str) -> list[str]:
-    """Top-level modules that hold parameters or buffers, in forward order.
-
-    A container that is never called itself (``nn.ModuleList``) and one that
-    holds the head (``classifier = Sequential(Dropout, Linear)``) are expanded
-    into their children; the head is not a stage.
-    """
-    first = _first_calls(tr)
-    found: list[str] = []
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        for child_name, child in module.named_children():
-            name = prefix + child_name
-            if name == head:
-                continue
-            if head.startswith(name + ".") or (
-                name not in first and isinstance(child, (nn.ModuleList, nn.ModuleDict))
-            ):
-                visit(child, name + ".")
-            elif name in first and _has_state(child):
-                found.append(name)
-
-    visit(model, "")
-    return sorted(found, key=first.__getitem__)
-
-
-def _is_head(name: str, head: str) -> bool:
-    return name == head or name.startswith(head + ".")
-
-
-def _frozen_modules(
-    model: nn.Module, tr: Trace, head: str, stages: list[str], freeze: Any
-) -> set[str]:
-    """Names of the modules that ``freeze`` freezes (kept in eval mode).
-
-    Everything is in forward order: a module is frozen when its first call ends
-    at or before the cut. Modules the forward never calls are always frozen.
-    Freezing every backbone parameter is the same as ``"backbone"``.
-    """
-    first = _first_calls(tr)
-    names = [n for n, _ in model.named_modules() if n and not _is_head(n, head)]
-    never_called = {n for n in names if n not in first}
-    everything = set(names)
-    if isinstance(freeze, (bool, np.bool_)):
-        raise ValueError(
-            f"freeze={freeze!r}: pass a number of stages (int), a fraction (float), "
-            "a module name, 'backbone' or 0."
-        )
-    if isinstance(freeze, str):
-        if freeze == _BACKBONE:
-            return everything
-        if _is_head(freeze, head):
-            raise ValueError(
-                f"freeze={freeze!r} names the classifier head, which always trains. "
-                "To train only the head, use freeze='backbone'."
-            )
-        try:
-            _check_layer_name(freeze, tr)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"freeze={freeze!r} cannot be used: {exc}") from None
-        cut = first[freeze]
-    elif isinstance(freeze, Integral):
-        k = int(freeze)
-        if k > len(stages):
-            raise ValueError(
-                f"freeze={k} but the model has {len(stages)} stages: "
-                f"{', '.join(map(repr, stages))}. Pass at most {len(stages)}, a "
-                "fraction such as freeze=0.5, a module name, or freeze='backbone' "
-                "to train only the head."
-            )
-        if k == 0:
-            return never_called
-        if k == len(stages):
-            return everything
-        cut = first[stages[k - 1]]
-    elif isinstance(freeze, Real):
-        f = float(freeze)
-        if not 0.0 <= f <= 1.0:
-            raise ValueError(f"freeze={freeze!r}: a fraction must lie in [0, 1].")
-        counted = sorted(
-            (first[n], sum(p.numel() for p in m.parameters(recurse=False)))
-            for n, m in model.named_modules()
-            if n in first and not _is_head(n, head)
-        )
-        total = sum(n for _, n in counted) + _root_params(model)
-        if f == 0.0 or total == 0:
-            return never_called
-        cut, acc = -1, _root_params(model)
-        for pos, n in counted:
-            if acc >= f * total:
-                break
-            acc += n
-            cut = pos
-    else:
-        raise ValueError(
-            f"freeze={freeze!r}: pass a number of stages (int), a fraction (float), "
-            "a module name, 'backbone' or 0."
-        )
-    frozen = {n for n in names if n in first and first[n] <= cut} | never_called
-    trainable = [
-        p
-        for n, m in model.named_modules()
-        if n and n not in frozen and not _is_head(n, head)
-        for p in m.parameters(recurse=False)
-    ]
-    return everything if not trainable else frozen
-
-
-def _root_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters(recurse=False))
-
-
-# ---------------------------------------------------------------------------
-# Data: labelled batches of a subset of X, augmentation
-# ---------------------------------------------------------------------------
-
-
-#: ``augment="light"``: fraction of the area and aspect ratios of the crop.
-LIGHT_SCALE, LIGHT_RATIO = (0.85, 1.0), (0.9, 1 / 0.9)
-
-
-def light_augment(image: torch.Tensor) -> torch.Tensor:
-    """``augment="light"``: a random resized crop (85-100 % of the area, aspect
-    ratio within 10 %, back to the image's own size) and a horizontal flip with
-    probability 1/2.
-
-    Works on one (C, H, W) tensor, uint8 or float, before normalization. Light
-    on purpose: on small data, the usual crops (torchvision's 8-100 % of the
-    area, or 70-100 %) move the training images so far from the test images
-    that the probe-initialised head starts far from its optimum (Animal-MNIST,
-    Lite0, ``freeze=0.5``: training loss 0.65 instead of 0.43 after the first
-    epoch, test accuracy 0.918 instead of 0.934 after five).
-    """
-    h, w = image.shape[-2:]
-    top, left, ch, cw = RandomResizedCrop.get_params(
-        image, scale=list(LIGHT_SCALE), ratio=list(LIGHT_RATIO)
-    )
-    image = TF.resized_crop(image, top, left, ch, cw, [h, w], antialias=True)
-    if torch.rand(()) < 0.5:
-        image = TF.horizontal_flip(image)
-    return image
-
-
-class _Augmented:
-    """Augment each image, then preprocess as for prediction."""
-
-    def __init__(self, augment: Callable, preprocess: Preprocessing) -> None:
-        self.augment, self.preprocess = augment, preprocess
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        if image.ndim == 3:
-            return self.preprocess(self.augment(image))
-        out = [self.augment(im) for im in image]
-        if len({tuple(o.shape) for o in out}) > 1:
-            raise ValueError(
-                "augment returned images of different sizes; it must return one "
-                "size for every image of a batch (end it with a resize)."
-            )
-        return self.preprocess(torch.stack(out))
-
-
-class _Labelled(torch.utils.data.Dataset):
-    """Images ``index`` of X, preprocessed, with their encoded labels."""
-
-    def __init__(self, X: Any, index: np.ndarray, targets: np.ndarray, pre) -> None:
-        self.images = ImageDataset(X, pre)
-        self.index, self.targets = index, targets
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitems__(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.index[ids]
-        return (
-            self.images.__getitems__(rows.tolist()),
-            torch.from_numpy(self.targets[rows]),
-        )
-
-
-def _cosine_warmup(total: int) -> Callable[[int], float]:
-    """Learning-rate factor: linear warm-up, then cosine decay to zero."""
-    warmup = max(1, round(_WARMUP * total))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
-
-    return factor
-
-
-class _Loss:
-    """Cross-entropy with class weights and label smoothing."""
-
-    def __init__(
-        self, class_weights: np.ndarray | None, smoothing: float, device: torch.device
-    ) -> None:
-        self.weight = (
-            None
-            if class_weights is None
-            else torch.as_tensor(class_weights, dtype=torch.float32, device=device)
-        )
-        self.smoothing = smoothing
-
-    def __call__(
-        self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean"
-    ) -> torch.Tensor:
-        return F.cross_entropy(
-            logits.float(),
-            target,
-            weight=self.weight,
-            label_smoothing=self.smoothing,
-            reduction=reduction,
-        )
-
-    def total_weight(self, target: torch.Tensor) -> float:
-        """What a "mean" reduction divides the "sum" by."""
-        if self.weight is None:
-            return float(len(target))
-        return float(self.weight[target].sum())
-
-
-class _Selection:
-    """The best epoch so far (whose weights are kept), and early stopping's
-    patience, which counts from the best *trained* epoch: the start (the probe
-    head) competes for best, but a dip in the first epochs, while the head and
-    backbone adjust to each other, does not stop training."""
-
-    def __init__(
-        self, epoch: int, acc: float, loss: float, model: nn.Module, has_val: bool
-    ) -> None:
-        self.model, self.has_val = model, has_val
-        self.epoch, self.score, self.state = epoch, (acc, loss), self._snapshot()
-        self.trained: tuple[float, float] | None = None
-        self.stall = 0
-
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
-    @staticmethod
-    def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
-        """Higher accuracy, or the same and a lower loss (by more than 1e-4)."""
-        return a[0] > b[0] or (a[0] == b[0] and a[1] < b[1] - 1e-4)
-
-    def update(self, epoch: int, acc: float, loss: float) -> None:
-        score = (acc, loss)
-        if not self.has_val or self._better(score, self.score):
-            self.epoch, self.score, self.state = epoch, score, self._snapshot()
-        if self.trained is None or self._better(score, self.trained):
-            self.trained, self.stall = score, 0
-        else:
-            self.stall += 1
 
 
 # ---------------------------------------------------------------------------
@@ -1139,86 +822,6 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         tags.input_tags.three_d_array = True
         tags.input_tags.string = True
         return tags
-
-
-# ---------------------------------------------------------------------------
-# Sources of training batches: images, or features computed once
-# ---------------------------------------------------------------------------
-
-
-class _ImageSource:
-    def __init__(
-        self, dataset: _Labelled, *, device: torch.device, num_workers: int,
-        channels_last: bool,
-    ) -> None:  # fmt: skip
-        self.dataset, self.device = dataset, device
-        self.num_workers, self.channels_last = num_workers, channels_last
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def _drop_last(self, batch_size: int) -> bool:
-        # A last batch of one image breaks BatchNorm in train mode.
-        n = len(self.dataset)
-        return n > batch_size and n % batch_size == 1
-
-    def n_batches(self, batch_size: int) -> int:
-        n = len(self.dataset)
-        return n // batch_size if self._drop_last(batch_size) else -(-n // batch_size)
-
-    def n_used(self, batch_size: int) -> int:
-        n = len(self.dataset)
-        return n - 1 if self._drop_last(batch_size) else n
-
-    def batches(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        shuffle = generator is not None
-        loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            drop_last=shuffle and self._drop_last(batch_size),
-            num_workers=self.num_workers,
-            collate_fn=collate_batch,
-            pin_memory=self.device.type == "cuda",
-        )
-        for xb, yb in loader:
-            xb = xb.to(self.device, non_blocking=True)
-            if self.channels_last and xb.ndim == 4:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, yb.to(self.device, non_blocking=True)
-
-
-class _FeatureSource:
-    def __init__(
-        self, features: torch.Tensor | None, y: np.ndarray, device: torch.device
-    ) -> None:
-        self.y = torch.from_numpy(y).to(device)
-        self.features = None if features is None else features.to(device)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def n_batches(self, batch_size: int) -> int:
-        return -(-len(self.y) // batch_size)
-
-    def n_used(self, batch_size: int) -> int:
-        return len(self.y)
-
-    def batches(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.y)
-        order = (
-            torch.randperm(n, generator=generator).to(self.y.device)
-            if generator is not None
-            else torch.arange(n, device=self.y.device)
-        )
-        for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
-            yield self.features[rows], self.y[rows]
 
 
 # ---------------------------------------------------------------------------

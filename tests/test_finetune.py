@@ -29,13 +29,9 @@ from sklearn.utils import estimator_checks
 from torch import nn
 
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier
-from sklearn_cnn._finetune import (
-    _cosine_warmup,
-    _frozen_modules,
-    _stages,
-    light_augment,
-)
+from sklearn_cnn._freezing import _frozen_modules, _stages
 from sklearn_cnn._layers import trace
+from sklearn_cnn._training import _cosine_warmup, light_augment
 
 # Tiny networks: a second torch thread only waits on a busy machine.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,0 +1,198 @@
+"""The head of a pretrained network, its stages, and what ``freeze`` freezes."""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._layers import Trace, _check_layer_name, pool
+
+_BACKBONE = "backbone"
+
+
+# ---------------------------------------------------------------------------
+# Structure: the head, the stages, what a ``freeze`` value freezes
+# ---------------------------------------------------------------------------
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """The logits of a model's output (torchvision's aux-logit tuples included)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out:
+        return out[0]
+    raise TypeError(
+        f"The model returned a {type(out).__name__}; FineTuneClassifier needs a "
+        "tensor of logits (or a tuple whose first element is one)."
+    )
+
+
+def _float_logits(outputs: list[Any]) -> torch.Tensor:
+    """A Tapper without taps returns ``[model output]``: its float32 logits."""
+    return _logits(outputs[0]).float()
+
+
+class _AppendedHead:
+    """Forward hook for a model without ``nn.Linear``: its pooled output goes
+    through a new linear head registered as the submodule ``name``.
+    A class, not a closure, so that the model still pickles."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, module: nn.Module, _args: tuple, output: Any) -> torch.Tensor:
+        return getattr(module, self.name)(pool(_logits(output), "avg"))
+
+
+def _install_head(
+    model: nn.Module, tr: Trace, n_classes: int, example: torch.Tensor
+) -> tuple[str, bool]:
+    """Replace the last ``nn.Linear`` by a fresh one with ``n_classes`` outputs.
+
+    A model without one gets a head appended on its globally average-pooled
+    output. Returns the head's module name and whether it was appended.
+    """
+    name = tr.head
+    if name is not None:
+        old = model.get_submodule(name)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        device = old.weight.device
+        setattr(parent, attr, nn.Linear(old.in_features, n_classes).to(device))
+        return name, False
+    with torch.inference_mode():
+        width = pool(_logits(model(example)), "avg").shape[1]
+    name = "head" if not hasattr(model, "head") else "sklearn_cnn_head"
+    model.add_module(name, nn.Linear(width, n_classes).to(example.device))
+    model.register_forward_hook(_AppendedHead(name))
+    return name, True
+
+
+def _first_calls(tr: Trace) -> dict[str, int]:
+    """Module name -> position of its first (completed) call in the forward."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(tr.calls):
+        first.setdefault(name, i)
+    return first
+
+
+def _has_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _stages(model: nn.Module, tr: Trace, head: str) -> list[str]:
+    """Top-level modules that hold parameters or buffers, in forward order.
+
+    A container that is never called itself (``nn.ModuleList``) and one that
+    holds the head (``classifier = Sequential(Dropout, Linear)``) are expanded
+    into their children; the head is not a stage.
+    """
+    first = _first_calls(tr)
+    found: list[str] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for child_name, child in module.named_children():
+            name = prefix + child_name
+            if name == head:
+                continue
+            if head.startswith(name + ".") or (
+                name not in first and isinstance(child, (nn.ModuleList, nn.ModuleDict))
+            ):
+                visit(child, name + ".")
+            elif name in first and _has_state(child):
+                found.append(name)
+
+    visit(model, "")
+    return sorted(found, key=first.__getitem__)
+
+
+def _is_head(name: str, head: str) -> bool:
+    return name == head or name.startswith(head + ".")
+
+
+def _frozen_modules(
+    model: nn.Module, tr: Trace, head: str, stages: list[str], freeze: Any
+) -> set[str]:
+    """Names of the modules that ``freeze`` freezes (kept in eval mode).
+
+    Everything is in forward order: a module is frozen when its first call ends
+    at or before the cut. Modules the forward never calls are always frozen.
+    Freezing every backbone parameter is the same as ``"backbone"``.
+    """
+    first = _first_calls(tr)
+    names = [n for n, _ in model.named_modules() if n and not _is_head(n, head)]
+    never_called = {n for n in names if n not in first}
+    everything = set(names)
+    if isinstance(freeze, (bool, np.bool_)):
+        raise ValueError(
+            f"freeze={freeze!r}: pass a number of stages (int), a fraction (float), "
+            "a module name, 'backbone' or 0."
+        )
+    if isinstance(freeze, str):
+        if freeze == _BACKBONE:
+            return everything
+        if _is_head(freeze, head):
+            raise ValueError(
+                f"freeze={freeze!r} names the classifier head, which always trains. "
+                "To train only the head, use freeze='backbone'."
+            )
+        try:
+            _check_layer_name(freeze, tr)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"freeze={freeze!r} cannot be used: {exc}") from None
+        cut = first[freeze]
+    elif isinstance(freeze, Integral):
+        k = int(freeze)
+        if k > len(stages):
+            raise ValueError(
+                f"freeze={k} but the model has {len(stages)} stages: "
+                f"{', '.join(map(repr, stages))}. Pass at most {len(stages)}, a "
+                "fraction such as freeze=0.5, a module name, or freeze='backbone' "
+                "to train only the head."
+            )
+        if k == 0:
+            return never_called
+        if k == len(stages):
+            return everything
+        cut = first[stages[k - 1]]
+    elif isinstance(freeze, Real):
+        f = float(freeze)
+        if not 0.0 <= f <= 1.0:
+            raise ValueError(f"freeze={freeze!r}: a fraction must lie in [0, 1].")
+        counted = sorted(
+            (first[n], sum(p.numel() for p in m.parameters(recurse=False)))
+            for n, m in model.named_modules()
+            if n in first and not _is_head(n, head)
+        )
+        total = sum(n for _, n in counted) + _root_params(model)
+        if f == 0.0 or total == 0:
+            return never_called
+        cut, acc = -1, _root_params(model)
+        for pos, n in counted:
+            if acc >= f * total:
+                break
+            acc += n
+            cut = pos
+    else:
+        raise ValueError(
+            f"freeze={freeze!r}: pass a number of stages (int), a fraction (float), "
+            "a module name, 'backbone' or 0."
+        )
+    frozen = {n for n in names if n in first and first[n] <= cut} | never_called
+    trainable = [
+        p
+        for n, m in model.named_modules()
+        if n and n not in frozen and not _is_head(n, head)
+        for p in m.parameters(recurse=False)
+    ]
+    return everything if not trainable else frozen
+
+
+def _root_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters(recurse=False))
