@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -776,11 +777,7 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         proba : ndarray of shape (n_samples, n_classes), dtype float64
             Rows sum to 1; columns follow ``classes_``.
         """
-        logits = self._logits_of(X).astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        proba = np.exp(logits)
-        proba /= proba.sum(axis=1, keepdims=True)
-        return proba
+        return softmax(self._logits_of(X).astype(np.float64), axis=1)
 
     def predict_log_proba(self, X: Any) -> np.ndarray:
         """Logarithm of :meth:`predict_proba`.
@@ -795,9 +792,7 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         log_proba : ndarray of shape (n_samples, n_classes)
             Log-probabilities; columns follow ``classes_``.
         """
-        logits = self._logits_of(X).astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        return log_softmax(self._logits_of(X).astype(np.float64), axis=1)
 
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class of each image.
