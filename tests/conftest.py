@@ -63,15 +63,20 @@ def images():
     return rng.integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8)
 
 
-@pytest.fixture
-def labelled_images():
-    """60 images of 3 classes that a tiny CNN can tell apart (mean colour)."""
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.array(["red", "green", "blue"]), 20)
-    X = rng.integers(0, 96, size=(60, 16, 16, 3), dtype=np.uint8)
+def colour_images(per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """16 x 16 images of 3 classes that a tiny CNN can tell apart (mean colour)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.array(["red", "green", "blue"]), per_class)
+    X = rng.integers(0, 96, size=(3 * per_class, 16, 16, 3), dtype=np.uint8)
     for channel, name in enumerate(["red", "green", "blue"]):
         X[y == name, :, :, channel] += 150
     return X, y
+
+
+@pytest.fixture
+def labelled_images():
+    """60 images of 3 classes that a tiny CNN can tell apart (mean colour)."""
+    return colour_images(20)
 
 
 @pytest.fixture(scope="module")

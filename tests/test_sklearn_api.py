@@ -12,7 +12,7 @@ import joblib
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_cnn
+from conftest import colour_images, make_tiny_cnn
 from numpy.testing import assert_array_equal
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
@@ -276,11 +276,7 @@ def test_frozen_transformer_in_a_pipeline(labelled_images):
 
 @pytest.fixture(scope="module")
 def layer_search_serial():
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.array(["red", "green", "blue"]), 8)
-    X = rng.integers(0, 96, size=(24, 16, 16, 3), dtype=np.uint8)
-    for channel, name in enumerate(["red", "green", "blue"]):
-        X[y == name, :, :, channel] += 150
+    X, y = colour_images(8)
     return X, y, _layer_search(X, y, n_jobs=1)
 
 
