@@ -96,15 +96,17 @@ class NetworkMixin:
     def _autocast_dtype(self) -> torch.dtype | None:
         return resolve_precision(self.precision, self.device_)
 
-    def _batches(self, X: Any, **kwargs: Any):
+    def _batches(self, X: Any, index: np.ndarray | None = None):
+        """Preprocessed batches of ``X`` (of the images ``index`` if given)."""
+        dataset = ImageDataset(X, self.preprocessing_)
+        if index is not None:
+            dataset = torch.utils.data.Subset(dataset, index.tolist())
         return batches(
-            X,
-            self.preprocessing_,
+            dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             device=self.device_,
             channels_last=has_conv2d(self.model_),
-            **kwargs,
         )
 
     def _run(
@@ -114,18 +116,21 @@ class NetworkMixin:
         reduce: Callable[[list[torch.Tensor]], torch.Tensor],
         n_columns: int,
         label: str,
+        index: np.ndarray | None = None,
     ) -> np.ndarray:
-        """``reduce(tapped tensors)`` of every image, as one float32 array.
+        """``reduce(tapped tensors)`` of every image (of ``index`` if given),
+        as one float32 array.
 
         Batches stream through the network in inference mode; only the reduced
         rows of each batch are kept.
         """
-        out = np.empty((len(X), n_columns), dtype=np.float32)
-        progress = Progress(len(X), label, enabled=bool(self.verbose))
+        n = len(X) if index is None else len(index)
+        out = np.empty((n, n_columns), dtype=np.float32)
+        progress = Progress(n, label, enabled=bool(self.verbose))
         self.model_.eval()
         start = 0
         with torch.inference_mode(), Tapper(self.model_, taps) as tapper:
-            for batch in self._batches(X):
+            for batch in self._batches(X, index):
                 with autocast(self.device_, self._autocast_dtype):
                     rows = reduce(tapper(batch))
                 out[start : start + len(rows)] = rows.cpu().numpy()

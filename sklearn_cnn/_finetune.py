@@ -45,7 +45,7 @@ from ._freezing import (
     _stages,
 )
 from ._images import check_images
-from ._layers import Tap, Tapper, trace
+from ._layers import Tap, trace
 from ._runtime import Progress, autocast, has_conv2d
 from ._training import (
     _Augmented,
@@ -67,6 +67,11 @@ _PROBE_C, _PROBE_MAX_ITER = 1.0, 1000
 # ---------------------------------------------------------------------------
 # The estimator
 # ---------------------------------------------------------------------------
+
+
+def _first_float(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The one tapped tensor, as float32 (autocast may have made it bf16)."""
+    return outputs[0].float()
 
 
 class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
@@ -696,22 +701,11 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
 
     def _head_inputs(self, X: Any, index: np.ndarray) -> torch.Tensor:
         """The frozen network's pooled features (the head's input), on the CPU."""
-        source = self._image_source(X, index, np.zeros(len(X), dtype=np.int64), False)
-        out = torch.empty((len(index), self.trace_.input_shapes[self._head][0]))
-        progress = Progress(len(index), "features", enabled=bool(self.verbose))
-        self.model_.eval()
-        start = 0
-        with (
-            torch.inference_mode(),
-            Tapper(self.model_, [Tap(self._head, pre=True)]) as tapper,
-        ):
-            for xb, _ in source.batches(self.batch_size):
-                with autocast(self.device_, self._autocast_dtype):
-                    (feats,) = tapper(xb)
-                out[start : start + len(xb)] = feats.float().cpu()
-                start += len(xb)
-                progress.update(len(xb))
-        return out
+        width = self.trace_.input_shapes[self._head][0]
+        taps = [Tap(self._head, pre=True)]
+        return torch.from_numpy(
+            self._run(X, taps, _first_float, width, "features", index=index)
+        )
 
     def _fit_probe(
         self, features: torch.Tensor, y: np.ndarray, class_weights: np.ndarray | None

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._images import ImageDataset, Preprocessing, collate_batch
+from ._images import collate_batch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,8 +87,7 @@ def place(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def batches(
-    X: Any,
-    preprocess: Preprocessing,
+    dataset: torch.utils.data.Dataset,
     *,
     batch_size: int,
     num_workers: int,
@@ -96,26 +95,31 @@ def batches(
     channels_last: bool,
     shuffle: bool = False,
     generator: torch.Generator | None = None,
-) -> Iterator[torch.Tensor]:
-    """Preprocessed batches of ``X`` on ``device``, one at a time.
+    drop_last: bool = False,
+) -> Iterator[Any]:
+    """The batches of ``dataset`` on ``device``, one at a time.
 
-    Only one batch (per worker) is in memory at once, whatever the size of X.
+    A batch is an image tensor, or a tuple whose first item is one (images
+    with labels). Only one batch (per worker) is in memory at once, whatever
+    the size of the data.
     """
     loader = torch.utils.data.DataLoader(
-        ImageDataset(X, preprocess),
+        dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,
+        drop_last=drop_last,
         num_workers=num_workers,
         collate_fn=collate_batch,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
     )
     for batch in loader:
-        batch = batch.to(device, non_blocking=True)
-        if channels_last and batch.ndim == 4:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        yield batch
+        parts = batch if isinstance(batch, tuple) else (batch,)
+        parts = tuple(t.to(device, non_blocking=True) for t in parts)
+        if channels_last and parts[0].ndim == 4:
+            images = parts[0].contiguous(memory_format=torch.channels_last)
+            parts = (images, *parts[1:])
+        yield parts if isinstance(batch, tuple) else parts[0]
 
 
 class Progress:

@@ -14,7 +14,8 @@ from torch import nn
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from ._images import ImageDataset, Preprocessing, collate_batch
+from ._images import ImageDataset, Preprocessing
+from ._runtime import batches
 
 #: Fraction of all optimizer steps spent warming the learning rate up.
 _WARMUP = 0.1
@@ -196,21 +197,16 @@ class _ImageSource:
         self, batch_size: int, generator: torch.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         shuffle = generator is not None
-        loader = torch.utils.data.DataLoader(
+        return batches(
             self.dataset,
             batch_size=batch_size,
+            num_workers=self.num_workers,
+            device=self.device,
+            channels_last=self.channels_last,
             shuffle=shuffle,
             generator=generator,
             drop_last=shuffle and self._drop_last(batch_size),
-            num_workers=self.num_workers,
-            collate_fn=collate_batch,
-            pin_memory=self.device.type == "cuda",
         )
-        for xb, yb in loader:
-            xb = xb.to(self.device, non_blocking=True)
-            if self.channels_last and xb.ndim == 4:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, yb.to(self.device, non_blocking=True)
 
 
 class _FeatureSource:
