@@ -3,33 +3,97 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import stat
+import sys
+import warnings
+from collections import defaultdict
 
 import numpy as np
 from PIL import Image
+from torchvision.datasets.folder import make_dataset
 
 #: File suffixes PIL can open, lower case ("".jpg", ".png", ...).
 IMAGE_SUFFIXES = frozenset(
     ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
 )
 
+#: Folders that tools leave next to the images: macOS archives (``__MACOSX``,
+#: holding ``._*`` AppleDouble files), Python, Synology and Windows. Hidden
+#: entries (``.ipynb_checkpoints``, ``.DS_Store``, ``._*``) are skipped anyway.
+JUNK_FOLDERS = frozenset(
+    {"__MACOSX", "__pycache__", "@eaDir", "$RECYCLE.BIN", "System Volume Information"}
+)
 
-def load_image_folder(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+#: How many skipped entries of each kind ``verbose=1`` names.
+_SHOWN = 5
+
+
+def _junk(name: str) -> str | None:
+    """Why a file or folder name is skipped, or None."""
+    if name.startswith("."):
+        return "hidden"
+    if name in JUNK_FOLDERS:
+        return "junk folder"
+    return None
+
+
+class _Skipped:
+    """The entries left out, by reason, for ``verbose``."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.by_reason: dict[str, list[str]] = defaultdict(list)
+
+    def add(self, reason: str, path: str) -> None:
+        self.by_reason[reason].append(os.path.relpath(path, self.root))
+
+    def report(self, n_images: int, n_classes: int, verbose: int) -> None:
+        total = sum(len(v) for v in self.by_reason.values())
+        lines = [
+            f"load_image_folder: {n_images} images in {n_classes} classes under "
+            f"{self.root!r}; skipped {total} entries."
+        ]
+        for reason, paths in sorted(self.by_reason.items()):
+            shown = paths if verbose > 1 else paths[:_SHOWN]
+            more = (
+                f", ... ({len(paths) - len(shown)} more)"
+                if len(shown) < len(paths)
+                else ""
+            )
+            lines.append(f"  {reason} ({len(paths)}): {', '.join(shown)}{more}")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def load_image_folder(
+    path: str | os.PathLike, *, verbose: int = 0
+) -> tuple[list[str], np.ndarray]:
     """Image paths and labels from a folder with one subfolder per class.
 
-    The layout of torchvision's ``ImageFolder``: ``path/<class>/<image>``.
-    Only the paths are listed, nothing is decoded: the estimators read the
-    files batch by batch, and sklearn can split and index the lists.
+    The layout of torchvision's ``ImageFolder``: ``path/<class>/<image>``,
+    images possibly in nested folders below their class folder. Only the paths
+    are listed, nothing is decoded: the estimators read the files batch by
+    batch, and sklearn can split and index the lists.
+
+    What archives, notebooks and file managers leave behind is skipped, never
+    read as a class or an image: hidden files and folders (``.DS_Store``,
+    ``.ipynb_checkpoints``, macOS's ``._*`` AppleDouble files), ``__MACOSX``
+    and similar junk folders, files whose suffix is not an image format PIL
+    reads, anything that is not a regular file (a pipe, a broken link) and
+    files lying directly in ``path``. A class folder with no image left is
+    dropped with a warning.
 
     Parameters
     ----------
     path : str or path-like
         The root folder.
+    verbose : int, default=0
+        ``1``: print (to stderr) how many entries were skipped and why, naming
+        a few of each kind; ``2``: name all of them.
 
     Returns
     -------
     paths : list of str
-        Image files, sorted by class and then by name.
+        Image files, sorted by class and then by folder and name.
     labels : ndarray of str
         The class (subfolder name) of each file.
 
@@ -41,23 +105,72 @@ def load_image_folder(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     >>> for cls in ["cat", "dog"]:
     ...     (root / cls).mkdir()
     ...     Image.new("RGB", (8, 8)).save(root / cls / "a.png")
+    >>> (root / "cat" / "notes.txt").write_text("not an image")
+    12
+    >>> (root / ".ipynb_checkpoints").mkdir()
     >>> paths, labels = load_image_folder(root)
     >>> labels.tolist()
     ['cat', 'dog']
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise ValueError(f"{os.fspath(path)!r} is not a folder.")
-    paths: list[str] = []
-    labels: list[str] = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for file in sorted(class_dir.rglob("*")):
-            if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
-                paths.append(os.fspath(file))
-                labels.append(class_dir.name)
-    if not paths:
-        raise ValueError(
-            f"No image files found under {os.fspath(path)!r}: expected one "
-            "subfolder per class holding images (path/<class>/<image>)."
+    root = os.fspath(path)
+    if not os.path.isdir(root):
+        raise ValueError(f"{root!r} is not a folder.")
+    skipped = _Skipped(root)
+    classes = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            reason = _junk(entry.name)
+            if reason is None and not entry.is_dir():
+                reason = "not in a class folder"
+            if reason is None:
+                classes.append(entry.name)
+            else:
+                skipped.add(reason, entry.path)
+    classes.sort()
+
+    def is_image(file: str) -> bool:
+        parts = os.path.relpath(file, root).split(os.sep)
+        reason = next(filter(None, map(_junk, parts)), None)
+        if reason is None and os.path.splitext(file)[1].lower() not in IMAGE_SUFFIXES:
+            reason = "not an image"
+        if reason is None:
+            try:
+                regular = stat.S_ISREG(os.stat(file).st_mode)
+            except OSError:  # a broken link
+                regular = False
+            reason = None if regular else "not a regular file"
+        if reason is not None:
+            skipped.add(reason, file)
+        return reason is None
+
+    samples = (
+        make_dataset(
+            root,
+            {c: i for i, c in enumerate(classes)},
+            is_valid_file=is_image,
+            allow_empty=True,
         )
-    return paths, np.asarray(labels)
+        if classes
+        else []
+    )
+    found = {classes[i] for _, i in samples}
+    empty = [c for c in classes if c not in found]
+    for cls in empty:
+        skipped.add("class folder with no image", os.path.join(root, cls))
+    if not samples:
+        raise ValueError(
+            f"No image files found under {root!r}: expected one subfolder per "
+            "class holding images (path/<class>/<image>)."
+        )
+    if empty:
+        warnings.warn(
+            f"The class folders {empty} under {root!r} hold no image files and "
+            "are left out; pass verbose=1 to see what was skipped.",
+            UserWarning,
+            stacklevel=2,
+        )
+    if verbose:
+        skipped.report(len(samples), len(found), verbose)
+    paths = [file for file, _ in samples]
+    labels = np.asarray([classes[i] for _, i in samples])
+    return paths, labels
