@@ -344,3 +344,205 @@ def test_corrupt_file_with_workers(tmp_path):
     est = tiny(num_workers=2, batch_size=1).fit(good)
     with pytest.raises(ValueError, match="Cannot read image file.*broken.png"):
         est.transform([*good, bad])
+
+
+@pytest.mark.parametrize("channels", [3, 4, 1])
+def test_one_image_array_is_refused_not_read_as_rows(channels):
+    # Regression: one H x W x 3 image was read as H grey images of W x 3 pixels.
+    one = np.zeros((8, 8, channels), np.uint8)
+    with pytest.raises(ValueError, match=r"looks like one image.*X\[None\]"):
+        tiny().fit(one)
+    fitted = tiny().fit(U8)
+    with pytest.raises(ValueError, match=r"looks like one image.*X\[None\]"):
+        fitted.transform(one)
+    assert fitted.transform(one[None]).shape == (1, fitted.n_features_out_)
+    # Grey images of another width are not refused.
+    assert tiny().fit(np.zeros((16, 16, 5), np.uint8)).n_features_out_ == 8 * 16 * 5
+
+
+# ---------------------------------------------------------------------------
+# Real-world files: EXIF orientation, 16- and 32-bit grey, float images
+# ---------------------------------------------------------------------------
+
+
+def exif_rotated(stored: np.ndarray, path: pathlib.Path, orientation: int) -> None:
+    """Save ``stored`` with an EXIF orientation tag, as a phone camera does."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), quality=95)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_exif_orientation_is_applied(images, tmp_path, suffix):
+    rng = np.random.default_rng(4)
+    stored = rng.integers(0, 256, (2, 12, 20, 3), dtype=np.uint8)  # not square
+    paths = []
+    for i, im in enumerate(stored):
+        paths.append(tmp_path / f"{i}{suffix}")
+        exif_rotated(im, paths[-1], orientation=6)  # "rotate 90 clockwise to show"
+    # What is stored, decoded (JPEG is lossy) and turned clockwise by hand.
+    decoded = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    upright = np.rot90(decoded, k=-1, axes=(1, 2))
+    assert upright.shape == (2, 20, 12, 3)
+    expected = features(np.ascontiguousarray(upright))
+    assert_array_equal(features(paths), expected)
+    # An opened file passed as a PIL image is the same photo.
+    assert_array_equal(features([Image.open(p) for p in paths]), expected)
+    # Not applied twice: an image already turned upright has no tag left.
+    from PIL import ImageOps
+
+    turned = [ImageOps.exif_transpose(Image.open(p)) for p in paths]
+    assert_array_equal(features(turned), expected)
+
+
+@pytest.mark.parametrize(
+    "orientation, k, flip", [(3, 2, False), (8, 1, False), (2, 0, True)]
+)
+def test_other_exif_orientations(tmp_path, orientation, k, flip):
+    stored = np.random.default_rng(5).integers(0, 256, (10, 14, 3), dtype=np.uint8)
+    path = tmp_path / "a.png"
+    exif_rotated(stored, path, orientation)
+    upright = np.rot90(stored[:, ::-1] if flip else stored, k=k)
+    assert_array_equal(features([path]), features(np.ascontiguousarray(upright)[None]))
+
+
+def test_32_bit_integer_images_are_16_bit_scaled_not_clipped(tmp_path):
+    # PIL mode "I": 16-bit PGM files, 32-bit TIFFs, any op on a 16-bit image.
+    grey = np.random.default_rng(6).integers(0, 65536, (3, 16, 16)).astype(np.int32)
+    pil = [Image.fromarray(im) for im in grey]
+    assert all(im.mode == "I" for im in pil)
+    expected = features(grey.astype(np.float32) / 65535)
+    assert_allclose(features(pil), expected, rtol=1e-5, atol=1e-5)
+    paths = []
+    for i, im in enumerate(pil):
+        paths.append(tmp_path / f"{i}.tif")
+        im.save(paths[-1])
+    assert Image.open(paths[0]).mode == "I"
+    assert_allclose(features(paths), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("low, high", [(-5, 100), (0, 70000)])
+def test_32_bit_integer_images_out_of_16_bit_range_are_refused(tmp_path, low, high):
+    im = np.linspace(low, high, 256).reshape(16, 16).astype(np.int32)
+    path = tmp_path / "wide.tif"
+    Image.fromarray(im).save(path)
+    with pytest.raises(
+        ValueError, match=rf"X\[1\] .*wide.tif.*mode 'I'.*\[{low}, {high}\]"
+    ):
+        features([U8[0], path])
+    with pytest.raises(ValueError, match=r"X\[0\] is a 32-bit integer image"):
+        features([Image.fromarray(im)])
+
+
+def test_float_images_in_unit_range_equal_float_arrays(tmp_path):
+    grey = np.random.default_rng(7).random((3, 16, 16), dtype=np.float32)
+    pil = [Image.fromarray(im) for im in grey]
+    assert all(im.mode == "F" for im in pil)
+    expected = features(grey)
+    assert_allclose(features(pil), expected, rtol=1e-6, atol=1e-6)
+    path = tmp_path / "f.tif"
+    pil[0].save(path)
+    assert Image.open(path).mode == "F"
+    assert_allclose(features([path]), expected[:1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [(1000.0, r"mode 'F'.*\[0, 1000\].*not clipped"), (np.nan, "NaN or infinity")],
+)
+def test_float_images_out_of_range_are_refused(tmp_path, value, match):
+    im = np.zeros((16, 16), np.float32)
+    im[3, 4] = value
+    path = tmp_path / "depth.tif"
+    Image.fromarray(im).save(path)
+    with pytest.raises(ValueError, match=rf"X\[0\] \(.*depth.tif'\).*{match}"):
+        features([path])
+    with pytest.raises(ValueError, match=rf"X\[0\] is a .*{match}"):
+        features([Image.fromarray(im)])
+
+
+def test_mode_pil_cannot_convert_is_a_clear_error():
+    odd = Image.new("La", (8, 8))
+    with pytest.raises(ValueError, match=r"X\[0\] .*mode 'La'.*Convert it"):
+        features([odd])
+
+
+# ---------------------------------------------------------------------------
+# Array-likes with __array__ (dask, xarray, h5py, zarr)
+# ---------------------------------------------------------------------------
+
+
+class LazyDataset:
+    """Like an h5py dataset: shape, dtype, slices and *increasing* index lists;
+    records every read and refuses to be loaded whole."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self._data = data
+        self.shape, self.dtype = data.shape, data.dtype
+        self.reads: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, key):
+        if isinstance(key, list):
+            assert key == sorted(set(key)), "h5py wants increasing indices"
+        out = self._data[key]
+        self.reads.append(len(out) if out.ndim == self._data.ndim else 1)
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("the whole array was loaded")
+
+
+def test_lazy_array_like_is_read_batch_by_batch(images):
+    lazy = LazyDataset(images)
+    expected = features(images, batch_size=5)
+    assert_array_equal(features(lazy, batch_size=5), expected)
+    assert max(lazy.reads) <= 5
+    # Shuffled batches (fine-tuning) read sorted indices and reorder them.
+    from sklearn_cnn._images import ArrayLikeImages
+
+    order = [7, 2, 2, 11, 0]
+    assert_array_equal(ArrayLikeImages(lazy).read(order), images[order])
+
+
+def test_lazy_array_like_bad_values_named_when_read(images):
+    bad = images.astype(np.float32)  # 0..255 as float: not scaled
+    with pytest.raises(ValueError, match=r"scaled to \[0, 1\]"):
+        features(LazyDataset(bad))
+    with pytest.raises(ValueError, match=r"looks like one image"):
+        features(LazyDataset(images[0]))
+
+
+def test_dask_array(images):
+    da = pytest.importorskip("dask.array")
+    X = da.from_array(images, chunks=(4, 16, 16, 3))
+    assert_array_equal(features(X, batch_size=5), features(images))
+
+
+def test_object_with_only_array_interface(images):
+    class Wrapped:
+        def __array__(self, dtype=None, copy=None):
+            return images
+
+    assert_array_equal(features(Wrapped()), features(images))
+
+
+def test_xarray(images):
+    xr = pytest.importorskip("xarray")
+    X = xr.DataArray(images, dims=("n", "y", "x", "c"))
+    assert_array_equal(features(X), features(images))
+
+
+def test_fine_tuning_on_a_lazy_array(labelled_images):
+    from sklearn_cnn import FineTuneClassifier
+
+    X, y = labelled_images
+    params = dict(epochs=1, batch_size=8, random_state=0, validation_fraction=0.2)
+    model = functools.partial(make_tiny_cnn, 0)
+    lazy = LazyDataset(X)
+    clf = FineTuneClassifier(model, **params).fit(lazy, y)
+    ref = FineTuneClassifier(model, **params).fit(X, y)
+    assert_allclose(clf.predict_proba(lazy), ref.predict_proba(X), rtol=1e-5, atol=1e-6)
+    assert max(lazy.reads) <= 8
