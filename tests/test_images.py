@@ -4,6 +4,7 @@ raises a clear error."""
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 
 import numpy as np
@@ -546,3 +547,81 @@ def test_fine_tuning_on_a_lazy_array(labelled_images):
     ref = FineTuneClassifier(model, **params).fit(X, y)
     assert_allclose(clf.predict_proba(lazy), ref.predict_proba(X), rtol=1e-5, atol=1e-6)
     assert max(lazy.reads) <= 8
+
+
+# ---------------------------------------------------------------------------
+# load_image_folder
+# ---------------------------------------------------------------------------
+
+
+def junk_tree(root: pathlib.Path) -> list[str]:
+    """A class tree with what archives, notebooks and file managers leave;
+    returns the image files expected, in order."""
+    png = lambda path: Image.new("RGB", (4, 4)).save(path, format="PNG")  # noqa: E731
+    for folder in ["cat/.ipynb_checkpoints", "cat/sub", "dog", "__MACOSX/cat", ".git"]:
+        (root / folder).mkdir(parents=True)
+    for name in ["cat/a.png", "cat/sub/b.jpg", "dog/c.PNG"]:
+        png(root / name)
+    png(root / "cat/.ipynb_checkpoints/a-checkpoint.png")
+    png(root / "cat/.hidden.png")
+    (root / "cat/._a.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    png(root / "__MACOSX/cat/._a.png")
+    (root / "cat/.DS_Store").write_bytes(b"\x00")
+    (root / "dog/notes.txt").write_text("not an image")
+    (root / "README.md").write_text("root file")
+    png(root / ".git/x.png")
+    return [str(root / n) for n in ["cat/a.png", "cat/sub/b.jpg", "dog/c.PNG"]]
+
+
+def test_load_image_folder_skips_junk(tmp_path, capsys):
+    from sklearn_cnn import load_image_folder
+
+    expected = junk_tree(tmp_path)
+    paths, labels = load_image_folder(tmp_path)
+    assert paths == expected
+    assert labels.tolist() == ["cat", "cat", "dog"]
+    assert capsys.readouterr().err == ""  # quiet by default
+    features(paths)  # every listed file is an image
+
+
+def test_load_image_folder_verbose_says_what_it_skipped(tmp_path, capsys):
+    from sklearn_cnn import load_image_folder
+
+    junk_tree(tmp_path)
+    load_image_folder(tmp_path, verbose=1)
+    err = capsys.readouterr().err
+    assert "3 images in 2 classes" in err
+    assert "skipped 8 entries" in err
+    assert "hidden (5)" in err and ".ipynb_checkpoints" in err and "._a.png" in err
+    assert "junk folder (1): __MACOSX" in err
+    assert "not an image (1)" in err and "notes.txt" in err
+    assert "not in a class folder (1): README.md" in err
+
+
+def test_load_image_folder_skips_pipes_and_warns_of_empty_classes(tmp_path, capsys):
+    from sklearn_cnn import load_image_folder
+
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "bird").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "cat/a.png")
+    (tmp_path / "bird/.DS_Store").write_bytes(b"\x00")
+    (tmp_path / "cat/b.png").symlink_to(tmp_path / "missing.png")  # broken link
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "cat/pipe.png")
+    with pytest.warns(UserWarning, match=r"\['bird'\].*hold no image"):
+        paths, labels = load_image_folder(tmp_path, verbose=2)
+    assert paths == [str(tmp_path / "cat/a.png")]
+    err = capsys.readouterr().err
+    assert "class folder with no image (1): bird" in err
+    assert "not a regular file" in err and "b.png" in err
+
+
+def test_load_image_folder_without_images(tmp_path):
+    from sklearn_cnn import load_image_folder
+
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / ".ipynb_checkpoints/a.png")
+    with pytest.raises(ValueError, match="No image files found"):
+        load_image_folder(tmp_path)
+    with pytest.raises(ValueError, match="is not a folder"):
+        load_image_folder(tmp_path / "nope")
