@@ -1,0 +1,753 @@
+"""A disk cache of per-image activations: what ``memory=`` stores.
+
+Layout: ``<location>/sklearn_cnn/<key>/<random name>.shard``. A *key* names
+everything but the image and the layer that decides an activation (the
+network's code, structure and weights, the preprocessing, the pooling, the
+precision and the device); an *entry* is one image's array for one layer, found
+by a digest of the image's pixels. Entries are written in shards, one file per
+batch of images holding every layer filled for them, so a cache holds few
+files however many images and layers it has.
+
+Safety:
+
+- A shard is written to a temporary file and moved into place with
+  ``os.replace`` (atomic): readers never see a partly written shard, and any
+  number of processes may write at once (they write different files).
+- Every part of a shard (header, digests, each layer's block) carries a
+  BLAKE2b checksum, verified on every read; a shard that fails is deleted with
+  a warning and its images are computed again, never returned.
+- A shard records its key, and a reader checks it: a shard copied into another
+  key's directory is refused.
+
+:class:`ActivationCache` is the storage, usable for any per-image arrays
+(``fetch``/``store`` by key, image digest and name); the rest of this module
+is what :class:`~sklearn_cnn.CNNFeatureTransformer` keys and stores with it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import itertools
+import json
+import os
+import shutil
+import struct
+import tempfile
+import threading
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._images import ArrayLikeImages, array_to_tensor, image_to_tensor
+from ._layers import Tap, Trace
+from ._runtime import autocast
+
+#: The directory inside ``memory``'s location that this library owns.
+CACHE_DIRNAME = "sklearn_cnn"
+#: Bumped whenever what an entry holds for a key changes meaning.
+FORMAT = 1
+#: A shard holds at most this many bytes of arrays; more images make more shards.
+MAX_SHARD_BYTES = 256 * 2**20
+
+_MAGIC = b"SKCNNSH1"
+_DIGEST = 16  # bytes of an image digest
+_CHECK = 32  # bytes of a block checksum
+_SUFFIX = ".shard"
+_TMP_PREFIX = ".tmp-"
+
+
+# -- where the cache lives -------------------------------------------------------
+
+
+def cache_directory(memory: Any) -> str | None:
+    """The directory this library caches in for ``memory``, or None.
+
+    ``memory`` is what ``memory=`` accepts: None, a directory path, or a
+    ``joblib.Memory`` (its ``location``; a Memory without one caches nothing).
+    """
+    if memory is None:
+        return None
+    if isinstance(memory, (str, os.PathLike)):
+        location = memory
+    elif hasattr(memory, "cache"):  # joblib.Memory, as sklearn's check_memory
+        location = getattr(memory, "location", None)
+        if location is None:
+            return None
+    else:
+        raise TypeError(
+            f"memory must be None, a directory path or a joblib.Memory; got "
+            f"{type(memory).__name__}."
+        )
+    return os.path.join(os.fspath(location), CACHE_DIRNAME)
+
+
+def cache_size(memory: str | os.PathLike | Any) -> int:
+    """Bytes on disk taken by the activations cached in ``memory``.
+
+    Parameters
+    ----------
+    memory : str, path or joblib.Memory
+        What was passed as ``memory=`` to :class:`CNNFeatureTransformer`.
+
+    Returns
+    -------
+    size : int
+        Total size in bytes of the files under ``<location>/sklearn_cnn``; 0
+        when nothing is cached there. Delete that directory, or call
+        :func:`clear_cache`, to free the space.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from sklearn_cnn import cache_size
+    >>> cache_size(tempfile.mkdtemp())
+    0
+    """
+    directory = cache_directory(memory)
+    total = 0
+    if directory is None:
+        return 0
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except FileNotFoundError:  # deleted meanwhile by another process
+                pass
+    return total
+
+
+def clear_cache(memory: str | os.PathLike | Any) -> None:
+    """Delete every activation cached in ``memory``.
+
+    Only ``<location>/sklearn_cnn`` is removed: joblib's own cache in the same
+    location (``Pipeline(memory=)``) is left alone. Safe to call while nothing
+    is fitting; a transform running meanwhile computes what it cannot read.
+
+    Parameters
+    ----------
+    memory : str, path or joblib.Memory
+        What was passed as ``memory=``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from sklearn_cnn import cache_size, clear_cache
+    >>> location = tempfile.mkdtemp()
+    >>> clear_cache(location)
+    >>> cache_size(location)
+    0
+    """
+    directory = cache_directory(memory)
+    if directory is not None and os.path.isdir(directory):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- keys and digests ------------------------------------------------------------
+
+
+def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """The values of ``t`` in logical (contiguous) order, as bytes on the CPU.
+
+    The memory format (channels_last) does not change the digest.
+    """
+    t = t.detach()
+    if t.is_quantized:
+        t = t.dequantize()
+    return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+@functools.lru_cache(maxsize=512)
+def _class_source(cls: type) -> str:
+    """The source of a module class: editing a ``forward`` changes the key.
+
+    Keyed by the class object, so a class redefined in a notebook (a new
+    object) is read again.
+    """
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):  # built in, or defined where no file exists
+        return ""
+
+
+def module_digest(module: nn.Module) -> str:
+    """A digest of a network: its classes' code, its structure (``repr``) and
+    the values of every parameter and buffer.
+
+    Two networks share a digest only if they have the same code and the same
+    weights, whatever file or object they came from. It reads every weight
+    once (BLAKE2b, about 1 GB/s: 40 ms for resnet18).
+    """
+    h = hashlib.blake2b(digest_size=16)
+    classes: dict[type, None] = {}
+    for name, m in module.named_modules():
+        cls = type(m)
+        classes[cls] = None
+        h.update(f"{name}:{cls.__module__}.{cls.__qualname__}\n".encode())
+    for cls in classes:
+        h.update(_class_source(cls).encode())
+    h.update(repr(module).encode())
+    tensors = itertools.chain(module.named_parameters(), module.named_buffers())
+    for name, t in tensors:
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def key_of(parts: dict[str, Any]) -> str:
+    """A key (32 hex digits) for a JSON-able description of a configuration."""
+    text = json.dumps(parts, sort_keys=True, default=repr)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _digest(image: torch.Tensor) -> bytes:
+    """One image's digest: dtype, shape and pixel values (a contiguous tensor)."""
+    h = hashlib.blake2b(f"{image.dtype}{tuple(image.shape)}".encode(), digest_size=16)
+    h.update(image.numpy())
+    return h.digest()
+
+
+def image_digests(X: np.ndarray | ArrayLikeImages | list) -> list[bytes]:
+    """A 16-byte digest of each image of ``X`` (as ``check_images`` returns it).
+
+    The digest is taken of the image as the network's preprocessing receives
+    it: an RGB (3, H, W) uint8 or float32 tensor (grey expanded, alpha dropped,
+    files decoded, EXIF orientation applied). So an image has one digest
+    whether it is given as an array row, a file or a PIL image, and wherever
+    it is in ``X``; images that differ in any pixel, size or dtype differ.
+    """
+    if isinstance(X, (np.ndarray, ArrayLikeImages)):
+        out = []
+        for start in range(0, len(X), 256):
+            stop = min(start + 256, len(X))
+            batch = (
+                X[start:stop]
+                if isinstance(X, np.ndarray)
+                else X.read(list(range(start, stop)))
+            )
+            out.extend(_digest(t) for t in array_to_tensor(batch, True).contiguous())
+        return out
+    return [_digest(image_to_tensor(item, i).contiguous()) for i, item in enumerate(X)]
+
+
+# -- storage -----------------------------------------------------------------------
+
+
+class _Corrupt(Exception):
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(path, why)
+        self.path, self.why = path, why
+
+
+def _checksum(data: Any) -> str:
+    return hashlib.blake2b(data, digest_size=_CHECK).hexdigest()
+
+
+class _Shard:
+    """A shard's verified header: its digests and where each block lies."""
+
+    def __init__(self, path: str, key: str) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(16)
+                if len(head) < 16 or head[:8] != _MAGIC:
+                    raise _Corrupt(path, "not a shard, or truncated")
+                (length,) = struct.unpack("<Q", head[8:])
+                if length > min(size, 2**26):
+                    raise _Corrupt(path, "bad header length")
+                raw = f.read(length + _CHECK)
+                if len(raw) != length + _CHECK:
+                    raise _Corrupt(path, "truncated header")
+                if hashlib.blake2b(raw[:length], digest_size=_CHECK).digest() != (
+                    raw[length:]
+                ):
+                    raise _Corrupt(path, "header checksum mismatch")
+                header = json.loads(raw[:length])
+                self.data_start = 16 + length + _CHECK
+                if header.get("format") != FORMAT or header.get("key") != key:
+                    raise _Corrupt(path, "written for another key or format")
+                if size != self.data_start + header["data_bytes"]:
+                    raise _Corrupt(path, "truncated or extended after writing")
+                n = header["n"]
+                raw = f.read(n * _DIGEST)
+                if _checksum(raw) != header["digests"]:
+                    raise _Corrupt(path, "digest block checksum mismatch")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise _Corrupt(path, f"unreadable ({type(exc).__name__})") from None
+        self.n = n
+        self.digests = [raw[i : i + _DIGEST] for i in range(0, len(raw), _DIGEST)]
+        self.blocks: dict[str, dict] = header["blocks"]
+
+    def read(self, name: str) -> np.ndarray:
+        """Block ``name`` (all rows), verified."""
+        spec = self.blocks[name]
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.data_start + spec["offset"])
+                data = f.read(spec["nbytes"])
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise _Corrupt(self.path, f"unreadable ({exc})") from None
+        if len(data) != spec["nbytes"] or _checksum(data) != spec["checksum"]:
+            raise _Corrupt(self.path, f"block {name!r} checksum mismatch")
+        return np.frombuffer(data, dtype=np.dtype(spec["dtype"])).reshape(
+            spec["shape"]
+        )
+
+
+class ActivationCache:
+    """Per-image arrays on disk, by key, image digest and name.
+
+    ``fetch`` and ``store`` are all there is: a key (:func:`key_of` of what
+    decides the arrays), one digest per image (:func:`image_digests`) and a
+    name per array (a layer). Rows may have any shape and numeric dtype, so
+    pooled features and whole activation maps alike can be cached. Safe for
+    concurrent processes and threads; see the module's docstring.
+
+    Parameters
+    ----------
+    directory : str or path
+        Where the shards go (created on first store).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> cache = ActivationCache(tempfile.mkdtemp())
+    >>> key = key_of({"model": "demo", "layer_pooling": "avg"})
+    >>> digests = [b"a" * 16, b"b" * 16]
+    >>> cache.store(key, digests, {"layer1": np.eye(2, dtype=np.float32)})
+    >>> found, rows = cache.fetch(key, [b"b" * 16, b"c" * 16], ["layer1"])
+    >>> found
+    array([ True, False])
+    >>> rows["layer1"]
+    array([[0., 1.]], dtype=float32)
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = os.fspath(directory)
+
+    def _key_dir(self, key: str) -> str:
+        if not key.isalnum():
+            raise ValueError(f"A cache key is alphanumeric (key_of); got {key!r}.")
+        return os.path.join(self.directory, key)
+
+    def _shards(self, key: str) -> list[_Shard]:
+        try:
+            names = sorted(
+                e.name
+                for e in os.scandir(self._key_dir(key))
+                if e.name.endswith(_SUFFIX) and not e.name.startswith(_TMP_PREFIX)
+            )
+        except FileNotFoundError:
+            return []
+        shards = []
+        for name in names:
+            try:
+                shards.append(_Shard(os.path.join(self._key_dir(key), name), key))
+            except FileNotFoundError:  # cleared meanwhile
+                continue
+        return shards
+
+    def fetch(
+        self, key: str, digests: Sequence[bytes], names: Sequence[str]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The cached rows of ``names`` for the images ``digests``.
+
+        Returns
+        -------
+        found : ndarray of bool, shape (len(digests),)
+            Whether every name is cached for that image.
+        rows : dict
+            For each name, an array of the found images' rows, in the order of
+            ``digests`` (``rows[name][k]`` belongs to the k-th True of
+            ``found``). A corrupt shard is deleted with a warning and its
+            images count as not found.
+        """
+        while True:
+            try:
+                return self._fetch(key, list(digests), list(names))
+            except _Corrupt as bad:
+                _discard(bad)
+            except FileNotFoundError:  # a shard deleted meanwhile: look again
+                continue
+
+    def _fetch(
+        self, key: str, digests: list[bytes], names: list[str]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        found = np.zeros(len(digests), dtype=bool)
+        if not digests or not names:
+            return found, {}
+        wanted = set(digests)
+        where: dict[str, dict[bytes, tuple[_Shard, int]]] = {n: {} for n in names}
+        for shard in self._shards(key):
+            held = [n for n in names if n in shard.blocks]
+            for row, d in enumerate(shard.digests if held else ()):
+                if d in wanted:
+                    for n in held:
+                        where[n].setdefault(d, (shard, row))
+        for i, d in enumerate(digests):
+            found[i] = all(d in where[n] for n in names)
+        if not found.any():
+            return found, {}
+        hits = [d for d, f in zip(digests, found, strict=True) if f]
+        rows = {}
+        for n in names:
+            by_shard: dict[str, tuple[_Shard, list[int], list[int]]] = {}
+            for k, d in enumerate(hits):
+                shard, row = where[n][d]
+                by_shard.setdefault(shard.path, (shard, [], []))
+                by_shard[shard.path][1].append(k)
+                by_shard[shard.path][2].append(row)
+            out = None
+            for shard, ks, shard_rows in by_shard.values():
+                block = shard.read(n)
+                if out is None:
+                    out = np.empty((len(hits), *block.shape[1:]), dtype=block.dtype)
+                if block.shape[1:] != out.shape[1:] or block.dtype != out.dtype:
+                    raise ValueError(
+                        f"Cached rows of {n!r} differ in shape or dtype between "
+                        f"shards ({block.shape[1:]} vs {out.shape[1:]}): the images "
+                        "differ in size, so their arrays cannot be stacked."
+                    )
+                out[ks] = block[shard_rows]
+            rows[n] = out
+        return found, rows
+
+    def store(
+        self,
+        key: str,
+        digests: Sequence[bytes],
+        arrays: dict[str, np.ndarray],
+        about: dict[str, Any] | None = None,
+    ) -> None:
+        """Store ``arrays[name][i]`` for the image ``digests[i]``.
+
+        Written in shards of at most ``MAX_SHARD_BYTES``, each atomically. A
+        failure to write (disk full, read-only) warns and caches nothing; it
+        never fails the caller. ``about`` (JSON-able) is kept in each shard's
+        header, for people inspecting the cache.
+        """
+        digests = list(digests)
+        arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+        for name, a in arrays.items():
+            if len(a) != len(digests) or a.dtype.hasobject:
+                raise ValueError(
+                    f"arrays[{name!r}] must hold one numeric row per digest; got "
+                    f"shape {a.shape}, dtype {a.dtype} for {len(digests)} digests."
+                )
+            if any(len(d) != _DIGEST for d in digests):
+                raise ValueError(f"Image digests are {_DIGEST} bytes long.")
+        if not digests or not arrays:
+            return
+        row_bytes = max(1, sum(a[0].nbytes for a in arrays.values()))
+        step = max(1, MAX_SHARD_BYTES // row_bytes)
+        for start in range(0, len(digests), step):
+            part = {n: a[start : start + step] for n, a in arrays.items()}
+            self._write(key, digests[start : start + step], part, about)
+
+    def _write(
+        self,
+        key: str,
+        digests: list[bytes],
+        arrays: dict[str, np.ndarray],
+        about: dict[str, Any] | None,
+    ) -> None:
+        digest_block = b"".join(digests)
+        blocks, offset = {}, len(digest_block)
+        for name, a in arrays.items():
+            blocks[name] = {
+                "dtype": a.dtype.str,
+                "shape": list(a.shape),
+                "offset": offset,
+                "nbytes": a.nbytes,
+                "checksum": _checksum(a),
+            }
+            offset += a.nbytes
+        header = {
+            "format": FORMAT,
+            "key": key,
+            "n": len(digests),
+            "digests": _checksum(digest_block),
+            "blocks": blocks,
+            "data_bytes": offset,
+            "about": about or {},
+        }
+        head = json.dumps(header, sort_keys=True, default=repr).encode()
+        directory = self._key_dir(key)
+        tmp = None
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".part", dir=directory)
+            with os.fdopen(fd, "wb") as f:
+                f.write(_MAGIC + struct.pack("<Q", len(head)) + head)
+                f.write(hashlib.blake2b(head, digest_size=_CHECK).digest())
+                f.write(digest_block)
+                for a in arrays.values():
+                    f.write(memoryview(a).cast("B"))
+            # Atomic: a reader sees the whole shard or none of it.
+            os.replace(tmp, os.path.join(directory, uuid.uuid4().hex + _SUFFIX))
+            tmp = None
+        except OSError as exc:
+            warnings.warn(
+                f"Could not write to the activation cache {directory!r} ({exc}); "
+                "the results are right but are not cached.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        finally:
+            if tmp is not None:
+                with _suppress_os_error():
+                    os.remove(tmp)
+
+
+class _suppress_os_error:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, *_: Any) -> bool:
+        return exc_type is not None and issubclass(exc_type, OSError)
+
+
+def _discard(bad: _Corrupt) -> None:
+    warnings.warn(
+        f"Corrupt activation-cache shard {bad.path!r} ({bad.why}): deleted; its "
+        "images are computed again.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    with _suppress_os_error():
+        os.remove(bad.path)
+
+
+# -- CNNFeatureTransformer's cached transform ---------------------------------------
+
+
+def entry_name(tap: Tap) -> str:
+    """The name a tap's rows are stored under."""
+    if not tap.module:
+        return "<output>"
+    return f"{tap.module}<input>" if tap.pre else tap.module
+
+
+def fill_taps(trace: Trace, taps: Sequence[Tap], pooling: str) -> list[Tap]:
+    """What a pass that misses the cache stores: the taps asked for, then
+    every layer of ``trace`` down to the depth of the deepest one asked for
+    (at least two levels of the module tree: stages and blocks), and the
+    pretrained classifier's input (or the network's output without one).
+
+    The pass runs to the end of the network, so that the next candidate of a
+    layer search finds its layer cached. With ``pooling="flatten"`` only the
+    taps asked for are stored: flattened maps are too large to store
+    speculatively.
+    """
+    taps = list(taps)
+    if pooling == "flatten":
+        return taps
+    depth = max([2] + [t.module.count(".") + 1 for t in taps if t.module])
+    extra = [Tap(layer.name) for layer in trace.layers if layer.name.count(".") < depth]
+    extra.append(Tap(trace.head, pre=True) if trace.head else Tap(""))
+    return list(dict.fromkeys([*taps, *extra]))
+
+
+class PooledTapper:
+    """Hooks that pool each tapped tensor as soon as it is computed.
+
+    Unlike :class:`~sklearn_cnn._layers.Tapper` the forward pass runs to its
+    end and nothing is cloned: each activation is reduced to its pooled rows
+    in its hook, before any in-place operation can change it. A tap that
+    ``pool_fn`` refuses (a layer whose layout is unknown) is left out. Hooks
+    act only on the thread that entered, so other threads may run the same
+    network meanwhile.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        taps: Sequence[Tap],
+        pool_fn: Callable[[Tap, Any], torch.Tensor],
+    ) -> None:
+        self.module, self.taps, self.pool_fn = module, list(taps), pool_fn
+        self._rows: dict[Tap, torch.Tensor] = {}
+        self._handles: list = []
+        self._thread = threading.get_ident()
+
+    def __enter__(self) -> PooledTapper:
+        self._thread = threading.get_ident()
+        modules = dict(self.module.named_modules())
+        for tap in self.taps:
+            m = modules[tap.module]
+            if tap.pre:
+                hook = functools.partial(self._pre, tap)
+                self._handles.append(m.register_forward_pre_hook(hook))
+            else:
+                hook = functools.partial(self._post, tap)
+                self._handles.append(m.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _keep(self, tap: Tap, value: Any) -> None:
+        if threading.get_ident() != self._thread:
+            return
+        try:
+            self._rows[tap] = self.pool_fn(tap, value)
+        except (ValueError, TypeError, AttributeError, RuntimeError):
+            self._rows.pop(tap, None)  # not poolable: not stored
+
+    def _pre(self, tap: Tap, _m: nn.Module, args: tuple) -> None:
+        self._keep(tap, args[0] if args else None)
+
+    def _post(self, tap: Tap, _m: nn.Module, _args: tuple, output: Any) -> None:
+        self._keep(tap, output)
+
+    def __call__(self, x: torch.Tensor) -> dict[Tap, torch.Tensor]:
+        """The pooled rows of every tap that ran, for input ``x``."""
+        self._rows = {}
+        self.module(x)
+        return self._rows
+
+
+def _runtime_parts(est: Any) -> dict[str, Any]:
+    """What decides the numbers besides the network: where and how it runs."""
+    device = est.device_
+    parts = {
+        "device": device.type,
+        "autocast": str(est._autocast_dtype),
+        "matmul_precision": torch.get_float32_matmul_precision(),
+    }
+    if device.type == "cuda":
+        parts["device_name"] = torch.cuda.get_device_name(device)
+        parts["tf32"] = (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+        )
+    return parts
+
+
+def network_key_parts(est: Any) -> dict[str, Any]:
+    """The part of the key fit decides: network, weights, preprocessing, pooling.
+
+    Computed once per fit (hashing the weights is the cost).
+    """
+    from . import __version__
+
+    return {
+        "format": FORMAT,
+        "sklearn_cnn": __version__,
+        "torch": torch.__version__,
+        "network": module_digest(est.model_),
+        "preprocessing": repr(est.preprocessing_),
+        "pooling": est._pooling,
+    }
+
+
+def transform_key(est: Any) -> tuple[str, dict[str, Any]]:
+    """The fitted estimator's key and its description."""
+    parts = getattr(est, "_cache_parts", None)
+    if parts is None:  # memory set after fit, or a loaded estimator
+        parts = est._cache_parts = network_key_parts(est)
+    about = {**parts, **_runtime_parts(est)}
+    return key_of(about), about
+
+
+def cached_transform(
+    est: Any,
+    X: Any,
+    pool_fn: Callable[[Tap, Any], torch.Tensor],
+    check_widths: Callable[[list[int]], None],
+) -> np.ndarray:
+    """``est.transform(X)`` through the cache in ``est.memory``.
+
+    Images already cached for every tapped layer are read; each other image
+    (once, even if ``X`` repeats it) goes through one full forward pass that
+    stores every layer :func:`fill_taps` names.
+    """
+    cache = ActivationCache(cache_directory(est.memory))
+    key, about = transform_key(est)
+    digests = image_digests(X)
+    taps = list(est._taps) or [Tap("")]
+    names = [entry_name(t) for t in taps]
+    out = np.empty((len(digests), est.n_features_out_), dtype=np.float32)
+    found, rows = cache.fetch(key, digests, names)
+    if found.any():
+        check_widths([rows[n].shape[1] for n in names])
+        out[found] = np.concatenate([rows[n] for n in names], axis=1)
+    missing = np.flatnonzero(~found)
+    if len(missing):
+        first: dict[bytes, int] = {}
+        for i in missing:
+            first.setdefault(digests[i], int(i))
+        computed = _fill(est, X, list(first.values()), list(first), taps, pool_fn,
+                         check_widths, cache, key, about)  # fmt: skip
+        where = {d: k for k, d in enumerate(first)}
+        out[missing] = computed[[where[digests[i]] for i in missing]]
+    return out
+
+
+def _fill(
+    est: Any,
+    X: Any,
+    index: list[int],
+    digests: list[bytes],
+    taps: list[Tap],
+    pool_fn: Callable[[Tap, Any], torch.Tensor],
+    check_widths: Callable[[list[int]], None],
+    cache: ActivationCache,
+    key: str,
+    about: dict[str, Any],
+) -> np.ndarray:
+    """One forward pass over the images ``index``: their requested features,
+    and every fill layer stored in shards as they accumulate."""
+    fill = fill_taps(est.trace_, taps, est._pooling)
+    out = np.empty((len(index), est.n_features_out_), dtype=np.float32)
+    pending: dict[Tap, list[np.ndarray]] = {t: [] for t in fill}
+    stored = done = pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal stored, pending_bytes
+        arrays = {
+            entry_name(t): np.concatenate(parts)
+            for t, parts in pending.items()
+            if parts and sum(len(p) for p in parts) == done - stored
+        }
+        cache.store(key, digests[stored:done], arrays, about)
+        for parts in pending.values():
+            parts.clear()
+        stored, pending_bytes = done, 0
+
+    est.model_.eval()
+    with torch.inference_mode(), PooledTapper(est.model_, fill, pool_fn) as tapper:
+        for batch in est._batches(X, np.asarray(index)):
+            with autocast(est.device_, est._autocast_dtype):
+                pooled = tapper(batch)
+            absent = [t.module or "<output>" for t in taps if t not in pooled]
+            if absent:
+                raise RuntimeError(f"Layers {absent} did not run in the forward pass.")
+            parts = [pooled[t] for t in taps]
+            check_widths([p.shape[1] for p in parts])
+            out[done : done + len(batch)] = torch.cat(parts, dim=1).cpu().numpy()
+            for t, rows in pooled.items():
+                pending[t].append(rows.cpu().numpy())
+                pending_bytes += rows.numel() * 4
+            done += len(batch)
+            if pending_bytes >= MAX_SHARD_BYTES:
+                flush()
+    if done > stored:
+        flush()
+    return out
+

@@ -1,0 +1,385 @@
+"""memory=: cached activations are exact, reused across folds and candidates,
+and never shared where anything that decides them differs."""
+
+from __future__ import annotations
+
+import functools
+import json
+import multiprocessing
+import os
+import struct
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from conftest import colour_images, make_tiny_cnn
+from numpy.testing import assert_allclose, assert_array_equal
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils._param_validation import InvalidParameterError
+
+from sklearn_cnn import CNNFeatureTransformer, cache_size, clear_cache
+from sklearn_cnn._cache import (
+    CACHE_DIRNAME,
+    ActivationCache,
+    image_digests,
+    key_of,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+LAYERS = ["stem", "stage1", "stage1.0", "stage2", None]
+
+# Images that reach the network's forward (a pre-hook on the root module).
+SEEN: list[int] = []
+
+
+def _count(_module: torch.nn.Module, args: tuple) -> None:
+    SEEN.append(len(args[0]))
+
+
+def counted_tiny_cnn(seed: int = 0) -> torch.nn.Module:
+    """A TinyCNN that counts the images each forward pass receives."""
+    model = make_tiny_cnn(seed)
+    model.register_forward_pre_hook(_count)
+    return model
+
+
+def cnn(seed: int = 0, **params) -> CNNFeatureTransformer:
+    params = {"precision": "fp32", **params}
+    return CNNFeatureTransformer(functools.partial(counted_tiny_cnn, seed), **params)
+
+
+def passes(fn) -> int:
+    """Images forwarded while ``fn()`` runs (fit's one-image probes included)."""
+    SEEN.clear()
+    fn()
+    return sum(SEEN)
+
+
+@pytest.fixture(scope="module")
+def probe() -> int:
+    """Images one fit forwards (its probes), to subtract them from counts."""
+    X = np.zeros((2, 16, 16, 3), dtype=np.uint8)
+    return passes(lambda: cnn(layer="stage1").fit(X))
+
+
+@pytest.fixture
+def X(images):
+    return images
+
+
+# ---------------------------------------------------------------------------
+# Exact: the same features with and without the cache
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max", "gem", "flatten"])
+@pytest.mark.parametrize("layer", ["stage1", None, ["stage2", "stem.0"]])
+def test_same_features_as_without_memory(X, tmp_path, layer, pooling):
+    expected = cnn(layer=layer, pooling=pooling).fit_transform(X)
+    cold = cnn(layer=layer, pooling=pooling, memory=tmp_path).fit(X)
+    # Equal up to float rounding: oneDNN's sums depend on the batch's size
+    # (7 images, then 5, against 12), with or without the cache.
+    assert_allclose(cold.transform(X[:7]), expected[:7], rtol=1e-6, atol=1e-7)
+    computed = cold.transform(X)  # 7 read, 5 computed
+    assert_allclose(computed, expected, rtol=1e-6, atol=1e-7)
+    warm = cnn(layer=layer, pooling=pooling, memory=tmp_path).fit(X)
+    assert passes(lambda: warm.transform(X)) == 0
+    assert_array_equal(warm.transform(X), computed)  # stored bit for bit
+
+
+def test_cached_features_match_a_hand_computation(X, tmp_path):
+    est = cnn(layer="stage1", memory=tmp_path).fit(X)
+    est.transform(X[:5])  # cached by a pass that also stores other layers
+    got = cnn(layer="stage1", memory=tmp_path).fit(X).transform(X)
+    model = make_tiny_cnn(0).eval()
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (torch.from_numpy(X).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    with torch.inference_mode():
+        by_hand = model.stage1(model.stem(x)).mean((2, 3)).numpy()
+    assert_allclose(got, by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_a_repeated_image_is_computed_once(X, tmp_path, probe):
+    X3 = np.concatenate([X[:4], X[:4], X[:4]])
+    est = cnn(layer="stage2", memory=tmp_path)
+    n = passes(lambda: est.fit_transform(X3))
+    assert n - probe == 4
+    assert_array_equal(est.transform(X3), cnn(layer="stage2").fit_transform(X3))
+
+
+# ---------------------------------------------------------------------------
+# One pass per image across folds and candidates
+# ---------------------------------------------------------------------------
+
+
+def _search(memory, n_jobs=1) -> GridSearchCV:
+    pipe = Pipeline(
+        [
+            ("cnn", cnn(memory=memory)),
+            ("scale", StandardScaler()),
+            ("clf", LogisticRegression(max_iter=200)),
+        ]
+    )
+    return GridSearchCV(pipe, {"cnn__layer": LAYERS}, cv=3, n_jobs=n_jobs)
+
+
+def test_layer_search_runs_the_network_once_per_image(tmp_path, probe):
+    X, y = colour_images(10)  # 30 images
+    fits = len(LAYERS) * 3 + 1  # candidates x folds, and the refit
+
+    uncached = _search(None)
+    n_uncached = passes(lambda: uncached.fit(X, y))
+    assert n_uncached - fits * probe > 3 * len(X)  # what the cache saves
+
+    cached = _search(tmp_path)
+    n_cached = passes(lambda: cached.fit(X, y))
+    assert n_cached - fits * probe == len(X)  # each image exactly once
+    assert_array_equal(
+        cached.cv_results_["mean_test_score"], uncached.cv_results_["mean_test_score"]
+    )
+    for fold in range(3):
+        key = f"split{fold}_test_score"
+        assert_array_equal(cached.cv_results_[key], uncached.cv_results_[key])
+
+    # A warm repeat runs no image at all, only fit's probes.
+    again = _search(tmp_path)
+    assert passes(lambda: again.fit(X, y)) == fits * probe
+    assert again.best_params_ == uncached.best_params_
+
+
+def test_deeper_layers_than_two_levels_are_filled_at_their_depth(X, tmp_path, probe):
+    # Asking for a depth-3 name fills every layer down to depth 3.
+    est = cnn(layer="stage1.0", memory=tmp_path)
+    est.fit_transform(X)
+    for layer in ["stem.0", "stage2.2", "stage2", None]:
+        n = passes(lambda layer=layer: cnn(layer=layer, memory=tmp_path).fit_transform(X))
+        assert n == probe
+
+
+def test_flatten_stores_only_the_layer_asked_for(X, tmp_path, probe):
+    cnn(layer="stage2", pooling="flatten", memory=tmp_path).fit_transform(X)
+    est = cnn(layer="stage1", pooling="flatten", memory=tmp_path)
+    assert passes(lambda: est.fit_transform(X)) == probe + len(X)
+
+
+# ---------------------------------------------------------------------------
+# Safe keys: what decides the features decides the entry
+# ---------------------------------------------------------------------------
+
+
+def _cached_then(first: dict, then: dict, X, memory) -> tuple[np.ndarray, int]:
+    """Cache ``first``'s features, then transform with ``then``: its features
+    and the images it had to compute."""
+    cnn(**first, memory=memory).fit_transform(X)
+    est = cnn(**then, memory=memory).fit(X)
+    n = passes(lambda: est.transform(X))
+    return est.transform(X), n
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"seed": 1},  # other weights, same architecture and file-free builder
+        {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+        {"image_size": 12},
+        {"pooling": "max"},
+        {"precision": "bf16"},
+    ],
+    ids=["weights", "normalization", "image_size", "pooling", "precision"],
+)
+def test_a_change_that_changes_features_never_shares_entries(X, tmp_path, change):
+    base = {"layer": "stage2"}
+    got, n = _cached_then(base, {**base, **change}, X, tmp_path)
+    assert n == len(X)  # nothing reused
+    expected = cnn(**base, **change).fit_transform(X)
+    assert_array_equal(got, expected)
+    assert not np.allclose(expected, cnn(**base).fit_transform(X))
+
+
+def test_weights_are_keyed_by_content_not_file_name(X, tmp_path):
+    memory = tmp_path / "cache"
+    path_a, path_b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(make_tiny_cnn(0).state_dict(), path_a)
+    torch.save(make_tiny_cnn(0).state_dict(), path_b)
+    cnn(layer="stage2", weights=path_a, memory=memory).fit_transform(X)
+    # Same values in another file: reused.
+    est = cnn(layer="stage2", weights=path_b, memory=memory).fit(X)
+    assert passes(lambda: est.transform(X)) == 0
+    # New values under the same name: recomputed, never the stale rows.
+    torch.save(make_tiny_cnn(3).state_dict(), path_a)
+    est = cnn(layer="stage2", weights=path_a, memory=memory).fit(X)
+    assert passes(lambda: est.transform(X)) == len(X)
+    assert_array_equal(
+        est.transform(X), cnn(seed=3, layer="stage2").fit_transform(X)
+    )
+
+
+def test_array_files_and_order_share_entries(X, tmp_path):
+    memory = tmp_path / "cache"
+    paths = []
+    for i, image in enumerate(X):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(paths[-1])
+    expected = cnn(layer="stage1").fit_transform(paths)
+    cnn(layer="stage1", memory=memory).fit_transform(X)
+    est = cnn(layer="stage1", memory=memory).fit(paths)
+    assert passes(lambda: est.transform(paths)) == 0
+    assert_array_equal(est.transform(paths), expected)
+    order = np.random.default_rng(0).permutation(len(X))
+    assert passes(lambda: est.transform(X[order])) == 0
+    assert_array_equal(est.transform(X[order]), expected[order])
+    pil = [Image.fromarray(image) for image in X]
+    assert passes(lambda: est.transform(pil)) == 0
+
+
+def test_image_digests_tell_content_dtype_and_size_apart(X):
+    digests = image_digests(X)
+    assert len(set(digests)) == len(X)
+    changed = X.copy()
+    changed[3, 0, 0, 0] ^= 1  # one bit of one pixel
+    assert image_digests(changed)[3] != digests[3]
+    assert image_digests(changed)[4] == digests[4]
+    assert image_digests(X / 255.0)[0] != digests[0]  # float input
+    assert image_digests(X[:, :8])[0] != digests[0]
+    grey = X[..., 0]
+    assert image_digests(grey) == image_digests(np.repeat(grey[..., None], 3, -1))
+
+
+# ---------------------------------------------------------------------------
+# Corruption and concurrency
+# ---------------------------------------------------------------------------
+
+
+def _shards(memory) -> list[str]:
+    root = os.path.join(memory, CACHE_DIRNAME)
+    return [
+        os.path.join(dirpath, f)
+        for dirpath, _, files in os.walk(root)
+        for f in files
+        if f.endswith(".shard")
+    ]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_a_corrupt_shard_is_recomputed_not_returned(X, tmp_path, damage):
+    expected = cnn(layer="stage2").fit_transform(X)
+    cnn(layer="stage2", memory=tmp_path).fit_transform(X)
+    (shard,) = _shards(tmp_path)
+    data = bytearray(open(shard, "rb").read())
+    if damage == "flip":  # one bit of one value of the block read back
+        (length,) = struct.unpack("<Q", data[8:16])
+        block = json.loads(data[16 : 16 + length])["blocks"]["stage2"]
+        data[16 + length + 32 + block["offset"] + 5] ^= 0x40
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data = bytearray(b"\0" * len(data))
+    with open(shard, "wb") as f:
+        f.write(data)
+    est = cnn(layer="stage2", memory=tmp_path).fit(X)
+    with pytest.warns(RuntimeWarning, match="Corrupt activation-cache shard"):
+        n = passes(lambda: est.transform(X))
+    assert n == len(X)
+    assert_array_equal(est.transform(X), expected)
+    assert shard not in _shards(tmp_path)  # replaced by a sound one
+
+
+def _write_shards(directory: str, key: str, start: int, count: int) -> None:
+    """A writer process: ``count`` shards of 50 rows that encode their digest."""
+    cache = ActivationCache(directory)
+    for s in range(start, start + count):
+        ids = np.arange(s * 50, s * 50 + 50)
+        digests = [int(i).to_bytes(16, "little") for i in ids]
+        rows = np.repeat(ids[:, None].astype(np.float32), 300, axis=1)
+        cache.store(key, digests, {"layer": rows})
+
+
+def test_two_processes_writing_at_once_leave_a_sound_cache(tmp_path):
+    key = key_of({"test": "concurrent"})
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    writers = [
+        ctx.Process(target=_write_shards, args=(str(tmp_path), key, s, 20))
+        for s in (0, 20)
+    ]
+    for w in writers:
+        w.start()
+    cache = ActivationCache(str(tmp_path))
+    digests = [int(i).to_bytes(16, "little") for i in range(40 * 50)]
+    # Read while they write: whatever is found is whole and right.
+    while any(w.is_alive() for w in writers):
+        found, rows = cache.fetch(key, digests, ["layer"])
+        if found.any():
+            ids = np.flatnonzero(found).astype(np.float32)
+            assert_array_equal(rows["layer"], np.repeat(ids[:, None], 300, axis=1))
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
+    found, rows = cache.fetch(key, digests, ["layer"])
+    assert found.all()
+    assert_array_equal(rows["layer"][:, 0], np.arange(len(digests)))
+    assert not [f for f in os.listdir(tmp_path / key) if not f.endswith(".shard")]
+
+
+def test_activation_cache_keeps_keys_and_names_apart(tmp_path):
+    cache = ActivationCache(tmp_path)
+    d = [bytes([i]) * 16 for i in range(3)]
+    cache.store("k1", d, {"a": np.ones((3, 2)), "b": np.zeros((3, 4, 4))})
+    found, rows = cache.fetch("k2", d, ["a"])
+    assert not found.any() and rows == {}
+    found, rows = cache.fetch("k1", d[::-1], ["a", "b"])
+    assert found.all() and rows["b"].shape == (3, 4, 4)
+    found, _ = cache.fetch("k1", d, ["a", "c"])
+    assert not found.any()
+    # A shard moved into another key's directory is refused.
+    os.makedirs(tmp_path / "k3")
+    (shard,) = os.listdir(tmp_path / "k1")
+    os.rename(tmp_path / "k1" / shard, tmp_path / "k3" / shard)
+    with pytest.warns(RuntimeWarning, match="another key"):
+        found, _ = cache.fetch("k3", d, ["a"])
+    assert not found.any()
+
+
+# ---------------------------------------------------------------------------
+# memory= forms, size, clearing
+# ---------------------------------------------------------------------------
+
+
+def test_cache_size_and_clear(X, tmp_path):
+    assert cache_size(tmp_path) == 0
+    cnn(layer="stage1", memory=tmp_path).fit_transform(X)
+    files = _shards(tmp_path)
+    assert cache_size(tmp_path) == sum(os.path.getsize(f) for f in files) > 0
+    assert cache_size(joblib.Memory(tmp_path, verbose=0)) == cache_size(tmp_path)
+    clear_cache(tmp_path)
+    assert cache_size(tmp_path) == 0
+    assert os.path.isdir(tmp_path)  # only the library's own directory goes
+
+
+def test_joblib_memory_is_accepted(X, tmp_path):
+    memory = joblib.Memory(tmp_path, verbose=0)
+    cnn(layer="stage1", memory=memory).fit_transform(X)
+    est = cnn(layer="stage1", memory=str(tmp_path)).fit(X)
+    assert passes(lambda: est.transform(X)) == 0  # the same location
+    no_location = cnn(layer="stage1", memory=joblib.Memory(None)).fit(X)
+    assert passes(lambda: no_location.transform(X)) == len(X)
+    assert cache_size(joblib.Memory(None)) == 0
+
+
+def test_memory_of_the_wrong_type_is_refused(X):
+    with pytest.raises(InvalidParameterError, match="memory"):
+        cnn(memory=3).fit(X)
+
+
+def test_memory_set_after_fit_takes_effect_at_once(X, tmp_path):
+    est = cnn(layer="stage1").fit(X)
+    est.set_params(memory=tmp_path)
+    assert_array_equal(est.transform(X), cnn(layer="stage1").fit_transform(X))
+    assert cache_size(tmp_path) > 0
