@@ -126,8 +126,19 @@ def check_images(X: Any) -> np.ndarray | ArrayLikeImages | list:
         raise TypeError(
             "X is a single PIL image; pass a list of images, e.g. X=[image]."
         )
+    if isinstance(X, torch.Tensor):
+        raise TypeError(
+            "X is a torch.Tensor; pass a NumPy array (X.numpy()) in "
+            "N x H x W x C layout, values in [0, 255] (uint8) or [0, 1]."
+        )
     if hasattr(X, "iloc") and hasattr(X, "to_numpy"):
         X = X.to_numpy()  # a pandas Series or one-column DataFrame of paths
+    if not isinstance(X, (np.ndarray, list, tuple)) and hasattr(X, "__array__"):
+        if _numeric_array_like(X):
+            X = ArrayLikeImages(X)  # read batch by batch, never all at once
+            _check_shape(X.shape, X.dtype)
+            return X
+        X = np.asarray(X)  # e.g. a polars Series of paths
     if isinstance(X, np.ndarray) and X.dtype.kind in "USO":
         # (n,) or (n, 1): what ColumnTransformer passes for a column of paths.
         X = list(X.ravel()) if X.ndim == 1 or X.shape[1:] == (1,) else X
@@ -143,17 +154,6 @@ def check_images(X: Any) -> np.ndarray | ArrayLikeImages | list:
                     "paths, PIL images or per-image arrays."
                 )
         return list(X)
-    if isinstance(X, torch.Tensor):
-        raise TypeError(
-            "X is a torch.Tensor; pass a NumPy array (X.numpy()) in "
-            "N x H x W x C layout, values in [0, 255] (uint8) or [0, 1]."
-        )
-    if not isinstance(X, np.ndarray) and hasattr(X, "__array__"):
-        if hasattr(X, "shape") and hasattr(X, "dtype") and hasattr(X, "__getitem__"):
-            X = ArrayLikeImages(X)  # read batch by batch, never all at once
-            _check_shape(X.shape, X.dtype)
-            return X
-        X = np.asarray(X)
     if not isinstance(X, np.ndarray):
         raise TypeError(
             f"X must be an array of images or a list of paths or PIL images; "
@@ -162,6 +162,16 @@ def check_images(X: Any) -> np.ndarray | ArrayLikeImages | list:
     _check_shape(X.shape, X.dtype)
     _check_values(X, "X")
     return X
+
+
+def _numeric_array_like(X: Any) -> bool:
+    """An array-like that can be sliced and has a numeric NumPy dtype."""
+    if not (hasattr(X, "shape") and hasattr(X, "__getitem__")):
+        return False
+    try:
+        return np.dtype(X.dtype).kind in "iufb"
+    except (AttributeError, TypeError):
+        return False
 
 
 def _check_path_text(path: str | os.PathLike, index: int) -> None:
