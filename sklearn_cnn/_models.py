@@ -1,20 +1,25 @@
 """Build the network a user asked for and work out how to preprocess for it.
 
-``model`` is a torchvision model name, a ``torch.nn.Module`` or a zero-argument
-callable that returns one. ``weights`` is None, "DEFAULT", a torchvision weights
-enum or its name, or the path of a state-dict file.
+``model`` is a torchvision model name, ``"timm/<name>"`` (the optional timm
+extra), a ``torch.nn.Module`` or a zero-argument callable that returns one.
+``weights`` is None, "DEFAULT", a torchvision weights enum or its name, or the
+path of a state-dict file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
+import math
 import os
+from collections.abc import Iterator
 from numbers import Integral
 from typing import Any
 
 import torch
 import torchvision
+from sklearn.utils import check_random_state
 from torch import nn
 from torchvision.models import WeightsEnum
 from torchvision.transforms import InterpolationMode
@@ -148,11 +153,67 @@ def _build_torchvision(name: str, weights: Any) -> tuple[nn.Module, WeightsEnum 
     return module, enum_member
 
 
+TIMM_PREFIX = "timm/"
+
+
+def _build_timm(name: str, weights: Any) -> nn.Module:
+    """``timm.create_model(name)``: random weights, a state-dict file, or
+    timm's own pretrained weights (downloaded from the Hugging Face Hub)."""
+    try:
+        import timm
+    except ImportError:
+        raise ImportError(
+            f"model={TIMM_PREFIX + name!r} needs timm: pip install "
+            "'sklearn-cnn[timm]' (or pip install timm)."
+        ) from None
+    if not timm.is_model(name):
+        raise ValueError(
+            f"Unknown timm model {name!r}.{_close(name, timm.list_models())} "
+            "timm.list_models() lists the names."
+        )
+    if weights is not None and not _is_weights_file(weights) and weights != "DEFAULT":
+        raise ValueError(
+            f"weights={weights!r} for a timm model: use None (random weights), "
+            "'DEFAULT' (timm's pretrained weights, downloaded from the Hugging "
+            "Face Hub) or the path of a state-dict file."
+            + (" (No such file exists.)" if isinstance(weights, str) else "")
+        )
+    pretrained = isinstance(weights, str) and weights == "DEFAULT"
+    try:
+        module = timm.create_model(name, pretrained=pretrained)
+    except (OSError, RuntimeError) as exc:  # no network, no such checkpoint
+        raise RuntimeError(
+            f"Could not load timm's pretrained weights for {name!r} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})."
+            " Without internet access, save a state dict on another machine and "
+            "pass its path as weights=, or use weights=None."
+        ) from None
+    if _is_weights_file(weights):
+        load_state_dict_file(module, weights)
+    return module
+
+
+@contextlib.contextmanager
+def seeded(random_state: Any) -> Iterator[None]:
+    """Seed torch's CPU generator inside the block (random initialisation),
+    leaving the global state as it was; nothing for ``random_state=None``.
+    CUDA's generators are left alone, so that nothing initialises CUDA."""
+    if random_state is None:
+        yield
+        return
+    seed = int(check_random_state(random_state).randint(2**31 - 1))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def build_model(model: Any, weights: Any) -> tuple[nn.Module, WeightsEnum | None]:
     """The module with its weights loaded, and the torchvision enum if any.
 
     The user's own module is deep-copied, so fitting never changes it.
     """
+    if isinstance(model, str) and model.startswith(TIMM_PREFIX):
+        return _build_timm(model[len(TIMM_PREFIX) :], weights), None
     if isinstance(model, str):
         return _build_torchvision(model, weights)
     if isinstance(model, nn.Module):
@@ -190,25 +251,68 @@ def _as_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(size[0]), int(size[1]))
 
 
+class _TimmMeta:
+    """timm's ``pretrained_cfg`` in the shape of torchvision's transforms:
+    resize the shorter side to ``size / crop_pct``, then centre crop."""
+
+    _MODES = {
+        "bicubic": InterpolationMode.BICUBIC,
+        "bilinear": InterpolationMode.BILINEAR,
+        "nearest": InterpolationMode.NEAREST,
+    }
+
+    def __init__(self, cfg: dict) -> None:
+        _, h, w = cfg.get("input_size", (3, 224, 224))
+        crop_pct = cfg.get("crop_pct") or 1.0
+        self.crop_size = [int(h), int(w)]
+        self.resize_size = [int(math.floor(min(h, w) / crop_pct))]
+        self.interpolation = self._MODES.get(
+            cfg.get("interpolation"), InterpolationMode.BILINEAR
+        )
+        self.mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+        self.std = tuple(cfg.get("std", IMAGENET_STD))
+
+
+def _torchvision_meta(model: str, module: nn.Module | None) -> Any:
+    """The default weights' transforms of a torchvision architecture, for
+    random weights or a state-dict file (a static table, nothing downloads);
+    for a model built for another input size than the default weights (the
+    ViTs' ``image_size``: vit_h_14 is built for 224, its default weights for
+    518), the weights of that size."""
+    enum = _torchvision_weights_enum(model)
+    if enum is None:
+        return None
+    size = getattr(module, "image_size", None)
+    if isinstance(size, int):
+        for member in enum:
+            meta = member.transforms()
+            if list(getattr(meta, "crop_size", [])) == [size]:
+                return meta
+    return enum.DEFAULT.transforms()
+
+
 def resolve_preprocessing(
     model: Any,
     weights_enum: WeightsEnum | None,
     image_size: Any,
     mean: Any,
     std: Any,
+    module: nn.Module | None = None,
 ) -> Preprocessing:
     """Preprocessing from the user's parameters, else the weights' metadata.
 
     A state-dict file for a torchvision architecture uses the metadata of that
-    architecture's default weights (a static table, nothing is downloaded).
+    architecture's default weights (a static table, nothing is downloaded). A
+    timm model (by name or as a module) uses its ``pretrained_cfg``.
     """
     meta = None
+    cfg = getattr(module, "pretrained_cfg", None)
     if weights_enum is not None:
         meta = weights_enum.transforms()
+    elif isinstance(cfg, dict) and "input_size" in cfg:
+        meta = _TimmMeta(cfg)
     elif isinstance(model, str):
-        enum = _torchvision_weights_enum(model)
-        if enum is not None:
-            meta = enum.DEFAULT.transforms()
+        meta = _torchvision_meta(model, module)
 
     interpolation = getattr(meta, "interpolation", InterpolationMode.BILINEAR)
     if image_size is None:

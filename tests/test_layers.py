@@ -105,16 +105,21 @@ class Boom(nn.Module):
 # ---------------------------------------------------------------------------
 
 
+def shapes_of(layers) -> dict:
+    return {layer.name: layer.output_shape for layer in layers}
+
+
 def test_list_layers_names_and_shapes_in_forward_order(tiny_builder):
     layers = list_layers(tiny_builder, image_size=16)
-    assert [tuple(layer) for layer in layers] == TINY_LAYERS
+    assert [(layer.name, layer.output_shape) for layer in layers] == TINY_LAYERS
     assert layers[0].name == "stem.0" and layers[0].output_shape == (8, 16, 16)
+    assert [layer.layout for layer in layers] == ["NCHW"] * 13 + ["NC"]
 
 
 def test_list_layers_default_probe_size(tiny_builder):
-    layers = dict(list_layers(tiny_builder))  # no metadata: a 224 px probe
+    layers = shapes_of(list_layers(tiny_builder))  # no metadata: a 224 px probe
     assert layers["stem"] == (8, 224, 224)
-    assert dict(list_layers(make_tiny_cnn(0), image_size=(16, 12)))["stage1"] == (
+    assert shapes_of(list_layers(make_tiny_cnn(0), image_size=(16, 12)))["stage1"] == (
         16,
         8,
         6,
@@ -135,7 +140,7 @@ def test_list_layers_shapes_match_tapped_features(tiny_builder, images):
 def test_list_layers_torchvision(resnet):
     layers = list_layers("resnet18", image_size=64)
     names = [layer.name for layer in layers]
-    shapes = dict(layers)
+    shapes = shapes_of(layers)
     assert shapes["layer3"] == (256, 4, 4)
     assert shapes["fc"] == (1000,)
     # A block comes after its sublayers; stages in order.
@@ -146,8 +151,8 @@ def test_list_layers_torchvision(resnet):
     assert "layer1.0.relu" not in names
     assert "relu" in names  # the stem's ReLU runs once
     # The default probe uses the weights' crop size: 224.
-    assert dict(list_layers("resnet18"))["layer4"] == (512, 7, 7)
-    assert dict(list_layers(resnet, image_size=64)) == shapes
+    assert shapes_of(list_layers("resnet18"))["layer4"] == (512, 7, 7)
+    assert shapes_of(list_layers(resnet, image_size=64)) == shapes
 
 
 def test_list_layers_leaves_out_reused_and_unused_modules():
@@ -172,7 +177,7 @@ def test_single_torchvision_layer(resnet, images):
 
 
 def test_dotted_layer_name_on_mobilenet(images):
-    shape = dict(list_layers("mobilenet_v3_small", image_size=64))["features.6"]
+    shape = shapes_of(list_layers("mobilenet_v3_small", image_size=64))["features.6"]
     est = CNNFeatureTransformer("mobilenet_v3_small", None, layer="features.6")
     out = est.set_params(image_size=64, pooling="flatten").fit_transform(images[:3])
     assert out.shape == (3, prod(shape))
