@@ -4,6 +4,7 @@ from ._features import CNNFeatureTransformer
 from ._finetune import FineTuneClassifier
 from ._folder import load_image_folder
 from ._inspect import list_layers
+from ._persistence import load
 
 __version__ = "0.1.0"
 
@@ -11,6 +12,7 @@ __all__ = [
     "CNNFeatureTransformer",
     "FineTuneClassifier",
     "list_layers",
+    "load",
     "load_image_folder",
     "__version__",
 ]

@@ -3,14 +3,18 @@ building it in ``fit``, streaming batches through it, and pickling it."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from numbers import Integral
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 from torchvision.models import WeightsEnum
@@ -68,24 +72,291 @@ def _check_image_size(value: Any) -> None:
         )
 
 
+# ---------------------------------------------------------------------------
+# Fit as a transaction: a failed fit leaves the estimator as it was
+# ---------------------------------------------------------------------------
+
+
+def _module_snapshot(module: nn.Module) -> tuple[dict, dict, dict]:
+    """What training changes in place: weights (copied to the CPU, tensor by
+    tensor), ``requires_grad`` flags and train/eval modes."""
+    weights = {
+        k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()
+    }
+    grads = {name: p.requires_grad for name, p in module.named_parameters()}
+    modes = {name: m.training for name, m in module.named_modules()}
+    return weights, grads, modes
+
+
+def _module_restore(module: nn.Module, snapshot: tuple[dict, dict, dict]) -> None:
+    weights, grads, modes = snapshot
+    with torch.no_grad():
+        module.load_state_dict(weights)
+    for name, p in module.named_parameters():
+        p.requires_grad_(grads.get(name, False))
+    for name, m in module.named_modules():
+        m.training = modes.get(name, False)
+
+
+@contextlib.contextmanager
+def restore_on_failure(estimator: Any, *, mutated: tuple[str, ...] = ()) -> Iterator:
+    """Leave ``estimator`` exactly as it was if the block raises.
+
+    Use it around the body of ``fit``: an unfitted estimator stays unfitted
+    (``NotFittedError``, not a half-set ``AttributeError``), a fitted one keeps
+    its previous fitted attributes, whatever the exception (``KeyboardInterrupt``
+    included: it is re-raised).
+
+    The instance ``__dict__`` is snapshot (a shallow copy): attributes that the
+    block *rebinds* come back by themselves. Objects that the block changes *in
+    place* must be named in ``mutated``: a ``torch.nn.Module`` (a warm-started
+    ``model_``) is restored by value (weights copied to the CPU tensor by tensor,
+    ``requires_grad`` flags, train/eval modes), anything else (``history_``) by
+    a deep copy. A fit that builds everything anew needs no ``mutated``.
+
+    Examples
+    --------
+    >>> class Est:
+    ...     def fit(self, fail):
+    ...         with restore_on_failure(self):
+    ...             self.coef_ = 1
+    ...             if fail:
+    ...                 raise ValueError("bad input")
+    ...         return self
+    >>> est = Est()
+    >>> try:
+    ...     est.fit(fail=True)
+    ... except ValueError:
+    ...     pass
+    >>> hasattr(est, "coef_")
+    False
+    """
+    saved = dict(estimator.__dict__)
+    copies = {}
+    for name in mutated:
+        value = saved.get(name)
+        if isinstance(value, nn.Module):
+            copies[name] = _module_snapshot(value)
+        elif value is not None:
+            copies[name] = copy.deepcopy(value)
+    try:
+        yield
+    except BaseException:
+        for name, kept in copies.items():
+            if isinstance(saved[name], nn.Module):
+                _module_restore(saved[name], kept)
+            else:
+                saved[name] = kept
+        estimator.__dict__.clear()
+        estimator.__dict__.update(saved)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# Parameters take effect at fit
+# ---------------------------------------------------------------------------
+
+
+def _snapshot_value(value: Any) -> Any:
+    """A copy of a container parameter, so that changing it in place shows."""
+    if isinstance(value, (list, dict, np.ndarray)):
+        return copy.copy(value)
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two parameter values mean the same thing.
+
+    Lists, tuples and arrays compare by element (a saved and loaded ``mean``
+    comes back as a list), partials by their function and arguments, modules
+    and other objects by identity (their ``==``).
+    """
+    if a is b:
+        return True
+    if isinstance(a, functools.partial) and isinstance(b, functools.partial):
+        return (
+            _same(a.func, b.func)
+            and _same(a.args, b.args)
+            and _same(a.keywords, b.keywords)
+        )
+    sequences = (list, tuple, np.ndarray)
+    if isinstance(a, sequences) and isinstance(b, sequences):
+        a, b = list(a), list(b)
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (functools.partial, *sequences, dict)) or isinstance(
+        b, (functools.partial, *sequences, dict)
+    ):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # an object whose == is not a truth value
+        return False
+
+
+# ---------------------------------------------------------------------------
+# CUDA out of memory: halve the batch and retry
+# ---------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _free_device_memory() -> None:
+    if torch.cuda.is_initialized():  # never initialise CUDA just to free it
+        torch.cuda.empty_cache()
+
+
+def halve_on_oom(run: Callable[[int], T], size: int, *, what: str) -> tuple[T, int]:
+    """``run(size)``; on CUDA out of memory, halve ``size`` and run again.
+
+    ``run(k)`` must process a whole batch in chunks of at most ``k`` images and
+    be safe to repeat (a training step zeroes its gradients first). Each
+    halving warns; one image that still does not fit raises
+    ``torch.OutOfMemoryError`` with advice. Returns the result and the size
+    that worked, which the caller passes to the next batch so that the retries
+    happen once, not at every batch.
+
+    Examples
+    --------
+    >>> def run(k):
+    ...     if k > 2:
+    ...         raise torch.OutOfMemoryError("CUDA out of memory")
+    ...     return k
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     halve_on_oom(run, 8, what="predict")
+    (2, 2)
+    """
+    while True:
+        failed = False
+        try:
+            return run(size), size
+        except torch.OutOfMemoryError as exc:
+            if size <= 1:
+                raise torch.OutOfMemoryError(
+                    f"The device ran out of memory in {what} with one image per "
+                    "batch. Use a smaller image_size, precision='bf16' or "
+                    f"'fp16', or device='cpu'. ({str(exc).splitlines()[0]})"
+                ) from exc
+            failed = True
+        # Outside the except block, so that the traceback (and the tensors its
+        # frames hold) is released before the cache is emptied.
+        if failed:
+            _free_device_memory()
+            smaller = size // 2
+            warnings.warn(
+                f"The device ran out of memory in {what} with {size} images per "
+                f"batch; retrying with {smaller}. Set batch_size={smaller} (or "
+                "lower) to avoid the retries.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            size = smaller
+
+
+def in_chunks(
+    fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, size: int
+) -> torch.Tensor:
+    """``fn`` of ``batch``, applied to chunks of at most ``size`` rows."""
+    if len(batch) <= size:
+        return fn(batch)
+    return torch.cat([fn(batch[i : i + size]) for i in range(0, len(batch), size)])
+
+
+# ---------------------------------------------------------------------------
+# Pickling: CPU copies of the tensors, one at a time
+# ---------------------------------------------------------------------------
+
+
+def _off_cpu(module: nn.Module) -> bool:
+    return any(t.device.type != "cpu" for t in module.state_dict().values())
+
+
+def cpu_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are on the CPU.
+
+    Each tensor is copied straight to the CPU (``copy.deepcopy`` with a memo
+    that maps it to its CPU copy): the module is never duplicated on its
+    device, which ``copy.deepcopy(module).cpu()`` would do, doubling the
+    device memory it takes. Tied weights stay tied.
+    """
+    memo: dict[int, Any] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        if id(t) in memo:
+            continue
+        data = t.detach().to("cpu", copy=True)
+        if isinstance(t, nn.Parameter):
+            data = nn.Parameter(data, requires_grad=t.requires_grad)
+        memo[id(t)] = data
+    return copy.deepcopy(module, memo)
+
+
 class NetworkMixin:
     """Builds and runs the network; the estimators add what they do with it.
 
     Fitted attributes set by ``_build_network``: ``model_``, ``device_``,
     ``preprocessing_``, ``trace_`` (what one forward pass revealed).
+
+    Parameters take effect at ``fit``: ``_build_network`` records the values
+    of ``_inference_params`` (the parameters that decide what inference
+    computes) and inference uses only what fit resolved from them. Inference
+    (``_run``) refuses to run once one of them has been changed by
+    ``set_params`` without a new fit, rather than silently compute with the
+    old value. ``batch_size``, ``num_workers`` and ``verbose`` do not change the
+    results and take effect at once; ``device`` takes effect at the next fit or
+    load.
     """
+
+    #: Parameters whose value at fit decides what inference computes.
+    _inference_params: tuple[str, ...] = (
+        "model",
+        "weights",
+        "image_size",
+        "mean",
+        "std",
+        "precision",
+    )
 
     def _build_network(self, example_source: Any) -> None:
         _check_triplet(self.mean, "mean")
         _check_triplet(self.std, "std")
         _check_image_size(self.image_size)
+        self._fitted_params = {
+            name: _snapshot_value(getattr(self, name))
+            for name in self._inference_params
+        }
         module, enum = build_model(self.model, self.weights)
         self.preprocessing_: Preprocessing = resolve_preprocessing(
             self.model, enum, self.image_size, self.mean, self.std
         )
         self.device_ = resolve_device(self.device)
         self.model_: nn.Module = place(module.eval(), self.device_)
-        self.trace_: Trace = trace(self.model_, self._example(example_source))
+        example = self._example(example_source)
+        self._example_shape = tuple(example.shape[1:])
+        self.trace_: Trace = trace(self.model_, example)
+
+    def _check_params_unchanged(self) -> None:
+        """Refuse to run with parameters that changed since fit."""
+        fitted = getattr(self, "_fitted_params", None)
+        if fitted is None:
+            return
+        changed = [
+            name
+            for name, value in fitted.items()
+            if not _same(getattr(self, name), value)
+        ]
+        if changed:
+            what = "; ".join(
+                f"{name}={getattr(self, name)!r} (fitted with {fitted[name]!r})"
+                for name in changed
+            )
+            raise NotFittedError(
+                f"{type(self).__name__}'s parameters changed after fit: {what}. "
+                "Parameters take effect at fit: call fit again to use the new "
+                "value(s), or set them back."
+            )
 
     def _example(self, X: Any) -> torch.Tensor:
         """The first image of X, preprocessed: the probe for tracing."""
@@ -94,7 +365,9 @@ class NetworkMixin:
 
     @property
     def _autocast_dtype(self) -> torch.dtype | None:
-        return resolve_precision(self.precision, self.device_)
+        # The precision fit saw, for the device the network is on now.
+        fitted = getattr(self, "_fitted_params", {})
+        return resolve_precision(fitted.get("precision", self.precision), self.device_)
 
     def _batches(self, X: Any, index: np.ndarray | None = None):
         """Preprocessed batches of ``X`` (of the images ``index`` if given)."""
@@ -122,21 +395,63 @@ class NetworkMixin:
         as one float32 array.
 
         Batches stream through the network in inference mode; only the reduced
-        rows of each batch are kept.
+        rows of each batch are kept. A batch that runs out of CUDA memory is
+        split in halves (see ``halve_on_oom``), and so are the next ones.
         """
+        self._check_params_unchanged()
         n = len(X) if index is None else len(index)
         out = np.empty((n, n_columns), dtype=np.float32)
         progress = Progress(n, label, enabled=bool(self.verbose))
         self.model_.eval()
         start = 0
+        size = self.batch_size
         with torch.inference_mode(), Tapper(self.model_, taps) as tapper:
-            for batch in self._batches(X, index):
+
+            def rows_of(images: torch.Tensor) -> torch.Tensor:
                 with autocast(self.device_, self._autocast_dtype):
-                    rows = reduce(tapper(batch))
+                    return reduce(tapper(images))
+
+            for batch in self._batches(X, index):
+                rows, size = halve_on_oom(
+                    lambda k, b=batch: in_chunks(rows_of, b, k), size, what=label
+                )
                 out[start : start + len(rows)] = rows.cpu().numpy()
                 start += len(rows)
                 progress.update(len(batch))
         return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted estimator to ``path``, without pickle.
+
+        The file holds the parameters and fitted attributes as JSON and the
+        network's weights as tensors (safetensors when installed, the
+        ``persist`` extra; else ``torch.save`` of plain tensors), with a
+        checksum: :func:`sklearn_cnn.load` runs no code from it and refuses a
+        truncated or modified file. The network is rebuilt from the
+        parameters on load, so ``model`` must be a torchvision name or an
+        importable callable (a function, a class, or ``functools.partial`` of
+        one with JSON-like arguments), not a module instance.
+
+        Parameters
+        ----------
+        path : str or path-like
+            Where to write; an existing file is replaced (atomically).
+
+        Examples
+        --------
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> from sklearn_cnn import CNNFeatureTransformer, load
+        >>> X = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+        >>> cnn = CNNFeatureTransformer("resnet18", weights=None).fit(X)
+        >>> path = os.path.join(tempfile.mkdtemp(), "cnn.safetensors")
+        >>> cnn.save(path)
+        >>> load(path).n_features_out_
+        512
+        """
+        from ._persistence import save
+
+        save(self, path)
 
     # Pickling: the module travels on the CPU, so that an estimator fitted on a
     # GPU loads on a machine without one; it moves back to a device on load.
@@ -144,10 +459,8 @@ class NetworkMixin:
         # A copy: BaseEstimator.__getstate__ returns the live __dict__ itself.
         state = dict(super().__getstate__())
         model = state.get("model_")
-        if model is not None and any(
-            t.device.type != "cpu" for t in model.state_dict().values()
-        ):
-            state["model_"] = copy.deepcopy(model).cpu()
+        if model is not None and _off_cpu(model):
+            state["model_"] = cpu_copy(model)
         state.pop("device_", None)
         return state
 

@@ -10,7 +10,7 @@ from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import NetworkMixin, _network_constraints
+from ._base import NetworkMixin, _network_constraints, restore_on_failure
 from ._images import check_images
 from ._layers import POOLINGS, Tapper, pool, resolve_layers
 
@@ -109,6 +109,7 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
         "layer": [None, str, list, tuple],
         "pooling": [StrOptions(set(POOLINGS))],
     }
+    _inference_params = (*NetworkMixin._inference_params, "layer", "pooling")
 
     def __init__(
         self,
@@ -156,14 +157,27 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
             The fitted transformer.
         """
         X = check_images(X)
-        self._build_network(X)
-        self.layers_, self._taps = resolve_layers(self.layer, self.trace_)
-        example = self._example(X)
+        # A fit that fails (unknown layer, bad weights) changes nothing.
+        with restore_on_failure(self):
+            self._build_network(X)
+            self.layers_, self._taps = resolve_layers(self.layer, self.trace_)
+            self._measure_widths(self._example(X))
+        return self
+
+    def _measure_widths(self, example: torch.Tensor) -> None:
+        """Feature widths of each tapped layer, from one preprocessed image."""
         with torch.inference_mode(), Tapper(self.model_, self._taps) as tapper:
-            widths = [pool(t, self.pooling).shape[1] for t in tapper(example)]
+            widths = [pool(t, self._pooling).shape[1] for t in tapper(example)]
         self._widths = widths
         self.n_features_out_ = int(sum(widths))
-        return self
+
+    @property
+    def _pooling(self) -> str:
+        return self._fitted_params["pooling"]
+
+    def _rebuild_for_load(self, example: torch.Tensor) -> None:
+        """After the network is rebuilt by ``sklearn_cnn.load``: the taps."""
+        _, self._taps = resolve_layers(self._fitted_params["layer"], self.trace_)
 
     @property
     def _n_features_out(self) -> int:
@@ -189,13 +203,13 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
         )
 
     def _pool_all(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        parts = [pool(t, self.pooling) for t in tensors]
+        parts = [pool(t, self._pooling) for t in tensors]
         widths = [p.shape[1] for p in parts]
         if widths != self._widths:
             raise ValueError(
                 f"These images give {sum(widths)} features but the transformer was "
                 f"fitted on images that gave {self.n_features_out_}: with "
-                f"pooling={self.pooling!r} the number of features depends on the "
+                f"pooling={self._pooling!r} the number of features depends on the "
                 "image size. Set image_size so that every image is resized alike, "
                 "or use pooling='avg'."
             )
@@ -215,6 +229,7 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
             One name per output column.
         """
         check_is_fitted(self)
+        self._check_params_unchanged()
         return np.asarray(
             [
                 f"{name}_{i}"

@@ -1,0 +1,573 @@
+"""Save and load fitted estimators without pickle: JSON and tensors, no code.
+
+A file holds the estimator's parameters and fitted attributes as JSON, and the
+network's state dict as tensors: a safetensors file (the ``persist`` extra)
+whose metadata carries the JSON, or, without safetensors, a ``torch.save``
+file of plain strings and tensors, read back with ``weights_only=True``. A
+SHA-256 digest of the JSON and of every tensor's bytes is checked on load, so
+a truncated or modified file is refused instead of giving wrong results.
+
+Loading runs no code from the file. The network is rebuilt from the
+parameters: a torchvision name needs nothing else; a callable is stored as its
+import path (``"package.module:function"``, or a ``functools.partial`` of one
+with JSON arguments) and is imported and called on load only when the caller
+lists it in ``trusted``, as skops does for types it does not know.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import hashlib
+import importlib
+import io
+import json
+import os
+import sys
+import threading
+from collections.abc import Iterable
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+from torchvision.models import WeightsEnum
+from torchvision.transforms import InterpolationMode
+
+from ._base import _snapshot_value
+from ._images import Preprocessing
+from ._layers import Tap, trace
+from ._models import _is_weights_file, _resolve_torchvision_weights
+from ._runtime import place, resolve_device
+
+FORMAT = "sklearn_cnn"
+FORMAT_VERSION = 1
+_META_KEY, _DIGEST_KEY = "sklearn_cnn", "sha256"
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format
+
+#: Fitted attributes that are not stored but rebuilt on load, with the network.
+_REBUILT = frozenset({"model_", "device_", "trace_", "_taps", "_fitted_params"})
+
+
+class _Unsaveable(TypeError):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Values <-> JSON, with tags for what JSON lacks
+# ---------------------------------------------------------------------------
+
+
+def _import_path(obj: Any) -> str:
+    """``"module:qualname"`` of an importable function or class, else raise."""
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not module or not qualname or "<" in qualname or module == "__main__":
+        raise _Unsaveable(
+            f"{obj!r} has no import path (a lambda, a local function or one "
+            "defined in __main__)"
+        )
+    path = f"{module}:{qualname}"
+    try:
+        found = _resolve(path)
+    except (ImportError, AttributeError):
+        found = None
+    if found is not obj:
+        raise _Unsaveable(f"{obj!r} cannot be imported back as {path!r}")
+    return path
+
+
+def _resolve(path: str) -> Any:
+    module, _, qualname = path.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _encode(value: Any, where: str) -> Any:
+    """A JSON-serialisable form of ``value``; ``where`` names it in errors."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, where) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, where) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return {"__set__": [_encode(v, where) for v in sorted(value, key=repr)]}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _encode(v, where) for k, v in value.items()}
+        return {
+            "__dict__": [
+                [_encode(k, where), _encode(v, where)] for k, v in value.items()
+            ]
+        }
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biufUO":
+            raise _Unsaveable(f"an array of dtype {value.dtype}")
+        return {
+            "__ndarray__": [_encode(v, where) for v in value.ravel().tolist()],
+            "dtype": value.dtype.str if value.dtype.kind != "O" else "object",
+            "shape": list(value.shape),
+        }
+    if isinstance(value, torch.device):
+        return {"__device__": str(value)}
+    if isinstance(value, os.PathLike):
+        return {"__path__": os.fspath(value)}
+    if isinstance(value, WeightsEnum):
+        return {"__weights__": f"{type(value).__name__}.{value.name}"}
+    if isinstance(value, Preprocessing):
+        return {
+            "__preprocessing__": {
+                "resize": _encode(value.resize, where),
+                "crop": _encode(value.crop, where),
+                "mean": list(value.mean),
+                "std": list(value.std),
+                "interpolation": value.interpolation.value,
+            }
+        }
+    if isinstance(value, Tap):
+        return {"__tap__": [value.module, value.pre]}
+    if isinstance(value, functools.partial):
+        return {
+            "__partial__": {
+                "func": _encode(value.func, where),
+                "args": [_encode(v, where) for v in value.args],
+                "keywords": {k: _encode(v, where) for k, v in value.keywords.items()},
+            }
+        }
+    if isinstance(value, nn.Module):
+        raise _Unsaveable(
+            "a torch.nn.Module instance, whose architecture is code. Pass the "
+            "architecture as a torchvision name or as a callable that builds it "
+            "(an importable function or class, or functools.partial of one), "
+            "fit, and save that"
+        )
+    if callable(value) and not isinstance(value, enum.Enum):
+        return {"__callable__": _import_path(value)}
+    raise _Unsaveable(f"a {type(value).__name__}")
+
+
+def _decode(value: Any, trusted: frozenset[str]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, trusted) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1:
+        ((tag, body),) = value.items()
+        if tag == "__tuple__":
+            return tuple(_decode(v, trusted) for v in body)
+        if tag == "__set__":
+            return {_decode(v, trusted) for v in body}
+        if tag == "__dict__":
+            return {_decode(k, trusted): _decode(v, trusted) for k, v in body}
+        if tag == "__device__":
+            return torch.device(body)
+        if tag == "__path__":
+            import pathlib
+
+            return pathlib.Path(body)
+        if tag == "__weights__":
+            return torchvision.models.get_weight(body)
+        if tag == "__preprocessing__":
+            return Preprocessing(
+                resize=_decode(body["resize"], trusted),
+                crop=_decode(body["crop"], trusted),
+                mean=tuple(body["mean"]),
+                std=tuple(body["std"]),
+                interpolation=InterpolationMode(body["interpolation"]),
+            )
+        if tag == "__tap__":
+            return Tap(body[0], bool(body[1]))
+        if tag == "__partial__":
+            return functools.partial(
+                _decode(body["func"], trusted),
+                *[_decode(v, trusted) for v in body["args"]],
+                **{k: _decode(v, trusted) for k, v in body["keywords"].items()},
+            )
+        if tag == "__callable__":
+            if body not in trusted:  # _check_trusted ran first; belt and braces
+                raise ValueError(f"{body!r} is not trusted.")
+            return _resolve(body)
+    if "__ndarray__" in value:
+        flat = [_decode(v, trusted) for v in value["__ndarray__"]]
+        if value["dtype"] == "object":
+            arr = np.empty(len(flat), dtype=object)
+            arr[:] = flat
+        else:
+            arr = np.array(flat, dtype=np.dtype(value["dtype"]))
+        return arr.reshape(value["shape"])
+    return {k: _decode(v, trusted) for k, v in value.items()}
+
+
+def _callables(value: Any) -> Iterable[str]:
+    """The import paths that decoding ``value`` would import."""
+    if isinstance(value, list):
+        for v in value:
+            yield from _callables(v)
+    elif isinstance(value, dict):
+        if set(value) == {"__callable__"}:
+            yield value["__callable__"]
+        else:
+            for v in value.values():
+                yield from _callables(v)
+
+
+# ---------------------------------------------------------------------------
+# Tensors and the digest
+# ---------------------------------------------------------------------------
+
+
+def _digest(header: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(header.encode())
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(f"\0{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        raw = t.detach().reshape(-1).contiguous().view(torch.uint8)
+        h.update(memoryview(raw.numpy()))
+    return h.hexdigest()
+
+
+def _state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict as contiguous CPU tensors, checked."""
+    out = {}
+    for key, value in module.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"The network's state dict holds a {type(value).__name__} at "
+                f"{key!r}, not a tensor (a module's get_extra_state()). save() "
+                "stores tensors only; pickle the estimator instead (only load "
+                "pickles you trust)."
+            )
+        out[key] = value.detach().to(
+            "cpu", memory_format=torch.contiguous_format, copy=True
+        )
+    return out
+
+
+def _safetensors():
+    """The safetensors.torch module, or None when it is not installed."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        return None
+    return safetensors.torch
+
+
+# ---------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------
+
+
+def _estimator_classes() -> dict[str, type]:
+    from ._features import CNNFeatureTransformer
+    from ._finetune import FineTuneClassifier
+
+    return {c.__name__: c for c in (CNNFeatureTransformer, FineTuneClassifier)}
+
+
+def save(estimator: Any, path: str | os.PathLike) -> None:
+    """Write a fitted estimator to ``path``; see :func:`sklearn_cnn.load`."""
+    name = type(estimator).__name__
+    if _estimator_classes().get(name) is not type(estimator):
+        raise TypeError(
+            f"save() stores CNNFeatureTransformer and FineTuneClassifier, not "
+            f"{name} (a subclass would be loaded as its base class)."
+        )
+    check_is_fitted(estimator)
+    if not hasattr(estimator, "_rebuild_for_load"):
+        raise NotImplementedError(f"{name} cannot be saved by save() yet.")
+    estimator._check_params_unchanged()
+
+    params = estimator.get_params(deep=False)
+    encoded_params = {}
+    for key, value in params.items():
+        try:
+            encoded_params[key] = _encode(value, key)
+        except _Unsaveable as exc:
+            raise ValueError(
+                f"Cannot save {name} with {key}={value!r}: it is {exc}. save() "
+                "stores no code."
+            ) from None
+    fitted = {}
+    for key, value in estimator.__dict__.items():
+        if key in params or key in _REBUILT:
+            continue
+        try:
+            fitted[key] = _encode(value, key)
+        except _Unsaveable as exc:
+            raise ValueError(
+                f"Cannot save {name}: its attribute {key!r} is {exc}, which "
+                "save() cannot store."
+            ) from None
+    from . import __version__
+
+    header = json.dumps(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "sklearn_cnn_version": __version__,
+            "estimator": name,
+            "params": encoded_params,
+            "fitted": fitted,
+        },
+        sort_keys=True,
+    )
+    tensors = _state_tensors(estimator.model_)
+    digest = _digest(header, tensors)
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    st = _safetensors()
+    try:
+        if st is not None:
+            st.save_file(
+                tensors, tmp, metadata={_META_KEY: header, _DIGEST_KEY: digest}
+            )
+        else:
+            torch.save(
+                {_META_KEY: header, _DIGEST_KEY: digest, "tensors": tensors}, tmp
+            )
+        os.replace(tmp, path)  # never a half-written file at ``path``
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------
+
+
+def _corrupt(path: str, why: str) -> ValueError:
+    return ValueError(
+        f"{path!r} is not a complete sklearn_cnn save file ({why}). It may be "
+        "truncated or modified, or was not written by est.save(path)."
+    )
+
+
+def _read(path: str) -> tuple[str, str, dict[str, torch.Tensor]]:
+    """The JSON header, the stored digest and the tensors of a save file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] == _ZIP_MAGIC:
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a bad file
+            raise _corrupt(
+                path, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            ) from None
+        if not (
+            isinstance(obj, dict)
+            and isinstance(obj.get(_META_KEY), str)
+            and isinstance(obj.get(_DIGEST_KEY), str)
+            and isinstance(obj.get("tensors"), dict)
+        ):
+            raise _corrupt(path, "it lacks the sklearn_cnn header")
+        tensors = obj["tensors"]
+        for key, value in tensors.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"{path!r} holds a {type(value).__name__} at {key!r} where the "
+                    "network's state dict needs a tensor; refusing to load it."
+                )
+        return obj[_META_KEY], obj[_DIGEST_KEY], tensors
+    # safetensors: an 8-byte header length, a JSON header, then the tensor data.
+    if len(data) < 8:
+        raise _corrupt(path, f"{len(data)} bytes")
+    n = int.from_bytes(data[:8], "little")
+    try:
+        meta = json.loads(data[8 : 8 + n])["__metadata__"]
+        header, digest = meta[_META_KEY], meta[_DIGEST_KEY]
+    except Exception:
+        raise _corrupt(path, "no readable sklearn_cnn header") from None
+    st = _safetensors()
+    if st is None:
+        raise ImportError(
+            f"{path!r} is a safetensors file: install safetensors "
+            "(pip install 'sklearn-cnn[persist]') to load it."
+        )
+    try:
+        tensors = st.load(data)
+    except Exception as exc:
+        raise _corrupt(path, f"{type(exc).__name__}: {exc}") from None
+    return header, digest, tensors
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    trusted: Iterable[str] = (),
+    device: Any = None,
+) -> Any:
+    """Load an estimator written by ``est.save(path)``.
+
+    Nothing in the file is executed: it holds JSON and tensors, checked
+    against a SHA-256 digest, and the network is rebuilt from the saved
+    parameters. Unlike unpickling, loading a file from an untrusted source
+    is safe, as long as you do not list its callables in ``trusted``.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A file written by :meth:`CNNFeatureTransformer.save` or
+        :meth:`FineTuneClassifier.save`.
+    trusted : iterable of str, default=()
+        Import paths (``"package.module:function"``) of the callables the
+        file names, such as a ``model`` built by a function of your own, that
+        may be imported and called to rebuild the estimator. An error lists
+        the paths the file needs; torchvision model names need none.
+    device : "auto", str, torch.device or None, default=None
+        Where the network runs after loading (sets the ``device`` parameter);
+        None keeps the saved ``device``. A file written on a GPU machine loads
+        on a machine without one: a CUDA ``device`` falls back to the CPU with
+        a warning.
+
+    Returns
+    -------
+    estimator : CNNFeatureTransformer or FineTuneClassifier
+        The fitted estimator, giving the same results as the one saved.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from sklearn_cnn import CNNFeatureTransformer, load
+    >>> X = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    >>> cnn = CNNFeatureTransformer("resnet18", weights=None, layer="layer2",
+    ...                             device="cpu").fit(X)
+    >>> path = os.path.join(tempfile.mkdtemp(), "cnn.safetensors")
+    >>> cnn.save(path)
+    >>> bool((load(path).transform(X) == cnn.transform(X)).all())
+    True
+    """
+    path = os.fspath(path)
+    header, digest, tensors = _read(path)
+    if _digest(header, tensors) != digest:
+        raise _corrupt(path, "its checksum does not match its content")
+    try:
+        info = json.loads(header)
+        classes = _estimator_classes()
+        cls = classes[info["estimator"]]
+        if info["format"] != FORMAT or info["format_version"] > FORMAT_VERSION:
+            raise ValueError(
+                f"{path!r} was written by a newer sklearn_cnn "
+                f"({info.get('sklearn_cnn_version')}): upgrade to load it."
+            )
+        params, fitted = info["params"], info["fitted"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise _corrupt(path, "an unexpected header") from None
+    trusted = frozenset(trusted)
+    needed = sorted(set(_callables(params)) | set(_callables(fitted)))
+    untrusted = [p for p in needed if p not in trusted]
+    if untrusted:
+        raise ValueError(
+            f"{path!r} rebuilds its estimator by importing and calling "
+            f"{untrusted}. Loading runs them: if you trust them, pass "
+            f"trusted={needed!r}."
+        )
+    estimator = cls(**{k: _decode(v, trusted) for k, v in params.items()})
+    if device is not None:
+        estimator.set_params(device=device)
+    for key, value in fitted.items():
+        setattr(estimator, key, _decode(value, trusted))
+    _rebuild(estimator, tensors, path)
+    return estimator
+
+
+# ---------------------------------------------------------------------------
+# Rebuilding the network
+# ---------------------------------------------------------------------------
+
+
+@contextmanager
+def _no_download(weights: WeightsEnum):
+    """While torchvision builds with ``weights``, give the builder the model's
+    own state dict instead of downloading the pretrained one (in this thread
+    only): the saved tensors are loaded next.
+
+    torchvision builds some architectures differently when given weights
+    (inception's ``transform_input``, vit_h_14's image size), so building
+    with ``weights=None`` would not be the network that was fitted.
+    """
+    owner = threading.get_ident()
+    original = type(weights).get_state_dict.__get__(weights)
+
+    def own_state_dict(*args: Any, **kwargs: Any) -> dict:
+        if threading.get_ident() != owner:
+            return original(*args, **kwargs)
+        model = sys._getframe(1).f_locals.get("model")
+        if not isinstance(model, nn.Module):
+            raise RuntimeError(
+                f"Cannot rebuild the architecture of {weights} without "
+                "downloading its weights."
+            )
+        return model.state_dict()
+
+    weights.get_state_dict = own_state_dict
+    try:
+        yield
+    finally:
+        del weights.get_state_dict
+
+
+def _architecture(model: Any, weights: Any) -> nn.Module:
+    """The network ``model`` names, with any weights: the file's come next."""
+    if isinstance(model, str):
+        enum_member = None
+        if not (weights is None or _is_weights_file(weights)):
+            enum_member = _resolve_torchvision_weights(model, weights)
+        if enum_member is None:
+            return torchvision.models.get_model(model, weights=None)
+        with _no_download(enum_member):
+            return torchvision.models.get_model(model, weights=enum_member)
+    module = model()
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"model is a callable that returned {type(module).__name__}; it "
+            "must return a torch.nn.Module."
+        )
+    return module
+
+
+def _rebuild(estimator: Any, tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Rebuild ``model_`` and what fit derived from it, then load the tensors.
+
+    The network is built from the parameters and traced on a blank image of
+    the size fit saw; then the estimator's ``_rebuild_for_load(example)``
+    hook redoes its own structural steps (taps, a classifier head), before
+    the saved tensors are loaded strictly.
+    """
+    estimator._fitted_params = {
+        name: _snapshot_value(getattr(estimator, name))
+        for name in estimator._inference_params
+    }
+    module = _architecture(estimator.model, estimator.weights)
+    estimator.device_ = resolve_device(estimator.device)
+    estimator.model_ = place(module.eval(), estimator.device_)
+    example = torch.zeros((1, *estimator._example_shape), device=estimator.device_)
+    estimator.trace_ = trace(estimator.model_, example)
+    estimator._rebuild_for_load(example)
+    expected = estimator.model_.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [
+        k for k in expected if k in tensors and tensors[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"The tensors in {path!r} do not fit the network rebuilt from its "
+            f"parameters (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"other shapes {shapes[:3]}): the model's code changed since it was "
+            "saved."
+        )
+    with torch.no_grad():
+        estimator.model_.load_state_dict(tensors, strict=True)
+    place(estimator.model_.eval(), estimator.device_)
