@@ -48,8 +48,19 @@ FORMAT_VERSION = 1
 _META_KEY, _DIGEST_KEY = "sklearn_cnn", "sha256"
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format
 
-#: Fitted attributes that are not stored but rebuilt on load, with the network.
-_REBUILT = frozenset({"model_", "device_", "trace_", "_taps", "_fitted_params"})
+#: Attributes not stored: rebuilt on load with the network, or recomputed when
+#: needed (compiled code, the activation cache key).
+_REBUILT = frozenset(
+    {
+        "model_",
+        "device_",
+        "trace_",
+        "_taps",
+        "_fitted_params",
+        "_compiled",
+        "_cache_parts",
+    }
+)
 
 
 class _Unsaveable(TypeError):

@@ -1,0 +1,360 @@
+"""save()/load(): parameters, fitted attributes and weights, no pickled code."""
+
+from __future__ import annotations
+
+import functools
+import json
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import TinyCNN, make_tiny_cnn
+from numpy.testing import assert_array_equal
+from sklearn.exceptions import NotFittedError
+from torchvision.models import WeightsEnum
+
+import sklearn_cnn
+import sklearn_cnn._persistence as persistence
+from sklearn_cnn import CNNFeatureTransformer, load
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TRUSTED = ["conftest:make_tiny_cnn"]
+
+
+def tiny(**params) -> CNNFeatureTransformer:
+    params = {
+        "model": functools.partial(make_tiny_cnn, 0),
+        "precision": "fp32",
+        "device": "cpu",
+        **params,
+    }
+    return CNNFeatureTransformer(**params)
+
+
+def fitted_attributes(est) -> list:
+    """Everything fit set, but the module (compared tensor by tensor)."""
+    skip = {"model_", "_compiled", "_cache_parts", *est.get_params()}
+    return sorted((k, repr(v)) for k, v in vars(est).items() if k not in skip)
+
+
+def assert_same_estimator(loaded, est, images) -> None:
+    assert type(loaded) is type(est)
+    assert loaded.get_params().keys() == est.get_params().keys()
+    for key, value in est.get_params().items():
+        assert sklearn_cnn._base._same(loaded.get_params()[key], value), key
+    assert fitted_attributes(loaded) == fitted_attributes(est)
+    for (k, a), (k2, b) in zip(
+        loaded.model_.state_dict().items(), est.model_.state_dict().items(), strict=True
+    ):
+        assert k == k2
+        assert a.dtype == b.dtype
+        assert_array_equal(a, b)
+    assert_array_equal(loaded.transform(images), est.transform(images))
+
+
+# ---------------------------------------------------------------------------
+# Round trips
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["safetensors", "torch"])
+def test_round_trip_is_exact(backend, images, tmp_path, monkeypatch):
+    if backend == "torch":  # safetensors not installed: torch.save of tensors
+        monkeypatch.setattr(persistence, "_safetensors", lambda: None)
+    est = tiny(layer=["stage1", "fc"], pooling="gem", mean=(0.4, 0.5, 0.6))
+    est.fit(images)
+    path = tmp_path / "cnn.bin"
+    est.save(path)
+    head = path.read_bytes()[:4]
+    assert (head == b"PK\x03\x04") == (backend == "torch")
+    loaded = load(path, trusted=TRUSTED)
+    assert_same_estimator(loaded, est, images)
+    assert loaded.get_feature_names_out().tolist() == (
+        est.get_feature_names_out().tolist()
+    )
+    # What fit resolved is what the loaded one uses: a change is still refused.
+    loaded.set_params(pooling="avg")
+    with pytest.raises(NotFittedError, match="pooling"):
+        loaded.transform(images)
+
+
+def test_round_trip_of_a_torchvision_model(images, tmp_path):
+    torch.manual_seed(0)
+    est = CNNFeatureTransformer(
+        "mobilenet_v3_small", weights=None, image_size=32, precision="fp32"
+    ).fit(images)
+    est.save(tmp_path / "m.safetensors")
+    loaded = load(tmp_path / "m.safetensors")  # a name needs no trust
+    assert_same_estimator(loaded, est, images)
+
+
+def test_round_trip_of_a_partial_of_a_class(images, tmp_path):
+    est = tiny(model=functools.partial(TinyCNN, num_classes=3, width=4), layer=None)
+    est.fit(images)
+    est.save(tmp_path / "c.safetensors")
+    loaded = load(tmp_path / "c.safetensors", trusted=["conftest:TinyCNN"])
+    assert loaded.model.keywords == {"num_classes": 3, "width": 4}
+    assert_same_estimator(loaded, est, images)
+
+
+def test_set_output_and_weights_path_survive(images, tmp_path):
+    weights = tmp_path / "w.pt"
+    torch.save(make_tiny_cnn(3).state_dict(), weights)
+    est = tiny(weights=weights, layer="stage2").set_output(transform="pandas")
+    est.fit(images)
+    est.save(tmp_path / "e.safetensors")
+    weights.unlink()  # the weights travel in the saved file
+    loaded = load(tmp_path / "e.safetensors", trusted=TRUSTED)
+    out = loaded.transform(images)
+    assert list(out.columns) == list(est.get_feature_names_out())
+    assert_array_equal(out.to_numpy(), est.transform(images).to_numpy())
+
+
+def test_architecture_that_depends_on_the_weights_is_rebuilt_offline(
+    images, tmp_path, monkeypatch
+):
+    """googlenet with weights normalises its input itself (transform_input):
+    built with weights=None it would be another network. No download happens:
+    fit's "pretrained" weights are faked, and load must not ask for them."""
+    downloads = []
+
+    def fake_download(self, *args, **kwargs):
+        downloads.append(self)
+        import sys
+
+        model = sys._getframe(1).f_locals["model"]
+        torch.manual_seed(1)
+        return {k: torch.randn_like(v) if v.is_floating_point() else v
+                for k, v in model.state_dict().items()}  # fmt: skip
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", fake_download)
+    X = np.repeat(np.repeat(images[:3], 4, axis=1), 4, axis=2)  # 64 px
+    est = CNNFeatureTransformer(
+        "googlenet", weights="DEFAULT", image_size=64, precision="fp32"
+    ).fit(X)
+    assert est.model_.transform_input and len(downloads) == 1
+    est.save(tmp_path / "g.safetensors")
+
+    def no_download(self, *args, **kwargs):
+        raise AssertionError("load() downloaded weights")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", no_download)
+    loaded = load(tmp_path / "g.safetensors")
+    assert loaded.model_.transform_input
+    assert loaded.weights == "DEFAULT"
+    assert_same_estimator(loaded, est, X)
+    # The temporary replacement is gone.
+    assert "get_state_dict" not in vars(torchvision.models.GoogLeNet_Weights.DEFAULT)
+
+
+def test_file_written_for_cuda_loads_on_the_cpu(images, tmp_path):
+    est = tiny(layer="stage1").fit(images)
+    expected = est.transform(images)
+    est.set_params(device="cuda")  # as if saved on a GPU machine
+    est.save(tmp_path / "gpu.safetensors")
+    if not torch.cuda.is_available():
+        with pytest.warns(RuntimeWarning, match="CUDA is not available"):
+            loaded = load(tmp_path / "gpu.safetensors", trusted=TRUSTED)
+        assert loaded.device_ == torch.device("cpu")
+        assert_array_equal(loaded.transform(images), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cpu = load(tmp_path / "gpu.safetensors", trusted=TRUSTED, device="cpu")
+    assert cpu.device_ == torch.device("cpu") and cpu.device == "cpu"
+    assert_array_equal(cpu.transform(images), expected)
+
+
+def test_saved_tensors_are_on_the_cpu_and_contiguous(images, tmp_path):
+    import safetensors.torch
+
+    est = tiny().fit(images)
+    assert not next(est.model_.stem.parameters()).is_contiguous()  # channels_last
+    est.save(tmp_path / "a.safetensors")
+    tensors = safetensors.torch.load_file(tmp_path / "a.safetensors")
+    assert tensors.keys() == est.model_.state_dict().keys()
+    assert all(t.device.type == "cpu" for t in tensors.values())
+
+
+def test_pickle_and_save_agree(images, tmp_path):
+    est = tiny(layer="stage2", pooling="max").fit(images)
+    est.save(tmp_path / "s.safetensors")
+    from_file = load(tmp_path / "s.safetensors", trusted=TRUSTED)
+    from_pickle = pickle.loads(pickle.dumps(est))
+    assert_array_equal(from_file.transform(images), from_pickle.transform(images))
+    # A loaded estimator pickles and saves again.
+    again = pickle.loads(pickle.dumps(from_file))
+    again.save(tmp_path / "t.safetensors")
+    assert_array_equal(
+        load(tmp_path / "t.safetensors", trusted=TRUSTED).transform(images),
+        est.transform(images),
+    )
+
+
+# ---------------------------------------------------------------------------
+# What cannot be saved
+# ---------------------------------------------------------------------------
+
+
+def test_unfitted_or_changed_estimator_is_not_saved(images, tmp_path):
+    with pytest.raises(NotFittedError):
+        tiny().save(tmp_path / "x")
+    est = tiny().fit(images).set_params(layer="stage1")
+    with pytest.raises(NotFittedError, match="call fit again"):
+        est.save(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_module_instance_says_how_to_rebuild_it(images, tmp_path):
+    est = CNNFeatureTransformer(make_tiny_cnn(0), precision="fp32").fit(images)
+    with pytest.raises(ValueError, match="torchvision name or as a callable"):
+        est.save(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_lambda_or_local_function_is_refused(images, tmp_path):
+    def local():
+        return make_tiny_cnn(0)
+
+    for model in (lambda: make_tiny_cnn(0), local):
+        est = tiny(model=model).fit(images)
+        with pytest.raises(ValueError, match="no import path"):
+            est.save(tmp_path / "x")
+
+
+class WithExtraState(TinyCNN):
+    """A module whose state dict holds a non-tensor (get_extra_state)."""
+
+    def get_extra_state(self):
+        return {"vocabulary": ["a", "b"]}
+
+    def set_extra_state(self, state):
+        self.vocabulary = state["vocabulary"]
+
+
+def test_non_tensor_in_the_state_dict_is_a_clear_error(images, tmp_path):
+    est = tiny(model=WithExtraState).fit(images)
+    with pytest.raises(
+        ValueError, match="holds a dict at '_extra_state'.*tensors only"
+    ):
+        est.save(tmp_path / "x")
+
+
+def test_non_tensor_in_a_torch_file_is_refused(images, tmp_path, monkeypatch):
+    monkeypatch.setattr(persistence, "_safetensors", lambda: None)
+    est = tiny().fit(images)
+    est.save(tmp_path / "a.pt")
+    obj = torch.load(tmp_path / "a.pt", weights_only=True)
+    obj["tensors"]["stem.0.weight"] = 3
+    torch.save(obj, tmp_path / "b.pt")
+    with pytest.raises(ValueError, match="holds a int at 'stem.0.weight'"):
+        load(tmp_path / "b.pt", trusted=TRUSTED)
+
+
+def test_pickled_code_in_a_torch_file_is_refused(tmp_path):
+    torch.save({"sklearn_cnn": make_tiny_cnn(0)}, tmp_path / "code.pt")
+    with pytest.raises(ValueError, match="not a complete sklearn_cnn save file"):
+        load(tmp_path / "code.pt")
+
+
+# ---------------------------------------------------------------------------
+# Damaged, modified or hostile files
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(images, tmp_path):
+    est = tiny(layer="stage1").fit(images)
+    path = tmp_path / "cnn.safetensors"
+    est.save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("backend", "where"),
+    [
+        *[
+            ("safetensors", w)
+            for w in ("first weight", "last byte", "truncated", "empty")
+        ],
+        # The end of a zip file is its directory, not content: not here.
+        *[("torch", w) for w in ("first weight", "truncated", "empty")],
+    ],
+)
+def test_damaged_file_is_refused(backend, where, images, tmp_path, monkeypatch):
+    if backend == "torch":
+        monkeypatch.setattr(persistence, "_safetensors", lambda: None)
+    path = tmp_path / "cnn.bin"
+    tiny(layer="stage1").fit(images).save(path)
+    data = bytearray(path.read_bytes())
+    if backend == "torch":
+        monkeypatch.undo()
+    if where == "first weight":  # one bit of a weight, the file otherwise intact
+        if backend == "torch":
+            stored = torch.load(path, weights_only=True)["tensors"]["stem.0.weight"]
+            i = bytes(data).index(stored.view(torch.uint8).numpy().tobytes()[:16])
+        else:
+            i = 8 + int.from_bytes(data[:8], "little")  # the first tensor's data
+        data[i] ^= 0x01
+    elif where == "last byte":
+        data[-1] ^= 0x01
+    elif where == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="not a complete sklearn_cnn save file"):
+        load(path, trusted=TRUSTED)
+
+
+def test_modified_parameters_are_refused(saved):
+    """Editing the JSON (here: another layer) breaks the checksum."""
+    data = saved.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + n].replace(b'\\"stage1\\"', b'\\"stage2\\"')
+    assert header != data[8 : 8 + n]
+    saved.write_bytes(data[:8] + header + data[8 + n :])
+    with pytest.raises(ValueError, match="checksum does not match"):
+        load(saved, trusted=TRUSTED)
+
+
+def test_callables_are_imported_only_when_trusted(saved, tmp_path):
+    with pytest.raises(ValueError, match=r"conftest:make_tiny_cnn.*trusted="):
+        load(saved)
+    # A hostile file (with a valid checksum) naming os.system is refused too.
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(saved)
+    with safetensors.safe_open(saved, "pt") as f:
+        header = json.loads(f.metadata()["sklearn_cnn"])
+    header["params"]["model"] = {
+        "__partial__": {
+            "func": {"__callable__": "os:system"},
+            "args": ["echo owned"],
+            "keywords": {},
+        }
+    }
+    text = json.dumps(header, sort_keys=True)
+    digest = persistence._digest(text, tensors)
+    safetensors.torch.save_file(
+        tensors, tmp_path / "evil.safetensors", {"sklearn_cnn": text, "sha256": digest}
+    )
+    with pytest.raises(ValueError, match=r"\['os:system'\]"):
+        load(tmp_path / "evil.safetensors", trusted=TRUSTED)
+
+
+def test_safetensors_file_without_safetensors_says_what_to_install(saved, monkeypatch):
+    monkeypatch.setattr(persistence, "_safetensors", lambda: None)
+    with pytest.raises(ImportError, match=r"sklearn-cnn\[persist\]"):
+        load(saved, trusted=TRUSTED)
+
+
+def test_other_estimators_are_not_saved(tmp_path):
+    class Mine(CNNFeatureTransformer):
+        pass
+
+    with pytest.raises(TypeError, match="not Mine"):
+        persistence.save(Mine(), tmp_path / "x")
