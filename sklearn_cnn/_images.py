@@ -89,6 +89,15 @@ class ArrayLikeImages:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def __getitem__(self, key: slice) -> ArrayLikeImages:
+        """A slice of the images, still lazy (``read`` gives the pixels)."""
+        if not isinstance(key, slice):
+            raise TypeError("ArrayLikeImages takes slices; read(indices) reads.")
+        return ArrayLikeImages(self.data[key])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self.data, dtype=dtype)
+
     def read(self, indices: list[int]) -> np.ndarray:
         """The images ``indices`` as one NumPy array, checked."""
         idx = np.asarray(indices, dtype=np.intp)
@@ -131,6 +140,8 @@ def check_images(X: Any) -> np.ndarray | ArrayLikeImages | list:
             "X is a torch.Tensor; pass a NumPy array (X.numpy()) in "
             "N x H x W x C layout, values in [0, 255] (uint8) or [0, 1]."
         )
+    if isinstance(X, ArrayLikeImages):
+        return X  # checked already (a slice of one)
     if hasattr(X, "iloc") and hasattr(X, "to_numpy"):
         X = X.to_numpy()  # a pandas Series or one-column DataFrame of paths
     if not isinstance(X, (np.ndarray, list, tuple)) and hasattr(X, "__array__"):
@@ -286,6 +297,12 @@ def describe_item(item: Any, index: int) -> str:
 
 
 def _load_file(path: str | os.PathLike, index: int) -> torch.Tensor:
+    """Image file ``X[index]`` -> RGB (3, H, W) tensor, upright.
+
+    The checks before decoding are what makes untrusted files safe; a faster
+    decoder (``torchvision.io.decode_jpeg``) must keep them, PIL's pixel limit
+    (it has none) and the EXIF orientation (``apply_exif_orientation=True``).
+    """
     where = describe_item(path, index)
     _check_path_text(path, index)
     try:
