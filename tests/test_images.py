@@ -625,3 +625,14 @@ def test_load_image_folder_without_images(tmp_path):
         load_image_folder(tmp_path)
     with pytest.raises(ValueError, match="is not a folder"):
         load_image_folder(tmp_path / "nope")
+
+
+def test_lazy_images_slice_stays_lazy(images):
+    from sklearn_cnn._images import ArrayLikeImages, check_images
+
+    lazy = LazyDataset(images)
+    X = check_images(lazy)
+    assert isinstance(X, ArrayLikeImages) and lazy.reads == []
+    part = X[4:9]  # what sklearn_cnn.dask does with blocks of X
+    assert check_images(part) is part and len(part) == 5
+    assert_array_equal(features(part), features(images[4:9]))
