@@ -540,7 +540,7 @@ def test_fine_tuning_on_a_lazy_array(labelled_images):
     from sklearn_cnn import FineTuneClassifier
 
     X, y = labelled_images
-    params = dict(epochs=1, batch_size=8, random_state=0, validation_fraction=0.2)
+    params = dict(epochs=1, batch_size=8, random_state=0, validation_fraction=0.5)
     model = functools.partial(make_tiny_cnn, 0)
     lazy = LazyDataset(X)
     clf = FineTuneClassifier(model, **params).fit(lazy, y)
