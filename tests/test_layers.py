@@ -449,3 +449,335 @@ def test_efficientnet_lite0_imagenet_predictions():
     with torch.no_grad():
         expected = model.eval()((x - 0.5) / 0.5).numpy()
     assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# Layouts: channels-first maps, channels-last maps, tokens
+# ---------------------------------------------------------------------------
+# The expected features are pooled by hand from a forward hook of our own, over
+# the axes that the architecture's definition says are spatial, not over the
+# axes the library's layout detection chose.
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+        mlp_dim=24, num_classes=5,
+    )  # fmt: skip
+
+
+def tiny_swin(v2: bool = False):
+    torch.manual_seed(0)
+    kind = torchvision.models.swin_transformer
+    extra = (
+        {"block": kind.SwinTransformerBlockV2, "downsample_layer": kind.PatchMergingV2}
+        if v2
+        else {}
+    )
+    return kind.SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[2, 2],
+        window_size=[2, 2], num_classes=5, **extra,
+    )  # fmt: skip
+
+
+def tiny_convnext():
+    torch.manual_seed(0)
+    cfg = torchvision.models.convnext.CNBlockConfig
+    return torchvision.models.ConvNeXt(
+        [cfg(8, 16, 1), cfg(16, None, 1)], num_classes=5
+    )
+
+
+def tiny_maxvit():
+    torch.manual_seed(0)
+    return torchvision.models.MaxVit(
+        input_size=(32, 32), stem_channels=8, partition_size=2,
+        block_channels=[8, 16], block_layers=[1, 1], head_dim=4,
+        stochastic_depth_prob=0.0, num_classes=5,
+    )  # fmt: skip
+
+
+def hooked_output(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``model``'s module ``name`` for input x, by our own hook."""
+    seen = []
+    handle = model.get_submodule(name).register_forward_hook(
+        lambda _m, _a, out: seen.append(out.detach().clone())
+    )
+    with torch.no_grad():
+        model.eval()(x)
+    handle.remove()
+    return seen[0].double()
+
+
+@pytest.fixture(scope="module")
+def rgb32():
+    return np.random.default_rng(3).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+
+
+# (builder, layer, how to pool the hooked output by hand, expected width)
+HAND_POOLED = [
+    # ViT encoder blocks: (N, L, D) tokens, class token first.
+    (tiny_vit, "encoder", "avg", lambda t: t[:, 1:].mean(1), 16),
+    (tiny_vit, "encoder.layers.encoder_layer_0", "cls", lambda t: t[:, 0], 16),
+    (tiny_vit, "encoder.layers.encoder_layer_1", "max", lambda t: t[:, 1:].amax(1), 16),
+    (tiny_vit, "encoder.layers.encoder_layer_0.mlp.0", "avg", lambda t: t[:, 1:].mean(1), 24),
+    (tiny_vit, "conv_proj", "avg", lambda t: t.mean((2, 3)), 16),
+    # Swin stages: (N, H, W, C).
+    (tiny_swin, "features.0", "avg", lambda t: t.mean((1, 2)), 8),
+    (tiny_swin, "features.1", "max", lambda t: t.amax((1, 2)), 8),
+    (tiny_swin, "features.2", "avg", lambda t: t.mean((1, 2)), 16),
+    (tiny_swin, "features.3.0.mlp.0", "avg", lambda t: t.mean((1, 2)), 64),
+    (functools.partial(tiny_swin, True), "features.3", "avg", lambda t: t.mean((1, 2)), 16),
+    # ConvNeXt: NCHW between blocks, NHWC inside them.
+    (tiny_convnext, "features.1.0.block.0", "avg", lambda t: t.mean((2, 3)), 8),
+    (tiny_convnext, "features.1.0.block.2", "avg", lambda t: t.mean((1, 2)), 8),
+    (tiny_convnext, "features.1.0.block.3", "max", lambda t: t.amax((1, 2)), 32),
+    (tiny_convnext, "features.1.0", "avg", lambda t: t.mean((2, 3)), 8),
+    (tiny_convnext, "features.3", "avg", lambda t: t.mean((2, 3)), 16),
+    # MaxViT: NCHW MBConv, windows of tokens (N, windows, tokens, C) inside.
+    (tiny_maxvit, "blocks.0.layers.0.layers.MBconv", "avg", lambda t: t.mean((2, 3)), 8),
+    (
+        tiny_maxvit,
+        "blocks.0.layers.0.layers.window_attention.attn_layer",
+        "avg",
+        lambda t: t.mean((1, 2)),
+        8,
+    ),
+    # A CNN map, for comparison.
+    (functools.partial(make_tiny_cnn, 0), "stage1", "avg", lambda t: t.mean((2, 3)), 16),
+]
+
+
+@pytest.mark.parametrize(
+    "build, layer, pooling, by_hand, width",
+    HAND_POOLED,
+    ids=[f"{b.__name__ if hasattr(b, '__name__') else 'v2'}-{l}-{p}" for b, l, p, *_ in HAND_POOLED],
+)
+def test_pooled_features_match_hand_pooling(build, layer, pooling, by_hand, width, rgb32):
+    est = tiny(build, layer=layer, pooling=pooling, image_size=32).fit(rgb32)
+    out = est.transform(rgb32)
+    assert out.shape == (3, width)
+    expected = by_hand(hooked_output(build(), layer, normalized(rgb32)))
+    assert_allclose(out, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_list_layers_shows_layouts():
+    vit = {layer.name: layer.layout for layer in list_layers(tiny_vit, image_size=32)}
+    assert vit["conv_proj"] == "NCHW"
+    assert vit["encoder.layers.encoder_layer_0"] == "NLD"
+    assert vit["encoder.ln"] == "NLD"
+    assert vit["heads.head"] == "NC"
+    swin = {layer.name: layer.layout for layer in list_layers(tiny_swin, image_size=32)}
+    assert swin["features.0.0"] == "NCHW" and swin["features.0"] == "NHWC"
+    assert swin["norm"] == "NHWC" and swin["permute"] == "NCHW"
+    # Every layer of these families has a known layout.
+    for build in (tiny_vit, tiny_swin, tiny_convnext, tiny_maxvit):
+        layers = list_layers(build, image_size=32)
+        assert [layer.name for layer in layers if layer.layout is None] == []
+
+
+@pytest.mark.parametrize("build", [tiny_swin, tiny_convnext], ids=["swin", "convnext"])
+def test_every_layer_pools_over_the_axes_that_change_with_image_size(build):
+    """The channel axis is the one whose size does not depend on the input
+    size: an independent check of every layout, layer by layer."""
+    small = {la.name: la for la in list_layers(build, image_size=32)}
+    large = {la.name: la for la in list_layers(build, image_size=64)}
+    checked = 0
+    for name, layer in large.items():
+        a, b = small[name].output_shape, layer.output_shape
+        if len(b) < 2 or a == b:  # vectors; tables that do not scale
+            continue
+        fixed = [i for i in range(len(b)) if a[i] == b[i]]
+        assert len(fixed) == 1, name
+        channels = b[fixed[0]]
+        axis = 0 if layer.layout.startswith("NC") else len(b) - 1
+        assert fixed[0] == axis, (name, layer.layout, a, b)
+        from sklearn_cnn._layers import pooled_width
+
+        assert pooled_width(b, "avg", layer.layout) == channels
+        checked += 1
+    assert checked > 20
+
+
+def test_vit_tokens_pool_over_the_token_axis():
+    for layer in list_layers(tiny_vit, image_size=32):
+        if len(layer.output_shape) == 2:  # (L, D): 16 patches + the class token
+            assert layer.output_shape[0] == 17 and layer.layout == "NLD", layer
+
+
+def test_cls_pooling_needs_tokens(rgb32):
+    with pytest.raises(ValueError, match="pooling='cls'.*NCHW map.*pooling='avg'"):
+        tiny(tiny_vit, layer="conv_proj", pooling="cls", image_size=32).fit(rgb32)
+    with pytest.raises(ValueError, match="pooling='cls'.*vectors"):
+        tiny(tiny_vit, pooling="cls", image_size=32).fit(rgb32)
+
+
+class Hidden(nn.Module):
+    """Reads its input as (N, C, H, W) then (N, H, W, C) through functional
+    permutes only: nothing shows the layout of ``inner``'s output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Identity()
+        self.conv = nn.Conv2d(3, 6, 3)
+
+    def forward(self, x):
+        y = self.inner(self.conv(x).permute(0, 2, 3, 1) * 2)
+        return y.mean((1, 2))
+
+
+def test_unknown_layout_is_an_error_that_says_how_to_declare_it(rgb32):
+    layers = {la.name: la.layout for la in list_layers(Hidden(), image_size=32)}
+    assert layers == {"conv": "NCHW", "inner": None}
+    with pytest.raises(ValueError, match=r"Cannot tell.*'inner'.*layout='NCHW'"):
+        tiny(Hidden(), layer="inner").fit(rgb32)
+    est = tiny(Hidden(), layer="inner", layout="NHWC").fit(rgb32)
+    by_hand = hooked_output(est.model_, "inner", normalized(rgb32)).mean((1, 2))
+    assert_allclose(est.transform(rgb32), by_hand.numpy(), rtol=1e-5, atol=1e-6)
+    est = tiny(Hidden(), layer=["conv", "inner"], layout={"inner": "NHWC"})
+    assert est.fit_transform(rgb32).shape == (3, 12)
+    assert est.layouts_ == ["NCHW", "NHWC"]
+    assert tiny(Hidden(), layer="inner", pooling="flatten").fit_transform(rgb32).shape == (
+        3,
+        30 * 30 * 6,
+    )
+
+
+@pytest.mark.parametrize(
+    "layout, match",
+    [
+        ("NHWC", r"layout='NHWC' for layer 'stage1'.*NCHW"),
+        ({"stage9": "NCHW"}, r"not tapped.*'stage1'"),
+        ({"stage1": "CHW"}, r"one of"),
+        ("NLD", r"layout='NLD' for layer 'stage1'"),
+    ],
+)
+def test_layout_hint_errors(layout, match, images):
+    with pytest.raises(ValueError, match=match):
+        tiny(layer="stage1", layout=layout).fit(images)
+
+
+# ---------------------------------------------------------------------------
+# Concurrency, forwards that catch exceptions, outputs that are not tensors
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", ["stage1", None, ["stem", "stage2"]])
+def test_concurrent_transforms_on_one_estimator(layer):
+    """4 threads released at once by a barrier, each with its own images,
+    on one fitted estimator: each gets exactly its own rows."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    batches = [rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8) for _ in range(4)]
+    est = tiny(layer=layer, batch_size=2).fit(batches[0])
+    expected = [est.transform(b) for b in batches]
+    barrier = threading.Barrier(4)
+    results: list = [None] * 4
+    errors: list = []
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(5):
+                out = est.transform(batches[i])
+                if results[i] is None or not np.array_equal(out, expected[i]):
+                    results[i] = out
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for got, want in zip(results, expected, strict=True):
+        assert_array_equal(got, want)
+    assert all(len(m._forward_hooks) == 0 for m in est.model_.modules())
+
+
+class CatchAll(TinyCNN):
+    """A forward that catches Exception around a block (research code does)."""
+
+    def forward(self, x):
+        try:
+            x = self.stem(x)
+        except Exception:  # noqa: BLE001
+            x = torch.zeros(x.shape[0], 8, *x.shape[2:])
+        x = self.stage2(self.stage1(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def test_forward_catching_exception_does_not_swallow_the_early_stop(images):
+    est = tiny(CatchAll(), layer="stem.0").fit(images)
+    calls = []
+    est.model_.stage1.register_forward_pre_hook(lambda m, a: calls.append(1))
+    expected = hooked_output(est.model_, "stem.0", normalized(images)).mean((2, 3))
+    calls.clear()
+    assert_allclose(est.transform(images), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert calls == []  # the stop went through the except clause
+
+
+class ReturnsMany(TinyCNN):
+    def __init__(self, kind: str) -> None:
+        torch.manual_seed(0)
+        super().__init__()
+        self.kind = kind
+        self.fc = nn.Identity()  # no Linear head: the output is the features
+
+    def forward(self, x):
+        feats = torch.flatten(self.pool(self.stage2(self.stage1(self.stem(x)))), 1)
+        if self.kind == "tuple":
+            return feats, -feats
+        if self.kind == "list":
+            return ["aux", feats]
+        if self.kind == "dict":
+            return {"name": "x", "features": feats, "other": -feats}
+        return "not a tensor"
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list", "dict"])
+def test_model_returning_a_tuple_list_or_dict_gives_its_first_tensor(kind, images):
+    est = tiny(ReturnsMany(kind)).fit(images)
+    reference = tiny(ReturnsMany("tuple"), layer="pool", pooling="flatten")
+    assert est.layers_ == ["penultimate"]
+    assert_allclose(est.transform(images), reference.fit_transform(images), rtol=1e-6)
+
+
+def test_model_returning_no_tensor_is_refused(images):
+    with pytest.raises(TypeError, match="returned a str.*holds no tensor"):
+        tiny(ReturnsMany("str")).fit(images)
+
+
+class ViewNet(nn.Module):
+    """The PyTorch tutorial's Net: ``x.view`` needs a contiguous tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = x.view(-1, 16 * 5 * 5)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_network_using_view_falls_back_to_contiguous_tensors(rgb32):
+    from sklearn_cnn._runtime import uses_channels_last
+
+    est = tiny(ViewNet(), layer="fc1").fit(rgb32)
+    assert not uses_channels_last(est.model_)
+    out = est.transform(rgb32)
+    assert out.shape == (3, 120)
+    by_hand = hooked_output(ViewNet(), "fc1", normalized(rgb32).contiguous())
+    assert_allclose(out, by_hand.numpy(), rtol=1e-5, atol=1e-5)
+    # A network that runs in channels_last keeps it.
+    assert uses_channels_last(tiny(layer="stage1").fit(rgb32).model_)
