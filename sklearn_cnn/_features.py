@@ -94,6 +94,21 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
     Grey and RGBA images become RGB. ``fit`` learns nothing from ``X``: it loads
     the network and checks ``X`` and ``layer``.
 
+    Parameters take effect at ``fit``. ``transform`` uses what fit resolved
+    (the network, its taps, pooling, preprocessing, precision); after
+    ``set_params`` of ``model``, ``weights``, ``layer``, ``pooling``,
+    ``image_size``, ``mean``, ``std`` or ``precision`` it raises
+    ``NotFittedError`` until ``fit`` runs again, rather than return the old
+    setting's features. ``batch_size``, ``num_workers`` and ``verbose`` do not
+    change the features and take effect at once; ``device`` at the next fit
+    or load. A fit that fails leaves the transformer as it was (unfitted, or
+    with its previous fit).
+
+    On CUDA, a batch that runs out of memory is split in halves (down to one
+    image) with a warning, and the results stay the same. ``save(path)`` and
+    :func:`~sklearn_cnn.load` store the fitted transformer without pickle:
+    unpickling a file runs code from it, loading a saved file does not.
+
     Examples
     --------
     >>> import numpy as np

@@ -86,7 +86,7 @@ def _import_path(obj: Any) -> str:
         found = _resolve(path)
     except (ImportError, AttributeError):
         found = None
-    if found is not obj:
+    if found is not obj and found != obj:  # a classmethod is bound anew each time
         raise _Unsaveable(f"{obj!r} cannot be imported back as {path!r}")
     return path
 

@@ -101,6 +101,19 @@ def test_round_trip_of_a_partial_of_a_class(images, tmp_path):
     assert_same_estimator(loaded, est, images)
 
 
+def test_round_trip_of_a_partial_of_a_classmethod(images, tmp_path):
+    """The README's EfficientNet-Lite0: ``partial(EfficientNet.from_name, ...)``."""
+    lite = pytest.importorskip("efficientnet_lite_pytorch")
+    model = functools.partial(lite.EfficientNet.from_name, "efficientnet-lite0")
+    est = tiny(model=model, image_size=32).fit(images[:2])
+    est.save(tmp_path / "lite0.safetensors")
+    path = "efficientnet_lite_pytorch.model:EfficientNet.from_name"
+    with pytest.raises(ValueError, match=path):
+        load(tmp_path / "lite0.safetensors")
+    loaded = load(tmp_path / "lite0.safetensors", trusted=[path])
+    assert_same_estimator(loaded, est, images[:2])
+
+
 def test_set_output_and_weights_path_survive(images, tmp_path):
     weights = tmp_path / "w.pt"
     torch.save(make_tiny_cnn(3).state_dict(), weights)
