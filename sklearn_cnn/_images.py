@@ -417,27 +417,34 @@ def _wide_grey(im: Image.Image, where: str) -> np.ndarray:
 #: The most pixels an image may have after the preprocessing's resize when that
 #: resize enlarges it: 2**24 pixels are 192 MiB as float32 RGB. Only an extreme
 #: aspect ratio gets there (a 1 x 5000 image whose shorter side goes to 256 px
-#: would be 256 x 1,280,000 pixels, 3.7 GiB).
+#: would be 256 x 1,280,000 pixels, 3.7 GiB). A batch of an array is resized
+#: in parts of at most that many pixels.
 MAX_RESIZED_PIXELS = 2**24
 
 
-def check_resize(preprocess: Any, height: int, width: int, where: str) -> None:
-    """Refuse an image that the preprocessing's resize would blow up."""
+def check_resize(preprocess: Any, height: int, width: int, where: str) -> int | None:
+    """Refuse an image that the preprocessing's resize would blow up.
+
+    Returns the number of pixels the image has after resizing its shorter
+    side, or None when the preprocessing does not do that.
+    """
     pre = getattr(preprocess, "preprocess", preprocess)  # an augmenting wrapper
     size = getattr(pre, "resize", None)
     if not isinstance(size, int) or height <= 0 or width <= 0:
-        return  # (h, w) or no resize: the output size is fixed or the input's
+        return None  # (h, w) or no resize: the output size is fixed or the input's
     scale = size / min(height, width)
     new_h, new_w = max(size, int(height * scale)), max(size, int(width * scale))
     if new_h * new_w > max(MAX_RESIZED_PIXELS, height * width):
-        gib = new_h * new_w * 3 * 4 / 2**30
+        mib = new_h * new_w * 3 * 4 / 2**20
+        amount = f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.1f} MiB"
         raise ValueError(
             f"{where}: an image of {height} x {width} pixels, whose shorter side "
             f"the preprocessing resizes to {size} pixels: it would become "
-            f"{new_h} x {new_w} pixels ({gib:.1f} GiB as float32). Its aspect "
+            f"{new_h} x {new_w} pixels ({amount} as float32). Its aspect "
             "ratio is too extreme: crop it to a less elongated region first, or "
             "set image_size=(height, width) to resize every image to one size."
         )
+    return new_h * new_w
 
 
 def image_to_tensor(item: Any, index: int) -> torch.Tensor:
@@ -481,8 +488,21 @@ class ImageDataset(torch.utils.data.Dataset):
                 if isinstance(self.X, np.ndarray)
                 else self.X.read(indices)
             )
-            check_resize(self.preprocess, *batch.shape[1:3], _describe(indices))
-            return self.preprocess(array_to_tensor(batch, batched=True))
+            pixels = check_resize(
+                self.preprocess, *batch.shape[1:3], _describe(indices)
+            )
+            images = array_to_tensor(batch, batched=True)
+            # Elongated images each below the limit still add up in one batch
+            # before the crop: resize at most MAX_RESIZED_PIXELS at a time.
+            step = len(images) if pixels is None else MAX_RESIZED_PIXELS // pixels
+            if step >= len(images):
+                return self.preprocess(images)
+            step = max(1, step)
+            parts = [
+                self.preprocess(images[i : i + step])
+                for i in range(0, len(images), step)
+            ]
+            return torch.cat(parts)
         images = [self._one(i) for i in indices]
         shapes = {tuple(im.shape) for im in images}
         if len(shapes) > 1:
