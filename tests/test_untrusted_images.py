@@ -16,6 +16,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_tiny_cnn
 from PIL import Image
 
@@ -183,3 +184,38 @@ def test_bad_file_error_names_file_and_index(tmp_path, num_workers, content, mat
     # In a fine-tuning subset too, the index is the one in X.
     with pytest.raises(ValueError, match=r"X\[2\] \('.*broken.png'\)"):
         est._run(X, est._taps, est._pool_all, 8, "t", index=np.array([2, 0]))
+
+
+class Spy:
+    """Wraps a preprocessing as an augmenting wrapper does; records the
+    batches it is given."""
+
+    def __init__(self, preprocess) -> None:
+        self.preprocess, self.sizes = preprocess, []
+
+    def __call__(self, images):
+        self.sizes.append(len(images))
+        return self.preprocess(images)
+
+
+def test_a_batch_of_elongated_images_is_resized_in_parts(monkeypatch):
+    # Each 2 x 40 image becomes 16 x 320 = 5,120 pixels before the crop: below
+    # a limit of 12,000 alone, over it in a batch of 7. (At real sizes: 64
+    # images of 1 x 200 pixels, shorter side to 256: 3.1 GiB as float32.)
+    from sklearn_cnn import _images
+    from sklearn_cnn._images import ImageDataset, Preprocessing
+
+    monkeypatch.setattr(_images, "MAX_RESIZED_PIXELS", 12_000)
+    pre = Preprocessing(resize=16, crop=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3)
+    X = np.random.default_rng(1).integers(0, 256, (7, 2, 40, 3), dtype=np.uint8)
+    spy = Spy(pre)
+    out = ImageDataset(X, spy).__getitems__(list(range(7)))
+    assert spy.sizes == [2, 2, 2, 1]
+    expected = torch.stack([pre(_images.array_to_tensor(x, batched=False)) for x in X])
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # One image over the limit is refused, in a list or an array.
+    monkeypatch.setattr(_images, "MAX_RESIZED_PIXELS", 5_000)
+    with pytest.raises(ValueError, match=r"X\[3\], X\[4\]: an image of 2 x 40"):
+        ImageDataset(X, spy).__getitems__([3, 4])
+    with pytest.raises(ValueError, match=r"X\[1\]: an image of 2 x 40"):
+        ImageDataset(list(X), spy).__getitems__([1, 0])
