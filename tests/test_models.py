@@ -10,6 +10,7 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+from torch import nn
 import torchvision
 from conftest import TinyCNN, make_tiny_cnn
 from numpy.testing import assert_allclose, assert_array_equal
@@ -399,3 +400,78 @@ def test_weights_path_as_pathlib_in_list_layers(tmp_path):
         functools.partial(make_tiny_cnn, 0), pathlib.Path(tmp_path / "w.pt")
     )
     assert [layer.name for layer in layers][-1] == "fc"
+
+
+# ---------------------------------------------------------------------------
+# random_state, input sizes a model needs, preprocessing of fixed-size models
+# ---------------------------------------------------------------------------
+
+
+def random_cnn():
+    """A builder that initialises at random: what random_state must seed."""
+    return TinyCNN()
+
+
+@pytest.mark.parametrize("model", ["resnet18", random_cnn], ids=["name", "builder"])
+def test_random_state_seeds_random_weights(model, images, no_download):
+    def features(**params):
+        est = CNNFeatureTransformer(
+            model, weights=None, layer="layer1" if model == "resnet18" else "stage1",
+            image_size=16, precision="fp32", **params,
+        )  # fmt: skip
+        return est.fit_transform(images)
+
+    a, b = features(random_state=0), features(random_state=0)
+    assert_array_equal(a, b)
+    assert not np.array_equal(a, features(random_state=1))
+    assert not np.array_equal(features(), features())  # None: fresh each fit
+
+
+def test_random_state_does_not_change_given_weights(images):
+    a = tiny(random_state=0).fit_transform(images)
+    assert_array_equal(a, tiny(random_state=1).fit_transform(images))
+
+
+def test_vit_h_14_without_weights_preprocesses_for_224(no_download):
+    # Its default weights are for 518 px; the model built without them is 224.
+    from sklearn_cnn._models import resolve_preprocessing
+
+    with torch.device("meta"):  # the architecture only: instant
+        module = torchvision.models.vit_h_14()
+    assert module.image_size == 224
+    pre = resolve_preprocessing("vit_h_14", None, None, None, None, module=module)
+    assert pre.crop == (224, 224)
+    # With its 518 px weights the model is built for 518, and so is the input.
+    weights = torchvision.models.ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1
+    pre = resolve_preprocessing("vit_h_14", weights, None, None, None)
+    assert pre.crop == (518, 518)
+
+
+class NeedsSize(nn.Module):
+    """Pools to a fixed grid only after two stride-4 convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 5, stride=4)
+        self.b = nn.Conv2d(4, 4, 5, stride=4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.b(self.a(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "model, image_size, match",
+    [
+        (NeedsSize(), 16, r"failed on a 16x16 input.*runs on 32x32.*image_size=32"),
+        ("vit_b_16", 64, r"failed on a 64x64 input.*built for 224x224.*image_size=224"),
+        ("alexnet", 32, r"failed on a 32x32 input.*image_size=\d+"),
+    ],
+    ids=["own", "vit", "alexnet"],
+)
+def test_too_small_images_name_the_size_to_set(model, image_size, match, images):
+    est = CNNFeatureTransformer(model, weights=None, image_size=image_size)
+    with pytest.raises(ValueError, match=match):
+        est.fit(images[:1])
+    with pytest.raises(ValueError, match=match):
+        list_layers(model, image_size=image_size)
