@@ -40,7 +40,12 @@ from torchvision.transforms import InterpolationMode
 from ._base import _snapshot_value
 from ._images import Preprocessing
 from ._layers import Tap, trace
-from ._models import _is_weights_file, _resolve_torchvision_weights
+from ._models import (
+    TIMM_PREFIX,
+    _build_timm,
+    _is_weights_file,
+    _resolve_torchvision_weights,
+)
 from ._runtime import place, resolve_device
 
 FORMAT = "sklearn_cnn"
@@ -329,8 +334,7 @@ def save(estimator: Any, path: str | os.PathLike) -> None:
             "estimator": name,
             "params": encoded_params,
             "fitted": fitted,
-        },
-        sort_keys=True,
+        }  # insertion order kept: history_ rows keep their column order
     )
     tensors = _state_tensors(estimator.model_)
     digest = _digest(header, tensors)
@@ -484,6 +488,17 @@ def load(
             f"{untrusted}. Loading runs them: if you trust them, pass "
             f"trusted={needed!r}."
         )
+    unknown = set(params) - set(cls().get_params())
+    odd = [k for k in fitted if k.startswith("__") or hasattr(cls, k)]
+    if unknown or odd or "_example_shape" not in fitted:
+        raise _corrupt(
+            path,
+            f"parameters {sorted(unknown)} unknown to this version of {cls.__name__}"
+            if unknown
+            else f"attributes {odd} that would replace methods"
+            if odd
+            else "no input shape",
+        )
     estimator = cls(**{k: _decode(v, trusted) for k, v in params.items()})
     if device is not None:
         estimator.set_params(device=device)
@@ -531,6 +546,8 @@ def _no_download(weights: WeightsEnum):
 
 def _architecture(model: Any, weights: Any) -> nn.Module:
     """The network ``model`` names, with any weights: the file's come next."""
+    if isinstance(model, str) and model.startswith(TIMM_PREFIX):
+        return _build_timm(model[len(TIMM_PREFIX) :], None)
     if isinstance(model, str):
         enum_member = None
         if not (weights is None or _is_weights_file(weights)):

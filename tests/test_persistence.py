@@ -92,6 +92,16 @@ def test_round_trip_of_a_torchvision_model(images, tmp_path):
     assert_same_estimator(loaded, est, images)
 
 
+def test_round_trip_of_a_timm_model(images, tmp_path):
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    est = CNNFeatureTransformer(
+        "timm/test_resnet", weights=None, image_size=32, precision="fp32"
+    ).fit(images[:2])
+    est.save(tmp_path / "t.safetensors")
+    assert_same_estimator(load(tmp_path / "t.safetensors"), est, images[:2])
+
+
 def test_round_trip_of_a_partial_of_a_class(images, tmp_path):
     est = tiny(model=functools.partial(TinyCNN, num_classes=3, width=4), layer=None)
     est.fit(images)
@@ -334,29 +344,50 @@ def test_modified_parameters_are_refused(saved):
         load(saved, trusted=TRUSTED)
 
 
-def test_callables_are_imported_only_when_trusted(saved, tmp_path):
+def _rewrite(path, edit) -> None:
+    """Apply ``edit`` to the saved header and write it back, checksum included
+    (as a forger would)."""
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(path)
+    with safetensors.safe_open(path, "pt") as f:
+        header = json.loads(f.metadata()["sklearn_cnn"])
+    edit(header)
+    text = json.dumps(header)
+    meta = {"sklearn_cnn": text, "sha256": persistence._digest(text, tensors)}
+    safetensors.torch.save_file(tensors, path, meta)
+
+
+def test_callables_are_imported_only_when_trusted(saved):
     with pytest.raises(ValueError, match=r"conftest:make_tiny_cnn.*trusted="):
         load(saved)
     # A hostile file (with a valid checksum) naming os.system is refused too.
-    import safetensors.torch
-
-    tensors = safetensors.torch.load_file(saved)
-    with safetensors.safe_open(saved, "pt") as f:
-        header = json.loads(f.metadata()["sklearn_cnn"])
-    header["params"]["model"] = {
+    evil = {
         "__partial__": {
             "func": {"__callable__": "os:system"},
             "args": ["echo owned"],
             "keywords": {},
         }
     }
-    text = json.dumps(header, sort_keys=True)
-    digest = persistence._digest(text, tensors)
-    safetensors.torch.save_file(
-        tensors, tmp_path / "evil.safetensors", {"sklearn_cnn": text, "sha256": digest}
-    )
+    _rewrite(saved, lambda h: h["params"].update(model=evil))
     with pytest.raises(ValueError, match=r"\['os:system'\]"):
-        load(tmp_path / "evil.safetensors", trusted=TRUSTED)
+        load(saved, trusted=TRUSTED)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda h: h["params"].update(colour="red"), r"parameters \['colour'\]"),
+        (lambda h: h["fitted"].update(transform=1), r"\['transform'\] that would"),
+        (lambda h: h["fitted"].update(__class__=1), r"\['__class__'\] that would"),
+        (lambda h: h["fitted"].pop("_example_shape"), "no input shape"),
+        (lambda h: h.update(estimator="Pipeline"), "unexpected header"),
+    ],
+)
+def test_forged_header_is_refused(edit, message, saved):
+    _rewrite(saved, edit)
+    with pytest.raises(ValueError, match=message):
+        load(saved, trusted=TRUSTED)
 
 
 def test_safetensors_file_without_safetensors_says_what_to_install(saved, monkeypatch):
