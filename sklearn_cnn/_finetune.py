@@ -1,23 +1,17 @@
 """FineTuneClassifier: fine-tune a pretrained CNN as a scikit-learn classifier.
 
-The pieces, in the order ``fit`` uses them:
-
-* the network is built by ``NetworkMixin`` and its classifier (the last
-  ``nn.Linear``) replaced by a fresh head sized to ``classes_``;
-* ``freeze`` is resolved against the forward order that one traced pass
-  revealed: frozen modules lose ``requires_grad`` and stay in eval mode;
-* the head is warmed up as a linear probe on the frozen network's pooled
-  features (a standardized logistic regression folded into the linear layer);
-* then mini-batch training with parameter groups, a warm-up + cosine schedule,
-  a validation split that selects the best epoch (the probe included).
+``fit`` only orchestrates; each concern has its module, which owns its
+parameters: ``_targets`` (labels, weights, the validation split), ``_head``
+(the head, the probe, calibration), ``_freezing`` (what trains, train/eval
+modes), ``_optim`` (parameter groups, optimizer, schedule) and ``_training``
+(the epochs, selection, early stopping, augmentation).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
-import warnings
+from functools import partial
 from numbers import Integral, Real
 from typing import Any
 
@@ -25,48 +19,42 @@ import numpy as np
 import torch
 from scipy.special import log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.class_weight import compute_class_weight
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, column_or_1d
-from torch import nn
+from sklearn.utils.validation import check_is_fitted
 
 from ._base import NetworkMixin, _network_constraints
-from ._freezing import (
-    _float_logits,
-    _frozen_modules,
-    _install_head,
-    _logits,
-    _stages,
+from ._freezing import _frozen_modules, _stages, apply_freeze, train_mode
+from ._head import (
+    calibration,
+    check_vector_head,
+    drop_auxiliary_heads,
+    fit_probe,
+    float_logits,
+    install_head,
+    set_head,
 )
 from ._images import check_images
 from ._layers import Tap, trace
-from ._runtime import Progress, autocast, has_conv2d
-from ._training import (
-    _Augmented,
-    _cosine_warmup,
-    _FeatureSource,
-    _ImageSource,
-    _Labelled,
-    _Loss,
-    _Selection,
-    light_augment,
+from ._optim import SCHEDULES, make_optimizer, make_schedule, param_groups
+from ._runtime import has_conv2d, resolve_device
+from ._targets import (
+    check_sample_weight,
+    check_targets,
+    class_weights,
+    example_weights,
+    validation_split,
 )
-
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-#: The probe's logistic regression: sklearn's default strength on standardized
-#: features, iterations enough for a few thousand features.
-_PROBE_C, _PROBE_MAX_ITER = 1.0, 1000
-
-
-# ---------------------------------------------------------------------------
-# The estimator
-# ---------------------------------------------------------------------------
+from ._training import (
+    Augmented,
+    EpochLoop,
+    FeatureSource,
+    ImageSource,
+    Labelled,
+    Loss,
+    Selection,
+    cpu_state,
+)
 
 
 def _first_float(outputs: list[torch.Tensor]) -> torch.Tensor:
@@ -124,10 +112,11 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         ``lr / 10``, so that they move slower than the new head.
     head_init : {"probe", "random"}, default="probe"
         "probe" fits the new head first as a logistic regression (standardized,
-        ``C=1``) on the frozen pretrained network's pooled features of the
-        training images, computed once, and folds the standardization into
-        the linear layer: fine-tuning starts from the probe's accuracy instead
-        of from chance. "random" keeps PyTorch's default initialisation.
+        ``C`` chosen by a 3-fold internal CV) on the frozen pretrained
+        network's pooled features of the un-augmented training images,
+        computed once, and folds the standardization into the linear layer:
+        fine-tuning starts from the probe's accuracy instead of from chance.
+        "random" keeps PyTorch's default initialisation.
     batchnorm : {"frozen", "train"}, default="frozen"
         "frozen": every BatchNorm keeps its pretrained running statistics (eval
         mode), also in the layers that train; its scale and shift still train.
@@ -141,9 +130,23 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
     batch_size : int, default=32
         Images per optimizer step; also per forward pass in prediction.
     optimizer : {"adamw", "sgd"}, default="adamw"
-        AdamW, or SGD with Nesterov momentum 0.9. Either way the learning rate
-        warms up linearly over the first 10 % of the steps and then follows a
-        cosine decay to zero.
+        AdamW, or SGD with Nesterov momentum 0.9.
+    schedule : {"cosine", "onecycle", "constant"}, default="cosine"
+        Learning rate per optimizer step (``torch.optim.lr_scheduler``): a
+        linear warm-up over ``warmup_fraction`` of the steps, then a cosine
+        decay to zero ("cosine") or the peak rate ("constant"); "onecycle" is
+        ``OneCycleLR`` (fastai's ``fit_one_cycle``).
+    warmup_fraction : float, default=0.1
+        Fraction of the steps spent warming the learning rate up, in [0, 1).
+    layer_decay : float or None, default=None
+        In (0, 1]: layer-wise learning-rate decay (timm's ``layer_decay``).
+        The last stage trains at ``backbone_lr``, and each earlier stage at the
+        rate of the stage after it times ``layer_decay``.
+    unfreeze_at : int or None, default=None
+        Gradual unfreezing (fastai's ``fine_tune``): the part that ``freeze``
+        freezes starts training at this epoch (counted over warm-started fits,
+        from 1), with a new optimizer and its own warm-up; before it only the
+        rest trains. A warm-started fit past that epoch refreezes nothing.
     weight_decay : float, default=1e-4
         Weight decay of weight matrices and convolution kernels; never applied
         to biases and normalization parameters (one-dimensional parameters).
@@ -196,8 +199,19 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         When fitted already, continue training the current network for
         ``epochs`` more epochs (new optimizer and schedule; ``freeze`` is
         applied anew; no probe) instead of starting from the pretrained one.
+    calibrate : bool, default=True
+        With a validation split: fit a temperature on the validation images
+        after training (temperature scaling), so that ``predict_proba`` is
+        calibrated without the k refits of
+        :class:`~sklearn.calibration.CalibratedClassifierCV`. It never changes
+        ``predict``. Without a validation split the temperature is 1.
+    tta : {None, "flip"}, default=None
+        Test-time augmentation in ``predict``, ``predict_proba`` and
+        ``decision_function``: "flip" averages the logits of each image and of
+        its mirror image (twice the compute).
     verbose : int, default=0
-        Above 0, report the progress of each epoch and its metrics on stderr.
+        Above 0, progress bars (tqdm) for the feature pass, each epoch and
+        prediction, and each epoch's metrics on stderr.
 
     Attributes
     ----------
@@ -211,8 +225,19 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         Resize, crop, mean and std used for every image.
     stages_ : list of str
         The stages that an int ``freeze`` counts, in forward order.
+    frozen_stages_ : list of str
+        The stages that ``freeze`` kept frozen in the last fit (gradual
+        unfreezing aside).
+    head_ : str
+        Module name of the classifier head.
     n_trainable_params_ : int
-        Parameters that trained in the last fit (the head's included).
+        Parameters that trained in the last fit (the head's included; with
+        ``unfreeze_at``, once everything trains).
+    temperature_ : float
+        The logits are divided by it (``calibrate``); 1 without calibration.
+    calibration_ : dict
+        Expected calibration error on the validation images "before" and
+        "after" temperature scaling (NaN without calibration).
     history_ : list of dict
         One row per epoch: ``epoch``, ``train_loss``, ``valid_loss``,
         ``valid_accuracy`` (NaN without a validation split) and ``time`` (s).
@@ -232,7 +257,9 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
     Notes
     -----
     Ctrl-C during ``fit`` stops training; the estimator keeps the best weights
-    so far (the last completed epoch's without a validation split) and warns.
+    so far (the last completed epoch's without a validation split), warns and
+    re-raises ``KeyboardInterrupt`` (so a ``GridSearchCV`` stops too). Any
+    other failure leaves the estimator as it was before ``fit``.
     A model fitted on a GPU pickles with its weights on the CPU and loads on a
     machine without CUDA.
 
@@ -264,6 +291,10 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         "batchnorm": [StrOptions({"frozen", "train"})],
         "epochs": [Interval(Integral, 0, None, closed="left")],
         "optimizer": [StrOptions({"adamw", "sgd"})],
+        "schedule": [StrOptions(set(SCHEDULES))],
+        "warmup_fraction": [Interval(Real, 0, 1, closed="left")],
+        "layer_decay": [None, Interval(Real, 0, 1, closed="right")],
+        "unfreeze_at": [None, Interval(Integral, 1, None, closed="left")],
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "augment": [None, StrOptions({"light"}), callable],
         "validation_fraction": [None, Interval(Real, 0, 1, closed="left")],
@@ -271,6 +302,8 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
         "class_weight": [None, dict, StrOptions({"balanced"})],
         "label_smoothing": [Interval(Real, 0, 1, closed="left")],
+        "calibrate": ["boolean"],
+        "tta": [None, StrOptions({"flip"})],
         "random_state": ["random_state"],
         "warm_start": ["boolean"],
     }
@@ -288,6 +321,10 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         epochs: int = 10,
         batch_size: int = 32,
         optimizer: str = "adamw",
+        schedule: str = "cosine",
+        warmup_fraction: float = 0.1,
+        layer_decay: float | None = None,
+        unfreeze_at: int | None = None,
         weight_decay: float = 1e-4,
         augment: Any = "light",
         validation_fraction: float | None = 0.1,
@@ -295,11 +332,14 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         n_iter_no_change: int = 3,
         class_weight: Any = None,
         label_smoothing: float = 0.0,
+        calibrate: bool = True,
+        tta: str | None = None,
         image_size: Any = None,
         mean: Any = None,
         std: Any = None,
         device: Any = "auto",
         precision: str = "auto",
+        compile: bool | str = False,
         num_workers: int = 0,
         random_state: Any = None,
         warm_start: bool = False,
@@ -315,6 +355,10 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         self.epochs = epochs
         self.batch_size = batch_size
         self.optimizer = optimizer
+        self.schedule = schedule
+        self.warmup_fraction = warmup_fraction
+        self.layer_decay = layer_decay
+        self.unfreeze_at = unfreeze_at
         self.weight_decay = weight_decay
         self.augment = augment
         self.validation_fraction = validation_fraction
@@ -322,20 +366,21 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         self.n_iter_no_change = n_iter_no_change
         self.class_weight = class_weight
         self.label_smoothing = label_smoothing
+        self.calibrate = calibrate
+        self.tta = tta
         self.image_size = image_size
         self.mean = mean
         self.std = std
         self.device = device
         self.precision = precision
+        self.compile = compile
         self.num_workers = num_workers
         self.random_state = random_state
         self.warm_start = warm_start
         self.verbose = verbose
 
-    # -- fit -----------------------------------------------------------------
-
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X: Any, y: Any) -> FineTuneClassifier:
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> FineTuneClassifier:
         """Fine-tune the network on images ``X`` and labels ``y``.
 
         Parameters
@@ -344,6 +389,9 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
             Training images.
         y : array-like of shape (n_samples,)
             Class labels (ints, strings, ...); at least two classes.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Weights of the images in the loss, the probe and the validation
+            metrics (times the class weights).
 
         Returns
         -------
@@ -351,7 +399,8 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
             The fitted classifier.
         """
         X = check_images(X)
-        classes, y_enc = _check_targets(y, len(X))
+        classes, y_enc = check_targets(y, len(X))
+        sw = check_sample_weight(sample_weight, len(X))
         resume = self.warm_start and hasattr(self, "model_")
         if resume and not np.array_equal(classes, self.classes_):
             raise ValueError(
@@ -360,384 +409,240 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
                 "classes, or set warm_start=False to start over."
             )
         seed = int(check_random_state(self.random_state).randint(2**31 - 1))
-        train_idx, val_idx = self._split(y_enc, len(classes), seed)
-        weights = self._class_weights(classes, y_enc[train_idx])
-        start = time.perf_counter()
-        devices = list(range(torch.cuda.device_count()))
-        with torch.random.fork_rng(devices=devices):
+        train_idx, val_idx = validation_split(
+            y_enc, len(classes), self.validation_fraction, seed
+        )
+        cw = class_weights(self.class_weight, classes, y_enc[train_idx])
+        weights = example_weights(y_enc, cw, sw)
+        before = self._fitted_state()
+        device = resolve_device(self.device)
+        # Seed torch without touching the caller's generators, and without
+        # initialising CUDA for a CPU fit.
+        gpus = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpus):
             torch.manual_seed(seed)
             try:
                 if not resume:
                     self._setup(X, classes)
-                self._apply_freeze()
-                self._train(X, y_enc, train_idx, val_idx, weights, seed, resume, start)
+                interrupted = self._train(
+                    X, y_enc, weights, cw, train_idx, val_idx, seed, resume
+                )
             except BaseException:
-                if not resume:  # no half-fitted estimator
-                    self._forget()
+                self._restore(before)
                 raise
+        if interrupted:
+            raise KeyboardInterrupt
         return self
 
     def _setup(self, X: Any, classes: np.ndarray) -> None:
         self._build_network(X)
+        drop_auxiliary_heads(self.model_)
         self.classes_ = classes
-        self._head, appended = _install_head(
+        self.head_, appended = install_head(
             self.model_, self.trace_, len(classes), self._example(X)
         )
         if appended:  # the trace now shows the head
             self.trace_ = trace(self.model_, self._example(X))
-        self.stages_ = _stages(self.model_, self.trace_, self._head)
+        self.stages_ = _stages(self.model_, self.trace_, self.head_)
         self.history_: list[dict] = []
         self.n_iter_ = 0
 
-    def _forget(self) -> None:
-        for name in list(self.__dict__):
-            if name.endswith("_") and not name.startswith("__"):
-                del self.__dict__[name]
+    def _fitted_state(self) -> dict:
+        """What ``fit`` may change, to put back if it fails."""
+        state = {k: v for k, v in vars(self).items() if k.endswith("_")}
+        if "model_" in state:
+            state["history_"] = list(self.history_)
+            state["weights"] = cpu_state(self.model_)
+        return state
 
-    def _split(
-        self, y: np.ndarray, n_classes: int, seed: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        index = np.arange(len(y))
-        fraction = self.validation_fraction
-        if not fraction:
-            return index, index[:0]
-        n_val = math.ceil(fraction * len(y))
-        counts = np.bincount(y, minlength=n_classes)
-        if n_val < n_classes or len(y) - n_val < n_classes or counts.min() < 2:
-            raise ValueError(
-                f"validation_fraction={fraction} is too large for this data: a "
-                f"stratified split of {len(y)} images of {n_classes} classes (the "
-                f"smallest has {counts.min()} image(s)) into {len(y) - n_val} for "
-                f"training and {n_val} for validation needs at least one image of "
-                "every class on each side. Pass more images, a fraction that "
-                "fits, or validation_fraction=None to train on all of them "
-                "(early stopping then has nothing to watch)."
-            )
-        train, val = train_test_split(
-            index, test_size=n_val, stratify=y, random_state=seed
-        )
-        return np.sort(train), np.sort(val)
-
-    def _class_weights(self, classes: np.ndarray, y: np.ndarray) -> np.ndarray | None:
-        if self.class_weight is None:
-            return None
-        if isinstance(self.class_weight, dict):
-            unknown = [k for k in self.class_weight if k not in set(classes.tolist())]
-            if unknown:
-                raise ValueError(
-                    f"class_weight has keys that are not classes of y: {unknown}. "
-                    f"The classes are {classes.tolist()}."
-                )
-        labels = classes[y]
-        return compute_class_weight(self.class_weight, classes=classes, y=labels)
-
-    def _apply_freeze(self) -> set[str]:
-        """Set ``requires_grad``; return the names of the frozen modules."""
-        model = self.model_
-        frozen = _frozen_modules(
-            model, self.trace_, self._head, self.stages_, self.freeze
-        )
-        self._frozen = frozen
-        for p in model.parameters():
-            p.requires_grad_(True)
-        for name, m in model.named_modules():
-            if name in frozen:
-                for p in m.parameters(recurse=False):
-                    p.requires_grad_(False)
-        if frozen & set(self.trace_.calls):
-            # The root's own parameters (a class token) are used first.
-            for p in model.parameters(recurse=False):
-                p.requires_grad_(False)
-        return frozen
-
-    def _train_mode(self) -> None:
-        """Train mode, except frozen modules (and BatchNorm unless "train")."""
-        self.model_.train()
-        for name, m in self.model_.named_modules():
-            if name in self._frozen or (
-                self.batchnorm == "frozen" and isinstance(m, _BATCHNORMS)
-            ):
-                m.training = False
-
-    def _head_params(self) -> list[nn.Parameter]:
-        return list(self.model_.get_submodule(self._head).parameters())
-
-    def _param_groups(self) -> list[dict]:
-        """Head and backbone, each split into decayed and not decayed."""
-        head_ids = {id(p) for p in self._head_params()}
-        head = self._head_params()
-        backbone = [
-            p
-            for p in self.model_.parameters()
-            if p.requires_grad and id(p) not in head_ids
-        ]
-        backbone_lr = self.lr / 10 if self.backbone_lr is None else self.backbone_lr
-        groups = []
-        for name, params, lr in (
-            ("head", head, self.lr),
-            ("backbone", backbone, backbone_lr),
-        ):
-            for decayed in (True, False):
-                chosen = [p for p in params if (p.ndim > 1) == decayed]
-                if chosen:
-                    groups.append(
-                        {
-                            "name": f"{name}" + ("" if decayed else " (no decay)"),
-                            "params": chosen,
-                            "lr": lr,
-                            "weight_decay": self.weight_decay if decayed else 0.0,
-                        }
-                    )
-        return groups
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        groups = self._param_groups()
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=self.lr, momentum=0.9, nesterov=True)
-        return torch.optim.AdamW(groups, lr=self.lr)
-
-    # -- the training loop -----------------------------------------------------
+    def _restore(self, state: dict) -> None:
+        for name in [k for k in vars(self) if k.endswith("_")]:
+            delattr(self, name)
+        weights = state.pop("weights", None)
+        vars(self).update(state)
+        if weights is not None:
+            self.model_.load_state_dict(weights)
+            self.model_.eval().requires_grad_(False)
 
     def _train(
-        self,
-        X: Any,
-        y: np.ndarray,
-        train_idx: np.ndarray,
-        val_idx: np.ndarray,
-        class_weights: np.ndarray | None,
-        seed: int,
-        resume: bool,
-        start: float,
-    ) -> None:
-        model = self.model_
-        self.n_trainable_params_ = sum(
-            p.numel() for p in model.parameters() if p.requires_grad
+        self, X: Any, y: np.ndarray, weights: np.ndarray | None,
+        cw: np.ndarray | None, train_idx: np.ndarray, val_idx: np.ndarray,
+        seed: int, resume: bool,
+    ) -> bool:  # fmt: skip
+        """The probe, then the phases of training; return whether Ctrl-C ended it."""
+        start, model, bs = time.perf_counter(), self.model_, self.batch_size
+        w = np.ones(len(y), np.float32) if weights is None else weights.astype("f4")
+        frozen = _frozen_modules(
+            model, self.trace_, self.head_, self.stages_, self.freeze
         )
-        head_params = {id(p) for p in self._head_params()}
-        head_only = all(
-            not p.requires_grad for p in model.parameters() if id(p) not in head_params
-        )
-        # Only the head trains and the images are not augmented: the backbone's
-        # output never changes, so compute it once and train the head on it.
-        cached = head_only and self.augment is None
-        probe = not resume and self.head_init == "probe"
+        self.frozen_stages_ = [s for s in self.stages_ if s in frozen]
         features: dict[str, torch.Tensor] = {}
-        if probe or cached:
-            self._check_vector_head()
+        if not resume and self.head_init == "probe":
             features["train"] = self._head_inputs(X, train_idx)
-            if cached:
-                features["valid"] = self._head_inputs(X, val_idx)
-        if probe:
-            self._fit_probe(features["train"], y[train_idx], class_weights)
-
-        if cached:
-            device = self.device_
-            train_src = _FeatureSource(features["train"], y[train_idx], device)
-            val_src = _FeatureSource(features["valid"], y[val_idx], device)
-            forward = model.get_submodule(self._head)
+            set_head(
+                model.get_submodule(self.head_),
+                *fit_probe(
+                    features["train"].numpy(), y[train_idx], len(self.classes_),
+                    None if weights is None else weights[train_idx], seed,
+                ),
+            )  # fmt: skip
+        loss = Loss(cw, self.label_smoothing, self.device_)
+        generator = torch.Generator().manual_seed(seed)
+        selection, status, loop = None, "done", None
+        for epochs, frozen_now in self._phases(frozen, resume):
+            apply_freeze(model, self.trace_, frozen_now)
+            sources = self._sources(X, y, w, train_idx, val_idx, features)
+            loop = EpochLoop(
+                model, *sources,
+                loss=loss, device=self.device_, batch_size=bs,
+                dtype=None if "cached" in features else self._autocast_dtype,
+                train_mode=partial(train_mode, model, frozen_now, self.batchnorm),
+                history=self.history_, verbose=self.verbose,
+            )  # fmt: skip
+            if selection is None:
+                val_loss, val_acc = loop.evaluate()
+                if not self.history_:
+                    loop.log(
+                        epoch=0, train_loss=math.nan, valid_loss=val_loss,
+                        valid_accuracy=val_acc, time=time.perf_counter() - start,
+                    )  # fmt: skip
+                last = self.history_[-1]["epoch"]
+                selection = Selection(last, val_acc, val_loss, model, len(val_idx) > 0)
+            selection.new_phase()
+            self.n_trainable_params_ = sum(
+                p.numel() for p in model.parameters() if p.requires_grad
+            )
+            optimizer = make_optimizer(self.optimizer, self._param_groups())
+            schedule = make_schedule(
+                optimizer, self.schedule, loop.train.n_batches(bs) * epochs,
+                self.warmup_fraction,
+            )  # fmt: skip
+            done = len(self.history_)
+            patience = self.n_iter_no_change if self.early_stopping else None
+            status = loop.run(
+                epochs, optimizer, schedule, selection, generator,
+                patience if len(val_idx) else None,
+            )  # fmt: skip
+            self.n_iter_ += len(self.history_) - done
+            if status != "done":
+                break
+        has_val = len(val_idx) > 0
+        if status != "done" or (has_val and self.early_stopping):
+            self.best_epoch_ = selection.restore()
         else:
-            train_src = self._image_source(X, train_idx, y, augment=True)
-            val_src = self._image_source(X, val_idx, y, augment=False)
-            forward = model
-        kept, interrupted = self._run_epochs(
-            train_src,
-            val_src,
-            forward,
-            dtype=None if cached else self._autocast_dtype,
-            class_weights=class_weights,
-            generator=torch.Generator().manual_seed(seed),
-            start=start,
-        )
-        if probe and kept == 0 and len(val_idx) and not interrupted:
+            self.best_epoch_ = self.history_[-1]["epoch"]
+        self._calibrate(loop, has_val)
+        if "train" in features and self.best_epoch_ == 0 and has_val:
             # The probe head won: the validation images were only needed to
             # tell, so refit it on all the training images, as a probe would be.
+            both = np.r_[train_idx, val_idx]
             if "valid" not in features:
                 features["valid"] = self._head_inputs(X, val_idx)
-            both = torch.cat([features["train"], features["valid"]])
-            self._fit_probe(both, y[np.r_[train_idx, val_idx]], class_weights)
-        self.best_epoch_ = kept
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-
-    def _check_vector_head(self) -> None:
-        shape = self.trace_.input_shapes.get(self._head)
-        if shape is None or len(shape) != 1:
-            raise ValueError(
-                f"The head {self._head!r} reads a tensor of shape {shape}, not a "
-                "vector of pooled features, which head_init='probe' and training "
-                "on cached features need. Use head_init='random' and an augment."
-            )
-
-    def _run_epochs(
-        self,
-        train_src: _ImageSource | _FeatureSource,
-        val_src: _ImageSource | _FeatureSource,
-        forward: nn.Module,
-        *,
-        dtype: torch.dtype | None,
-        class_weights: np.ndarray | None,
-        generator: torch.Generator,
-        start: float,
-    ) -> tuple[int, bool]:
-        """Train for ``epochs``; return the epoch whose weights the model keeps
-        and whether Ctrl-C ended the training."""
-        model, device = self.model_, self.device_
-        criterion = _Loss(class_weights, self.label_smoothing, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        optimizer = self._make_optimizer()
-        steps = train_src.n_batches(self.batch_size) * self.epochs
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _cosine_warmup(max(1, steps))
-        )
-        has_val = len(val_src) > 0
-        first = self.history_[-1]["epoch"] + 1 if self.history_ else 1
-        last = first + self.epochs - 1
-        val_loss, val_acc = self._evaluate(val_src, forward, dtype, criterion)
-        if not self.history_:
-            self._log(
-                epoch=0, train_loss=math.nan, valid_loss=val_loss,
-                valid_accuracy=val_acc, time=time.perf_counter() - start,
+            set_head(
+                model.get_submodule(self.head_),
+                *fit_probe(
+                    torch.cat([features["train"], features["valid"]]).numpy(),
+                    y[both], len(self.classes_),
+                    None if weights is None else weights[both], seed,
+                ),
             )  # fmt: skip
-        selection = _Selection(first - 1, val_acc, val_loss, model, has_val)
-        epoch, done = first, first - 1
-        try:
-            for epoch in range(first, last + 1):
-                tic = time.perf_counter()
-                progress = Progress(
-                    train_src.n_used(self.batch_size),
-                    f"epoch {epoch}/{last}",
-                    enabled=bool(self.verbose),
-                )
-                self._train_mode()
-                total = torch.zeros((), device=device)
-                for xb, yb in train_src.batches(self.batch_size, generator):
-                    with autocast(device, dtype):
-                        logits = _logits(forward(xb))
-                    loss = criterion(logits, yb, "mean")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    schedule.step()
-                    total += loss.detach() * len(yb)
-                    progress.update(len(yb))
-                train_loss = total.item() / train_src.n_used(self.batch_size)
-                val_loss, val_acc = self._evaluate(val_src, forward, dtype, criterion)
-                self.n_iter_ += 1
-                self._log(
-                    epoch=epoch, train_loss=train_loss, valid_loss=val_loss,
-                    valid_accuracy=val_acc, time=time.perf_counter() - tic,
-                )  # fmt: skip
-                selection.update(epoch, val_acc, val_loss)
-                done = epoch
-                if (
-                    has_val
-                    and self.early_stopping
-                    and selection.stall >= self.n_iter_no_change
-                ):
-                    break
-        except KeyboardInterrupt:
-            which = "best" if has_val else "last"
-            warnings.warn(
-                f"fit was interrupted during epoch {epoch}: the classifier keeps "
-                f"the weights of epoch {selection.epoch}, the {which} completed so "
-                "far (see history_).",
-                UserWarning,
-                stacklevel=5,  # the caller of fit
+        model.eval().requires_grad_(False)
+        return status == "interrupted"
+
+    def _phases(self, frozen: set[str], resume: bool) -> list[tuple[int, set[str]]]:
+        """(epochs, frozen modules) of each phase: one, or two with gradual
+        unfreezing (the never-called modules stay frozen)."""
+        if self.unfreeze_at is None:
+            return [(self.epochs, frozen)]
+        everything = _frozen_modules(
+            model=self.model_,
+            tr=self.trace_,
+            head=self.head_,
+            stages=self.stages_,
+            freeze=0,
+        )
+        first = min(self.epochs, max(0, self.unfreeze_at - 1 - self.n_iter_))
+        phases = [(first, frozen), (self.epochs - first, everything)]
+        return [p for p in phases if p[0]] or phases[:1]
+
+    def _param_groups(self) -> list[dict]:
+        return param_groups(
+            self.model_, self.head_, self.stages_, lr=self.lr,
+            backbone_lr=self.lr / 10 if self.backbone_lr is None else self.backbone_lr,
+            layer_decay=self.layer_decay, weight_decay=self.weight_decay,
+        )  # fmt: skip
+
+    def _sources(
+        self, X: Any, y: np.ndarray, w: np.ndarray, train_idx: np.ndarray,
+        val_idx: np.ndarray, features: dict,
+    ) -> tuple:  # fmt: skip
+        """Training and validation sources, and the module that maps their
+        batches to logits. When only the head trains and the images are not
+        augmented, the backbone's output never changes: it is computed once
+        (shared with the probe) and the epochs train the head on it."""
+        model, device = self.model_, self.device_
+        head = model.get_submodule(self.head_)
+        head_only = not any(
+            p.requires_grad for n, p in model.named_parameters()
+            if not n.startswith(self.head_ + ".")
+        )  # fmt: skip
+        if head_only and self.augment is None:
+            check_vector_head(self.trace_, self.head_)
+            for part, index in (("train", train_idx), ("valid", val_idx)):
+                if part not in features:
+                    features[part] = self._head_inputs(X, index)
+            features["cached"] = True
+            return (
+                head,
+                FeatureSource(features["train"], y[train_idx], w[train_idx], device),
+                FeatureSource(features["valid"], y[val_idx], w[val_idx], device),
             )
-            model.load_state_dict(selection.state)
-            return selection.epoch, True
-        if has_val and self.early_stopping:
-            model.load_state_dict(selection.state)
-            return selection.epoch, False
-        return done, False
+        features.pop("cached", None)
+        return (
+            model,
+            self._images(X, y, w, train_idx, True),
+            self._images(X, y, w, val_idx, False),
+        )
 
-    def _evaluate(
-        self,
-        source: _ImageSource | _FeatureSource,
-        forward: nn.Module,
-        dtype: torch.dtype | None,
-        criterion: _Loss,
-    ) -> tuple[float, float]:
-        """Validation loss and accuracy (NaN without validation images)."""
-        if len(source) == 0:
-            return math.nan, math.nan
-        self.model_.eval()
-        loss_sum = weight_sum = correct = 0.0
-        with torch.inference_mode():
-            for xb, yb in source.batches(self.batch_size):
-                with autocast(self.device_, dtype):
-                    logits = _logits(forward(xb)).float()
-                loss_sum += criterion(logits, yb, "sum").item()
-                weight_sum += criterion.total_weight(yb)
-                correct += float((logits.argmax(1) == yb).sum())
-        return loss_sum / weight_sum, correct / len(source)
-
-    def _log(self, **row: float) -> None:
-        self.history_.append(row)
-        if self.verbose:
-            print(
-                f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, valid "
-                f"loss {row['valid_loss']:.4f}, valid accuracy "
-                f"{row['valid_accuracy']:.4f} ({row['time']:.1f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def _image_source(
-        self, X: Any, index: np.ndarray, y: np.ndarray, augment: bool
-    ) -> _ImageSource:
+    def _images(
+        self, X: Any, y: np.ndarray, w: np.ndarray, index: np.ndarray, augment: bool
+    ) -> ImageSource:
         pre: Any = self.preprocessing_
         if augment and self.augment is not None:
-            fn = light_augment if self.augment == "light" else self.augment
-            pre = _Augmented(fn, pre)
-        return _ImageSource(
-            _Labelled(X, index, y, pre),
-            device=self.device_,
-            num_workers=self.num_workers,
-            channels_last=has_conv2d(self.model_),
+            pre = Augmented(self.augment, pre)
+        predict = partial(
+            self._run, X, [], float_logits, len(self.classes_), "validate", index
         )
+        return ImageSource(
+            Labelled(X, index, y, w, pre), predict, device=self.device_,
+            num_workers=self.num_workers, channels_last=has_conv2d(self.model_),
+        )  # fmt: skip
 
     def _head_inputs(self, X: Any, index: np.ndarray) -> torch.Tensor:
         """The frozen network's pooled features (the head's input), on the CPU."""
-        width = self.trace_.input_shapes[self._head][0]
-        taps = [Tap(self._head, pre=True)]
-        return torch.from_numpy(
-            self._run(X, taps, _first_float, width, "features", index=index)
-        )
+        check_vector_head(self.trace_, self.head_)
+        width = self.trace_.input_shapes[self.head_][0]
+        taps = [Tap(self.head_, pre=True)]
+        rows = self._run(X, taps, _first_float, width, "features", index=index)
+        return torch.from_numpy(rows)
 
-    def _fit_probe(
-        self, features: torch.Tensor, y: np.ndarray, class_weights: np.ndarray | None
-    ) -> None:
-        """Logistic regression on standardized features, folded into the head."""
-        Z = features.numpy().astype(np.float64)
-        scaler = StandardScaler().fit(Z)
-        cw = None if class_weights is None else dict(enumerate(class_weights))
-        probe = LogisticRegression(
-            C=_PROBE_C, max_iter=_PROBE_MAX_ITER, class_weight=cw
-        )
-        with warnings.catch_warnings():
-            # The probe is a starting point; fine-tuning goes on from it.
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            probe.fit(scaler.transform(Z), y)
-        coef, intercept = probe.coef_, probe.intercept_
-        if coef.shape[0] == 1:  # binary: softmax of (-z/2, z/2) is sigmoid(z)
-            coef = np.vstack([-coef / 2, coef / 2])
-            intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
-        weight = coef / scaler.scale_
-        bias = intercept - weight @ scaler.mean_
-        head = self.model_.get_submodule(self._head)
-        with torch.no_grad():
-            head.weight.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
-            head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
+    def _calibrate(self, loop: EpochLoop | None, has_val: bool) -> None:
+        self.temperature_ = 1.0
+        self.calibration_ = {"before": math.nan, "after": math.nan}
+        if self.calibrate and has_val and loop is not None:
+            z = loop.valid.logits(loop.forward, self.batch_size, loop.dtype)
+            y = loop.valid.targets[0].numpy()
+            self.temperature_, self.calibration_ = calibration(z.double().numpy(), y)
 
     # -- prediction ------------------------------------------------------------
 
     def _logits_of(self, X: Any) -> np.ndarray:
         check_is_fitted(self)
         X = check_images(X)
-        return self._run(X, [], _float_logits, len(self.classes_), "predict")
+        z = self._run(
+            X, [], float_logits, len(self.classes_), "predict", flip=self.tta == "flip"
+        )
+        return z.astype(np.float64) / self.temperature_
 
     def decision_function(self, X: Any) -> np.ndarray:
         """The head's logits.
@@ -771,7 +676,7 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         proba : ndarray of shape (n_samples, n_classes), dtype float64
             Rows sum to 1; columns follow ``classes_``.
         """
-        return softmax(self._logits_of(X).astype(np.float64), axis=1)
+        return softmax(self._logits_of(X), axis=1)
 
     def predict_log_proba(self, X: Any) -> np.ndarray:
         """Logarithm of :meth:`predict_proba`.
@@ -786,7 +691,7 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         log_proba : ndarray of shape (n_samples, n_classes)
             Log-probabilities; columns follow ``classes_``.
         """
-        return log_softmax(self._logits_of(X).astype(np.float64), axis=1)
+        return log_softmax(self._logits_of(X), axis=1)
 
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class of each image.
@@ -803,58 +708,3 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         """
         logits = self._logits_of(X)
         return self.classes_[logits.argmax(axis=1)]
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        # Images, not a table: arrays N x H x W (x C), or lists of file paths.
-        tags.input_tags.two_d_array = False
-        tags.input_tags.three_d_array = True
-        tags.input_tags.string = True
-        return tags
-
-
-# ---------------------------------------------------------------------------
-# Labels
-# ---------------------------------------------------------------------------
-
-
-def _check_targets(y: Any, n_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validate class labels; return the classes and the encoded labels."""
-    if y is None:
-        raise ValueError(
-            "FineTuneClassifier.fit needs labels: pass y, one class label per image."
-        )
-    y = column_or_1d(y, warn=True)
-    if len(y) != n_images:
-        raise ValueError(
-            f"X has {n_images} images but y has {len(y)} labels: pass one label "
-            "per image, in the same order."
-        )
-    if y.dtype.kind == "f":
-        missing = np.flatnonzero(np.isnan(y))
-    elif y.dtype.kind == "O":
-        missing = np.flatnonzero(
-            [v is None or (isinstance(v, float) and v != v) for v in y]
-        )
-    else:
-        missing = np.array([], dtype=int)
-    if len(missing):
-        raise ValueError(
-            f"y has {len(missing)} missing label(s) (NaN or None), at positions "
-            f"{missing[:5].tolist()}{' ...' if len(missing) > 5 else ''}. Drop "
-            "those images or fill their labels in."
-        )
-    check_classification_targets(y)
-    try:
-        classes, encoded = np.unique(y, return_inverse=True)
-    except TypeError:
-        raise ValueError(
-            "y mixes label types (e.g. strings and numbers) that cannot be "
-            "sorted; use one type for every label."
-        ) from None
-    if len(classes) < 2:
-        raise ValueError(
-            f"y has a single class ({classes[0]!r}); a classifier needs at least "
-            "2 classes. Add images of another class."
-        )
-    return classes, encoded.reshape(-1).astype(np.int64)

@@ -1,4 +1,5 @@
-"""The head of a pretrained network, its stages, and what ``freeze`` freezes."""
+"""What does not train in FineTuneClassifier (``freeze``, ``unfreeze_at``) and
+the train/eval mode of every module (``batchnorm``)."""
 
 from __future__ import annotations
 
@@ -6,72 +7,12 @@ from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
-from ._layers import Trace, _check_layer_name, pool
+from ._layers import Trace, _check_layer_name
 
 _BACKBONE = "backbone"
-
-
-# ---------------------------------------------------------------------------
-# Structure: the head, the stages, what a ``freeze`` value freezes
-# ---------------------------------------------------------------------------
-
-
-def _logits(out: Any) -> torch.Tensor:
-    """The logits of a model's output (torchvision's aux-logit tuples included)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)) and out:
-        return out[0]
-    raise TypeError(
-        f"The model returned a {type(out).__name__}; FineTuneClassifier needs a "
-        "tensor of logits (or a tuple whose first element is one)."
-    )
-
-
-def _float_logits(outputs: list[Any]) -> torch.Tensor:
-    """A Tapper without taps returns ``[model output]``: its float32 logits."""
-    return _logits(outputs[0]).float()
-
-
-class _AppendedHead:
-    """Forward hook for a model without ``nn.Linear``: its pooled output goes
-    through a new linear head registered as the submodule ``name``.
-    A class, not a closure, so that the model still pickles."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self, module: nn.Module, _args: tuple, output: Any) -> torch.Tensor:
-        return getattr(module, self.name)(pool(_logits(output), "avg"))
-
-
-def _install_head(
-    model: nn.Module, tr: Trace, n_classes: int, example: torch.Tensor
-) -> tuple[str, bool]:
-    """Replace the last ``nn.Linear`` by a fresh one with ``n_classes`` outputs.
-
-    A model without one gets a head appended on its globally average-pooled
-    output. Returns the head's module name and whether it was appended.
-    """
-    name = tr.head
-    if name is not None:
-        old = model.get_submodule(name)
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        device = old.weight.device
-        setattr(parent, attr, nn.Linear(old.in_features, n_classes).to(device))
-        return name, False
-    with torch.inference_mode():
-        width = pool(_logits(model(example)), "avg").shape[1]
-    name = "head" if not hasattr(model, "head") else "sklearn_cnn_head"
-    model.add_module(name, nn.Linear(width, n_classes).to(example.device))
-    model.register_forward_hook(_AppendedHead(name))
-    return name, True
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _first_calls(tr: Trace) -> dict[str, int]:
@@ -196,3 +137,25 @@ def _frozen_modules(
 
 def _root_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters(recurse=False))
+
+
+def apply_freeze(model: nn.Module, tr: Trace, frozen: set[str]) -> None:
+    """``requires_grad`` off for the parameters of the ``frozen`` modules."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for name, m in model.named_modules():
+        if name in frozen:
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+    if frozen & set(tr.calls):
+        # The root's own parameters (a class token) are used first.
+        for p in model.parameters(recurse=False):
+            p.requires_grad_(False)
+
+
+def train_mode(model: nn.Module, frozen: set[str], batchnorm: str) -> None:
+    """Train mode, except frozen modules (and BatchNorm unless "train")."""
+    model.train()
+    for name, m in model.named_modules():
+        if name in frozen or (batchnorm == "frozen" and isinstance(m, BATCHNORMS)):
+            m.training = False

@@ -1,25 +1,28 @@
-"""Training pieces of FineTuneClassifier: batches (images or cached features),
-augmentation, the schedule, the loss and best-epoch selection."""
+"""The training loop of FineTuneClassifier (``epochs``, ``augment``,
+``early_stopping``, ``n_iter_no_change``, ``label_smoothing``): batches of
+images or of features computed once, the loss, the epochs, best-epoch
+selection and early stopping."""
 
 from __future__ import annotations
 
 import math
+import sys
+import time
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
+from ._head import logits as _logits
 from ._images import ImageDataset, Preprocessing
-from ._runtime import batches
-
-#: Fraction of all optimizer steps spent warming the learning rate up.
-_WARMUP = 0.1
-
+from ._runtime import autocast, batches, progress
 
 # ---------------------------------------------------------------------------
 # Data: labelled batches of a subset of X, augmentation
@@ -52,16 +55,30 @@ def light_augment(image: torch.Tensor) -> torch.Tensor:
     return image
 
 
-class _Augmented:
-    """Augment each image, then preprocess as for prediction."""
+class Augmented:
+    """Augment each image (``augment``: "light" or a callable), then preprocess
+    as for prediction."""
 
-    def __init__(self, augment: Callable, preprocess: Preprocessing) -> None:
-        self.augment, self.preprocess = augment, preprocess
+    def __init__(self, augment: Any, preprocess: Preprocessing) -> None:
+        self.augment = light_augment if augment == "light" else augment
+        self.preprocess = preprocess
+
+    def _one(self, image: torch.Tensor) -> torch.Tensor:
+        out = self.augment(image)
+        if not isinstance(out, torch.Tensor) or out.ndim != 3:
+            what = type(out).__name__
+            shape = f" of shape {tuple(out.shape)}" if hasattr(out, "shape") else ""
+            raise TypeError(
+                f"augment returned a {what}{shape}; it must return one (C, H, W) "
+                "torch.Tensor (convert a NumPy result with torch.from_numpy and "
+                "move the channels first), or set augment=None."
+            )
+        return out
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         if image.ndim == 3:
-            return self.preprocess(self.augment(image))
-        out = [self.augment(im) for im in image]
+            return self.preprocess(self._one(image))
+        out = [self._one(im) for im in image]
         if len({tuple(o.shape) for o in out}) > 1:
             raise ValueError(
                 "augment returned images of different sizes; it must return one "
@@ -70,69 +87,66 @@ class _Augmented:
         return self.preprocess(torch.stack(out))
 
 
-class _Labelled(torch.utils.data.Dataset):
-    """Images ``index`` of X, preprocessed, with their encoded labels."""
+class Labelled(torch.utils.data.Dataset):
+    """Images ``index`` of X, preprocessed, with their labels and weights."""
 
-    def __init__(self, X: Any, index: np.ndarray, targets: np.ndarray, pre) -> None:
+    def __init__(
+        self, X: Any, index: np.ndarray, targets: np.ndarray, weights: np.ndarray, pre
+    ) -> None:
         self.images = ImageDataset(X, pre)
-        self.index, self.targets = index, targets
+        self.index, self.targets, self.weights = index, targets, weights
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitems__(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, ids: list[int]) -> tuple[torch.Tensor, ...]:
         rows = self.index[ids]
         return (
             self.images.__getitems__(rows.tolist()),
             torch.from_numpy(self.targets[rows]),
+            torch.from_numpy(self.weights[rows]),
         )
 
 
-def _cosine_warmup(total: int) -> Callable[[int], float]:
-    """Learning-rate factor: linear warm-up, then cosine decay to zero."""
-    warmup = max(1, round(_WARMUP * total))
+class Loss:
+    """Cross-entropy with class weights, label smoothing and sample weights.
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
-
-    return factor
-
-
-class _Loss:
-    """Cross-entropy with class weights and label smoothing."""
+    Returns the weighted sum and the total weight, so that batches of any size
+    add up to the same mean as one pass over all the images.
+    """
 
     def __init__(
         self, class_weights: np.ndarray | None, smoothing: float, device: torch.device
     ) -> None:
-        self.weight = (
+        weight = (
             None
             if class_weights is None
             else torch.as_tensor(class_weights, dtype=torch.float32, device=device)
         )
-        self.smoothing = smoothing
-
-    def __call__(
-        self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean"
-    ) -> torch.Tensor:
-        return F.cross_entropy(
-            logits.float(),
-            target,
-            weight=self.weight,
-            label_smoothing=self.smoothing,
-            reduction=reduction,
+        self.class_weights = weight
+        self.fn = nn.CrossEntropyLoss(
+            weight=weight, label_smoothing=smoothing, reduction="none"
         )
 
-    def total_weight(self, target: torch.Tensor) -> float:
-        """What a "mean" reduction divides the "sum" by."""
-        if self.weight is None:
-            return float(len(target))
-        return float(self.weight[target].sum())
+    def __call__(
+        self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        per_image = self.fn(logits.float(), target) * weight
+        if self.class_weights is not None:
+            weight = weight * self.class_weights[target]
+        return per_image.sum(), weight.sum()
 
 
-class _Selection:
+def cpu_state(model: nn.Module) -> OrderedDict:
+    """A copy of the state dict on the CPU, with its ``_metadata`` (module
+    versions, which MNASNet's loader needs); never a second copy on a GPU."""
+    state = model.state_dict()
+    copy = OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in state.items())
+    copy._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+    return copy
+
+
+class Selection:
     """The best epoch so far (whose weights are kept), and early stopping's
     patience, which counts from the best *trained* epoch: the start (the probe
     head) competes for best, but a dip in the first epochs, while the head and
@@ -142,12 +156,9 @@ class _Selection:
         self, epoch: int, acc: float, loss: float, model: nn.Module, has_val: bool
     ) -> None:
         self.model, self.has_val = model, has_val
-        self.epoch, self.score, self.state = epoch, (acc, loss), self._snapshot()
+        self.epoch, self.score, self.state = epoch, (acc, loss), cpu_state(model)
         self.trained: tuple[float, float] | None = None
         self.stall = 0
-
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     @staticmethod
     def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
@@ -157,11 +168,19 @@ class _Selection:
     def update(self, epoch: int, acc: float, loss: float) -> None:
         score = (acc, loss)
         if not self.has_val or self._better(score, self.score):
-            self.epoch, self.score, self.state = epoch, score, self._snapshot()
+            self.epoch, self.score, self.state = epoch, score, cpu_state(self.model)
         if self.trained is None or self._better(score, self.trained):
             self.trained, self.stall = score, 0
         else:
             self.stall += 1
+
+    def new_phase(self) -> None:
+        """Patience starts again (gradual unfreezing changes what trains)."""
+        self.trained, self.stall = None, 0
+
+    def restore(self) -> int:
+        self.model.load_state_dict(self.state)
+        return self.epoch
 
 
 # ---------------------------------------------------------------------------
@@ -169,13 +188,17 @@ class _Selection:
 # ---------------------------------------------------------------------------
 
 
-class _ImageSource:
+class ImageSource:
+    """Labelled images, and their logits through the estimator's inference
+    loop (``predict``, a callable)."""
+
     def __init__(
-        self, dataset: _Labelled, *, device: torch.device, num_workers: int,
-        channels_last: bool,
+        self, dataset: Labelled, predict: Callable[[], np.ndarray], *,
+        device: torch.device, num_workers: int, channels_last: bool,
     ) -> None:  # fmt: skip
-        self.dataset, self.device = dataset, device
-        self.num_workers, self.channels_last = num_workers, channels_last
+        self.dataset, self.predict = dataset, predict
+        self.device, self.num_workers = device, num_workers
+        self.channels_last = channels_last
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -194,27 +217,41 @@ class _ImageSource:
         return n - 1 if self._drop_last(batch_size) else n
 
     def batches(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        shuffle = generator is not None
+        self, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
         return batches(
             self.dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
             device=self.device,
             channels_last=self.channels_last,
-            shuffle=shuffle,
+            shuffle=True,
             generator=generator,
-            drop_last=shuffle and self._drop_last(batch_size),
+            drop_last=self._drop_last(batch_size),
+        )
+
+    def logits(self, forward: nn.Module, batch_size: int, dtype) -> torch.Tensor:
+        return torch.from_numpy(self.predict())
+
+    @property
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.dataset.index
+        return (
+            torch.from_numpy(self.dataset.targets[index]),
+            torch.from_numpy(self.dataset.weights[index]),
         )
 
 
-class _FeatureSource:
+class FeatureSource:
+    """Inputs of the trainable part, computed once (``features``), with their
+    labels and weights, on the device."""
+
     def __init__(
-        self, features: torch.Tensor | None, y: np.ndarray, device: torch.device
+        self, features: torch.Tensor, y: np.ndarray, w: np.ndarray, device: torch.device
     ) -> None:
         self.y = torch.from_numpy(y).to(device)
-        self.features = None if features is None else features.to(device)
+        self.w = torch.from_numpy(w).to(device)
+        self.features = features.to(device)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -226,14 +263,156 @@ class _FeatureSource:
         return len(self.y)
 
     def batches(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
         n = len(self.y)
-        order = (
-            torch.randperm(n, generator=generator).to(self.y.device)
-            if generator is not None
-            else torch.arange(n, device=self.y.device)
-        )
+        order = torch.randperm(n, generator=generator).to(self.y.device)
         for start in range(0, n, batch_size):
             rows = order[start : start + batch_size]
-            yield self.features[rows], self.y[rows]
+            yield self.features[rows], self.y[rows], self.w[rows]
+
+    def logits(self, forward: nn.Module, batch_size: int, dtype) -> torch.Tensor:
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(self.y), batch_size):
+                xb = self.features[start : start + batch_size]
+                with autocast(self.y.device, dtype):
+                    out.append(_logits(forward(xb)).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, 0)
+
+    @property
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.y.cpu(), self.w.cpu()
+
+
+def validation_metrics(
+    logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, loss: Loss
+) -> tuple[float, float]:
+    """Weighted loss and weighted accuracy (NaN without validation images)."""
+    if len(y) == 0:
+        return math.nan, math.nan
+    total, weight = loss(logits, y, w)
+    correct = (logits.argmax(1) == y).double()
+    return float(total / weight), float((correct * w).sum() / w.sum())
+
+
+# ---------------------------------------------------------------------------
+# The epochs
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class EpochLoop:
+    """Runs epochs of one training phase and records them in ``history``.
+
+    ``forward`` maps a batch of the training source to logits; ``train_mode``
+    puts the model in training mode for an epoch (frozen parts stay in eval).
+    """
+
+    model: nn.Module
+    forward: nn.Module
+    train: ImageSource | FeatureSource
+    valid: ImageSource | FeatureSource
+    loss: Loss
+    device: torch.device
+    dtype: torch.dtype | None
+    batch_size: int
+    train_mode: Callable[[], None]
+    history: list[dict] = field(default_factory=list)
+    verbose: int = 0
+    max_grad_norm: float | None = None
+
+    def evaluate(self) -> tuple[float, float]:
+        if len(self.valid) == 0:
+            return math.nan, math.nan
+        self.model.eval()
+        z = self.valid.logits(self.forward, self.batch_size, self.dtype)
+        return validation_metrics(z, *self.valid.targets, self.loss)
+
+    def log(self, **row: float) -> None:
+        self.history.append(row)
+        if self.verbose:
+            print(
+                f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, valid "
+                f"loss {row['valid_loss']:.4f}, valid accuracy "
+                f"{row['valid_accuracy']:.4f} ({row['time']:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def run(
+        self,
+        epochs: int,
+        optimizer: torch.optim.Optimizer,
+        schedule: torch.optim.lr_scheduler.LRScheduler,
+        selection: Selection,
+        generator: torch.Generator,
+        patience: int | None,
+    ) -> str:
+        """Train ``epochs`` epochs (fewer when ``patience`` epochs in a row do not
+        improve). Return "done", "interrupted" (Ctrl-C: the caller restores the
+        best weights and re-raises) or "diverged" (a non-finite training loss:
+        the caller restores the best weights)."""
+        scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.dtype == torch.float16
+        )
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        first = self.history[-1]["epoch"] + 1
+        last = first + epochs - 1
+        for epoch in range(first, last + 1):
+            tic = time.perf_counter()
+            bar = progress(
+                self.train.n_used(self.batch_size),
+                f"epoch {epoch}/{last}",
+                enabled=bool(self.verbose),
+            )
+            try:
+                self.train_mode()
+                total = torch.zeros((), device=self.device)
+                weight = torch.zeros((), device=self.device)
+                for xb, yb, wb in self.train.batches(self.batch_size, generator):
+                    with autocast(self.device, self.dtype):
+                        out = _logits(self.forward(xb))
+                    loss_sum, w_sum = self.loss(out, yb, wb)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss_sum / w_sum.clamp(min=1e-12)).backward()
+                    if self.max_grad_norm is not None:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    schedule.step()
+                    total += loss_sum.detach()
+                    weight += w_sum.detach()
+                    bar.update(len(yb))
+                bar.close()
+                val_loss, val_acc = self.evaluate()
+            except KeyboardInterrupt:
+                bar.close()
+                warnings.warn(
+                    f"fit was interrupted during epoch {epoch}: the classifier "
+                    f"keeps the weights of epoch {selection.epoch}, the "
+                    f"{'best' if selection.has_val else 'last'} completed so far "
+                    "(see history_).",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                return "interrupted"
+            train_loss = float(total / weight.clamp(min=1e-12))
+            self.log(
+                epoch=epoch, train_loss=train_loss, valid_loss=val_loss,
+                valid_accuracy=val_acc, time=time.perf_counter() - tic,
+            )  # fmt: skip
+            if not math.isfinite(train_loss):
+                warnings.warn(
+                    f"Training diverged in epoch {epoch} (training loss "
+                    f"{train_loss}): stopped, keeping the weights of epoch "
+                    f"{selection.epoch}. Lower lr (and backbone_lr).",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                return "diverged"
+            selection.update(epoch, val_acc, val_loss)
+            if patience is not None and selection.stall >= patience:
+                break
+        return "done"
