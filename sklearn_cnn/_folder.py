@@ -9,13 +9,38 @@ import warnings
 from collections import defaultdict
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 from torchvision.datasets.folder import make_dataset
 
-#: File suffixes PIL can open, lower case ("".jpg", ".png", ...).
-IMAGE_SUFFIXES = frozenset(
-    ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
+#: Photo formats that PIL reads only with a plugin (pillow-heif, rawpy...):
+#: skipping them is worth a warning.
+PLUGIN_PHOTO_SUFFIXES = frozenset(
+    {".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw"}
+    | {".orf", ".raf", ".rw2"}
 )
+
+
+def image_suffixes() -> frozenset[str]:
+    """File suffixes PIL can decode, lower case (".jpg", ".png", ...).
+
+    Read at each call, so that a plugin registered later (pillow-heif's
+    ``register_heif_opener()``) counts. Stub formats (HDF5, GRIB, BUFR, WMF off
+    Windows) and MPEG (a video's header) identify files but decode no pixels.
+    """
+
+    def decodes(fmt: str) -> bool:
+        factory = Image.OPEN[fmt][0]
+        stub = isinstance(factory, type) and issubclass(
+            factory, ImageFile.StubImageFile
+        )
+        return not stub and fmt != "MPEG"
+
+    return frozenset(
+        ext
+        for ext, fmt in Image.registered_extensions().items()
+        if fmt in Image.OPEN and decodes(fmt)
+    )
+
 
 #: Folders that tools leave next to the images: macOS archives (``__MACOSX``,
 #: holding ``._*`` AppleDouble files), Python, Synology and Windows. Hidden
@@ -116,6 +141,7 @@ def load_image_folder(
     if not os.path.isdir(root):
         raise ValueError(f"{root!r} is not a folder.")
     skipped = _Skipped(root)
+    suffixes = image_suffixes()
     classes = []
     with os.scandir(root) as entries:
         for entry in entries:
@@ -131,7 +157,7 @@ def load_image_folder(
     def is_image(file: str) -> bool:
         parts = os.path.relpath(file, root).split(os.sep)
         reason = next(filter(None, map(_junk, parts)), None)
-        if reason is None and os.path.splitext(file)[1].lower() not in IMAGE_SUFFIXES:
+        if reason is None and os.path.splitext(file)[1].lower() not in suffixes:
             reason = "not an image"
         if reason is None:
             try:
@@ -166,6 +192,21 @@ def load_image_folder(
         warnings.warn(
             f"The class folders {empty} under {root!r} hold no image files and "
             "are left out; pass verbose=1 to see what was skipped.",
+            UserWarning,
+            stacklevel=2,
+        )
+    unread = sorted(
+        {
+            os.path.splitext(f)[1].lower()
+            for f in skipped.by_reason.get("not an image", [])
+        }
+        & PLUGIN_PHOTO_SUFFIXES
+    )
+    if unread:
+        warnings.warn(
+            f"Photos in formats PIL cannot read here ({', '.join(unread)}) under "
+            f"{root!r} are left out: install and register the PIL plugin for "
+            "them (pillow-heif for HEIC) or convert them to JPEG or PNG.",
             UserWarning,
             stacklevel=2,
         )

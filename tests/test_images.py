@@ -636,3 +636,16 @@ def test_lazy_images_slice_stays_lazy(images):
     part = X[4:9]  # what sklearn_cnn.dask does with blocks of X
     assert check_images(part) is part and len(part) == 5
     assert_array_equal(features(part), features(images[4:9]))
+
+
+def test_load_image_folder_warns_of_photos_it_cannot_read(tmp_path, capsys):
+    from sklearn_cnn import load_image_folder
+
+    (tmp_path / "cat").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "cat/a.jpg")
+    (tmp_path / "cat/IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (tmp_path / "cat/data.h5").write_bytes(b"\x89HDF\r\n\x1a\n")  # PIL: a stub
+    with pytest.warns(UserWarning, match=r"cannot read here \(\.heic\).*pillow-heif"):
+        paths, _ = load_image_folder(tmp_path, verbose=1)
+    assert paths == [str(tmp_path / "cat/a.jpg")]
+    assert "not an image (2)" in capsys.readouterr().err
