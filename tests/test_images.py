@@ -477,8 +477,8 @@ class LazyDataset:
     """Like an h5py dataset: shape, dtype, slices and *increasing* index lists;
     records every read and refuses to be loaded whole."""
 
-    def __init__(self, data: np.ndarray) -> None:
-        self._data = data
+    def __init__(self, data: np.ndarray, lists: bool = True) -> None:
+        self._data, self.lists = data, lists
         self.shape, self.dtype = data.shape, data.dtype
         self.reads: list[int] = []
 
@@ -487,6 +487,8 @@ class LazyDataset:
 
     def __getitem__(self, key):
         if isinstance(key, list):
+            if not self.lists:  # zarr's basic indexing
+                raise IndexError("unsupported selection item for basic indexing")
             assert key == sorted(set(key)), "h5py wants increasing indices"
         out = self._data[key]
         self.reads.append(len(out) if out.ndim == self._data.ndim else 1)
@@ -506,6 +508,10 @@ def test_lazy_array_like_is_read_batch_by_batch(images):
 
     order = [7, 2, 2, 11, 0]
     assert_array_equal(ArrayLikeImages(lazy).read(order), images[order])
+    # Without list indexing (zarr), one image at a time.
+    basic = LazyDataset(images, lists=False)
+    assert_array_equal(ArrayLikeImages(basic).read(order), images[order])
+    assert basic.reads == [1, 1, 1, 1]
 
 
 def test_lazy_array_like_bad_values_named_when_read(images):
