@@ -174,12 +174,12 @@ def test_failed_fit_keeps_the_previous_fit(failure, images, tmp_path, monkeypatc
     elif failure == "weights":
         est.set_params(weights=_bad_weights_file(tmp_path))
         error = ValueError
-    else:  # Ctrl-C while the new network is traced
+    else:  # Ctrl-C while the new network is being set up
 
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(base, "trace", interrupted)
+        monkeypatch.setattr(base, "resolve_device", interrupted)
         est.set_params(pooling="max")
         error = KeyboardInterrupt
     with pytest.raises(error):
