@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
+from sklearn import config_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
@@ -122,7 +123,8 @@ def fit_probe(
     Z = features.astype(np.float64)
     scaler = StandardScaler().fit(Z)
     Zs = scaler.transform(Z)
-    with warnings.catch_warnings():
+    # Our own search: plain fit parameters, whatever the caller's routing.
+    with warnings.catch_warnings(), config_context(enable_metadata_routing=False):
         # The probe is a starting point; fine-tuning goes on from it.
         warnings.simplefilter("ignore", ConvergenceWarning)
         probe = LogisticRegression(max_iter=_PROBE_MAX_ITER)

@@ -1,0 +1,290 @@
+"""FineTuneClassifier's practitioner controls (issue 7.3) and its weighted,
+calibrated and test-time-augmented paths, each tested without building more
+than a TinyCNN; the pieces (_optim, _head, _targets) are tested directly."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import colour_images, make_tiny_cnn
+from scipy.special import softmax
+from sklearn import config_context
+from sklearn.ensemble import AdaBoostClassifier
+from sklearn.pipeline import Pipeline
+from torch import nn
+
+from sklearn_cnn import FineTuneClassifier
+from sklearn_cnn._head import calibration, expected_calibration_error, fit_temperature
+from sklearn_cnn._optim import make_schedule, param_groups
+from sklearn_cnn._targets import example_weights
+from sklearn_cnn._training import cpu_state
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FAST = dict(epochs=2, batch_size=16, random_state=0, validation_fraction=0.33)
+TINY = functools.partial(make_tiny_cnn, 0)
+
+
+def make(**params) -> FineTuneClassifier:
+    return FineTuneClassifier(TINY, **{**FAST, **params})
+
+
+@pytest.fixture
+def data():
+    return colour_images(20)
+
+
+def lrs(schedule: str, steps: int = 50, warmup: float = 0.2) -> list[float]:
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = make_schedule(optimizer, schedule, steps, warmup)
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+# --- schedule, warmup_fraction ----------------------------------------------
+
+
+def test_schedules_differ_after_the_warm_up():
+    cosine, constant, onecycle = lrs("cosine"), lrs("constant"), lrs("onecycle")
+    # the same linear warm-up (10 steps) for cosine and constant
+    assert cosine[:10] == pytest.approx(constant[:10])
+    assert cosine[0] == pytest.approx(0.1) and cosine[9] == pytest.approx(1.0)
+    assert constant[10:] == pytest.approx([1.0] * 40)
+    assert cosine[-1] < 0.01 and cosine[30] < 1.0
+    assert max(onecycle) == pytest.approx(1.0, rel=1e-3) and onecycle[0] < 0.1
+    assert int(np.argmax(onecycle)) in (9, 10)
+    assert lrs("cosine", warmup=0.5)[20] < 1.0  # warmup_fraction is used
+
+
+def test_schedule_reaches_the_optimizer(data):
+    X, y = data
+    seen = {}
+    for schedule in ("constant", "cosine"):
+        clf = make(schedule=schedule, epochs=1, validation_fraction=None)
+        clf.fit(X, y)
+        seen[schedule] = clf.predict_proba(X)
+    assert not np.allclose(seen["constant"], seen["cosine"])
+
+
+# --- layer_decay ------------------------------------------------------------
+
+
+def test_layer_decay_scales_each_earlier_stage():
+    model = make_tiny_cnn(0)
+    stages = ["stem", "stage1", "stage2"]
+    groups = param_groups(
+        model, "fc", stages, lr=1.0, backbone_lr=0.1, layer_decay=0.5,
+        weight_decay=0.0,
+    )  # fmt: skip
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert rate[id(model.fc.weight)] == 1.0
+    assert rate[id(model.stage2[0].weight)] == pytest.approx(0.1)
+    assert rate[id(model.stage1[0].weight)] == pytest.approx(0.05)
+    assert rate[id(model.stem[0].weight)] == pytest.approx(0.025)
+    plain = param_groups(
+        model, "fc", stages, lr=1.0, backbone_lr=0.1, layer_decay=None,
+        weight_decay=0.0,
+    )  # fmt: skip
+    assert {g["lr"] for g in plain} == {1.0, 0.1}
+
+
+def test_layer_decay_changes_training(data):
+    X, y = data
+    a = make(layer_decay=0.1, head_init="random").fit(X, y)
+    b = make(head_init="random").fit(X, y)
+    assert not torch.equal(a.model_.stem[0].weight, b.model_.stem[0].weight)
+
+
+# --- unfreeze_at --------------------------------------------------------------
+
+
+def test_unfreeze_at_trains_the_frozen_part_from_that_epoch(data):
+    X, y = data
+    pretrained = make_tiny_cnn(0).stem[0].weight.detach().clone()
+    frozen = make(freeze=1, epochs=3, validation_fraction=None).fit(X, y)
+    assert torch.equal(frozen.model_.stem[0].weight, pretrained)
+    assert frozen.frozen_stages_ == ["stem"]
+    later = make(freeze=1, epochs=3, unfreeze_at=3, validation_fraction=None)
+    later.fit(X, y)
+    assert not torch.equal(later.model_.stem[0].weight, pretrained)
+    # nothing unfreezes when the epoch is never reached
+    never = make(freeze=1, epochs=2, unfreeze_at=5, validation_fraction=None)
+    assert torch.equal(never.fit(X, y).model_.stem[0].weight, pretrained)
+
+
+def test_unfreeze_at_counts_warm_started_epochs(data):
+    X, y = data
+    clf = make(freeze=1, epochs=2, unfreeze_at=2, validation_fraction=None)
+    clf.fit(X, y)
+    after = clf.model_.stem[0].weight.detach().clone()
+    clf.set_params(warm_start=True, epochs=1).fit(X, y)  # past epoch 2: trains
+    assert not torch.equal(clf.model_.stem[0].weight, after)
+
+
+# --- calibrate ----------------------------------------------------------------
+
+
+def test_temperature_minimises_the_validation_log_loss():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    z = rng.normal(size=(300, 3))
+    z[np.arange(300), y] += 1.0
+    z *= 6.0  # overconfident
+    t = fit_temperature(z, y)
+    assert t > 2.0
+
+    def nll(temp):
+        p = softmax(z / temp, axis=1)
+        return -np.log(p[np.arange(300), y]).mean()
+
+    assert nll(t) <= min(nll(t * 0.9), nll(t * 1.1), nll(1.0))
+    t_, ece = calibration(z, y)
+    assert t_ == pytest.approx(t) and ece["after"] < ece["before"]
+
+
+def test_expected_calibration_error_of_perfect_and_wrong_confidence():
+    y = np.array([0, 1, 0, 1])
+    sure_right = np.eye(2)[y]
+    sure_wrong = np.eye(2)[1 - y]
+    assert expected_calibration_error(sure_right, y) == 0.0
+    assert expected_calibration_error(sure_wrong, y) == pytest.approx(1.0)
+
+
+def test_calibrate_changes_probabilities_never_predictions(data):
+    X, y = data
+    on = make(epochs=2).fit(X, y)
+    off = make(epochs=2, calibrate=False).fit(X, y)
+    assert off.temperature_ == 1.0 and np.isnan(off.calibration_["before"])
+    assert on.temperature_ != 1.0 and on.temperature_ > 0
+    assert on.calibration_["after"] <= on.calibration_["before"] + 1e-9
+    np.testing.assert_array_equal(on.predict(X), off.predict(X))
+    np.testing.assert_allclose(
+        on.decision_function(X), off.decision_function(X) / on.temperature_
+    )
+    # no validation split: nothing to calibrate on
+    assert make(validation_fraction=None).fit(X, y).temperature_ == 1.0
+
+
+# --- tta ------------------------------------------------------------------------
+
+
+def test_tta_flip_averages_the_logits_of_the_mirror_image(data):
+    X, y = data
+    clf = make(calibrate=False).fit(X, y)
+    plain = clf.decision_function(X)
+    mirrored = clf.decision_function(np.ascontiguousarray(X[:, :, ::-1]))
+    clf.set_params(tta="flip")
+    np.testing.assert_allclose(
+        clf.decision_function(X), (plain + mirrored) / 2, rtol=1e-4, atol=1e-5
+    )
+    assert not np.allclose(plain, mirrored)
+    assert clf.predict_proba(X).sum(axis=1) == pytest.approx(np.ones(len(X)))
+
+
+# --- sample_weight -------------------------------------------------------------
+
+
+def test_example_weights_multiply_class_and_sample_weights():
+    y = np.array([0, 1, 1])
+    np.testing.assert_allclose(
+        example_weights(y, np.array([2.0, 3.0]), np.array([1.0, 0.5, 0.0])),
+        [2.0, 1.5, 0.0],
+    )
+    assert example_weights(y, None, None) is None
+
+
+def test_zero_sample_weight_is_the_same_as_dropping_the_images(data):
+    X, y = data
+    keep = np.arange(len(X)) % 4 != 0
+    # one batch per epoch, a random head (the probe's CV folds would differ)
+    params = dict(validation_fraction=None, augment=None, batch_size=64)
+    params.update(head_init="random")
+    dropped = make(**params).fit(X[keep], y[keep])
+    weighted = make(**params).fit(X, y, sample_weight=keep.astype(float))
+    # one batch per epoch: the zero-weight images change nothing
+    np.testing.assert_allclose(
+        dropped.predict_proba(X), weighted.predict_proba(X), atol=1e-5
+    )
+
+
+def test_sample_weight_changes_the_fit_and_is_validated(data):
+    X, y = data
+    w = np.where(y == "red", 10.0, 1.0)
+    a = make(validation_fraction=None).fit(X, y, sample_weight=w)
+    b = make(validation_fraction=None).fit(X, y)
+    assert not np.allclose(a.predict_proba(X), b.predict_proba(X))
+    with pytest.raises(ValueError, match="sample_weight"):
+        make().fit(X, y, sample_weight=np.ones(3))
+    with pytest.raises(ValueError, match="non-zero"):
+        make().fit(X, y, sample_weight=np.zeros(len(X)))
+
+
+def test_sample_weight_is_routed_by_metadata_routing(data):
+    X, y = data
+    with config_context(enable_metadata_routing=True):
+        clf = make(epochs=1, validation_fraction=None).set_fit_request(
+            sample_weight=True
+        )
+        pipe = Pipeline([("clf", clf)])
+        pipe.fit(X, y, sample_weight=np.ones(len(X)))
+        assert pipe.score(X, y) > 0.5
+
+
+def test_adaboost_passes_sample_weight(data):
+    X, y = data
+    boost = AdaBoostClassifier(make(epochs=1, validation_fraction=None), n_estimators=2)
+    assert boost.fit(X, y).score(X, y) > 0.5
+
+
+# --- snapshots, torchvision families ------------------------------------------
+
+
+def test_snapshots_keep_the_state_dict_metadata():
+    model = torchvision.models.mnasnet0_5(weights=None)
+    state = cpu_state(model)
+    assert state._metadata is not None
+    model.load_state_dict(state)  # MNASNet's loader needs the versions
+
+
+@pytest.mark.parametrize("name", ["mnasnet0_5", "googlenet", "inception_v3"])
+def test_torchvision_families_fine_tune(name):
+    X, y = colour_images(4)
+    size = 80 if name == "inception_v3" else 64  # inception's least is 75
+    clf = FineTuneClassifier(
+        name, weights=None, image_size=size, freeze=0.5, epochs=1, batch_size=6,
+        validation_fraction=None, random_state=0,
+    )  # fmt: skip
+    clf.fit(X, y)
+    assert clf.predict_proba(X).shape == (12, 3)
+
+
+def test_failed_warm_start_keeps_the_previous_weights(data):
+    X, y = data
+
+    class Boom:
+        calls = 0
+
+        def __call__(self, image):
+            Boom.calls += 1
+            if Boom.calls > 30:
+                raise RuntimeError("boom")
+            return image
+
+    clf = make(validation_fraction=None).fit(X, y)
+    before = {k: v.clone() for k, v in clf.model_.state_dict().items()}
+    history = list(clf.history_)
+    clf.set_params(warm_start=True, augment=Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        clf.fit(X, y)
+    for k, v in clf.model_.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert clf.history_ == history and clf.n_iter_ == 2
