@@ -1,5 +1,6 @@
 """Pretrained CNNs as scikit-learn estimators: features and fine-tuning."""
 
+from ._cache import cache_size, clear_cache
 from ._features import CNNFeatureTransformer
 from ._finetune import FineTuneClassifier
 from ._folder import load_image_folder
@@ -11,6 +12,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CNNFeatureTransformer",
     "FineTuneClassifier",
+    "cache_size",
+    "clear_cache",
     "list_layers",
     "load",
     "load_image_folder",

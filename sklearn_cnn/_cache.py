@@ -26,6 +26,7 @@ is what :class:`~sklearn_cnn.CNNFeatureTransformer` keys and stores with it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -45,9 +46,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._base import halve_on_oom
 from ._images import ArrayLikeImages, array_to_tensor, image_to_tensor
 from ._layers import Tap, Trace
-from ._runtime import autocast
+from ._runtime import autocast, progress
 
 #: The directory inside ``memory``'s location that this library owns.
 CACHE_DIRNAME = "sklearn_cnn"
@@ -85,7 +87,7 @@ def cache_directory(memory: Any) -> str | None:
             f"memory must be None, a directory path or a joblib.Memory; got "
             f"{type(memory).__name__}."
         )
-    return os.path.join(os.fspath(location), CACHE_DIRNAME)
+    return os.path.join(os.path.expanduser(os.fspath(location)), CACHE_DIRNAME)
 
 
 def cache_size(memory: str | os.PathLike | Any) -> int:
@@ -116,10 +118,9 @@ def cache_size(memory: str | os.PathLike | Any) -> int:
         return 0
     for root, _dirs, files in os.walk(directory):
         for name in files:
-            try:
+            # A file deleted meanwhile by another process counts for nothing.
+            with contextlib.suppress(FileNotFoundError):
                 total += os.stat(os.path.join(root, name)).st_size
-            except FileNotFoundError:  # deleted meanwhile by another process
-                pass
     return total
 
 
@@ -266,8 +267,9 @@ class _Shard:
                 raw = f.read(length + _CHECK)
                 if len(raw) != length + _CHECK:
                     raise _Corrupt(path, "truncated header")
-                if hashlib.blake2b(raw[:length], digest_size=_CHECK).digest() != (
-                    raw[length:]
+                if (
+                    hashlib.blake2b(raw[:length], digest_size=_CHECK).digest()
+                    != (raw[length:])
                 ):
                     raise _Corrupt(path, "header checksum mismatch")
                 header = json.loads(raw[:length])
@@ -301,9 +303,7 @@ class _Shard:
             raise _Corrupt(self.path, f"unreadable ({exc})") from None
         if len(data) != spec["nbytes"] or _checksum(data) != spec["checksum"]:
             raise _Corrupt(self.path, f"block {name!r} checksum mismatch")
-        return np.frombuffer(data, dtype=np.dtype(spec["dtype"])).reshape(
-            spec["shape"]
-        )
+        return np.frombuffer(data, dtype=np.dtype(spec["dtype"])).reshape(spec["shape"])
 
 
 class ActivationCache:
@@ -489,7 +489,9 @@ class ActivationCache:
         tmp = None
         try:
             os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".part", dir=directory)
+            fd, tmp = tempfile.mkstemp(
+                prefix=_TMP_PREFIX, suffix=".part", dir=directory
+            )
             with os.fdopen(fd, "wb") as f:
                 f.write(_MAGIC + struct.pack("<Q", len(head)) + head)
                 f.write(hashlib.blake2b(head, digest_size=_CHECK).digest())
@@ -508,16 +510,8 @@ class ActivationCache:
             )
         finally:
             if tmp is not None:
-                with _suppress_os_error():
+                with contextlib.suppress(OSError):
                     os.remove(tmp)
-
-
-class _suppress_os_error:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, *_: Any) -> bool:
-        return exc_type is not None and issubclass(exc_type, OSError)
 
 
 def _discard(bad: _Corrupt) -> None:
@@ -527,7 +521,7 @@ def _discard(bad: _Corrupt) -> None:
         RuntimeWarning,
         stacklevel=4,
     )
-    with _suppress_os_error():
+    with contextlib.suppress(OSError):
         os.remove(bad.path)
 
 
@@ -653,6 +647,8 @@ def network_key_parts(est: Any) -> dict[str, Any]:
         "network": module_digest(est.model_),
         "preprocessing": repr(est.preprocessing_),
         "pooling": est._pooling,
+        # A user's layout hint decides how a layer of unknown layout is pooled.
+        "layout": repr(getattr(est, "_fitted_params", {}).get("layout")),
     }
 
 
@@ -730,11 +726,27 @@ def _fill(
             parts.clear()
         stored, pending_bytes = done, 0
 
+    def run(images: torch.Tensor, k: int) -> dict[Tap, torch.Tensor]:
+        """The pooled rows of ``images``, in chunks of at most ``k``."""
+        parts = []
+        for i in range(0, len(images), k):
+            with autocast(est.device_, est._autocast_dtype):
+                parts.append(tapper(images[i : i + k]))
+        return {
+            t: torch.cat([p[t] for p in parts])
+            for t in fill
+            if all(t in p for p in parts)
+        }
+
     est.model_.eval()
+    bar = progress(len(index), "transform (filling the cache)", bool(est.verbose))
+    size = est.batch_size
     with torch.inference_mode(), PooledTapper(est.model_, fill, pool_fn) as tapper:
         for batch in est._batches(X, np.asarray(index)):
-            with autocast(est.device_, est._autocast_dtype):
-                pooled = tapper(batch)
+            # On CUDA out of memory: smaller chunks, as transform does.
+            pooled, size = halve_on_oom(
+                functools.partial(run, batch), size, what="transform"
+            )
             absent = [t.module or "<output>" for t in taps if t not in pooled]
             if absent:
                 raise RuntimeError(f"Layers {absent} did not run in the forward pass.")
@@ -745,9 +757,10 @@ def _fill(
                 pending[t].append(rows.cpu().numpy())
                 pending_bytes += rows.numel() * 4
             done += len(batch)
+            bar.update(len(batch))
             if pending_bytes >= MAX_SHARD_BYTES:
                 flush()
+    bar.close()
     if done > stored:
         flush()
     return out
-

@@ -159,7 +159,9 @@ def test_deeper_layers_than_two_levels_are_filled_at_their_depth(X, tmp_path, pr
     est = cnn(layer="stage1.0", memory=tmp_path)
     est.fit_transform(X)
     for layer in ["stem.0", "stage2.2", "stage2", None]:
-        n = passes(lambda layer=layer: cnn(layer=layer, memory=tmp_path).fit_transform(X))
+        n = passes(
+            lambda layer=layer: cnn(layer=layer, memory=tmp_path).fit_transform(X)
+        )
         assert n == probe
 
 
@@ -216,9 +218,7 @@ def test_weights_are_keyed_by_content_not_file_name(X, tmp_path):
     torch.save(make_tiny_cnn(3).state_dict(), path_a)
     est = cnn(layer="stage2", weights=path_a, memory=memory).fit(X)
     assert passes(lambda: est.transform(X)) == len(X)
-    assert_array_equal(
-        est.transform(X), cnn(seed=3, layer="stage2").fit_transform(X)
-    )
+    assert_array_equal(est.transform(X), cnn(seed=3, layer="stage2").fit_transform(X))
 
 
 def test_array_files_and_order_share_entries(X, tmp_path):
@@ -272,7 +272,8 @@ def test_a_corrupt_shard_is_recomputed_not_returned(X, tmp_path, damage):
     expected = cnn(layer="stage2").fit_transform(X)
     cnn(layer="stage2", memory=tmp_path).fit_transform(X)
     (shard,) = _shards(tmp_path)
-    data = bytearray(open(shard, "rb").read())
+    with open(shard, "rb") as f:
+        data = bytearray(f.read())
     if damage == "flip":  # one bit of one value of the block read back
         (length,) = struct.unpack("<Q", data[8:16])
         block = json.loads(data[16 : 16 + length])["blocks"]["stage2"]
