@@ -261,7 +261,15 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
     re-raises ``KeyboardInterrupt`` (so a ``GridSearchCV`` stops too). Any
     other failure leaves the estimator as it was before ``fit``.
     A model fitted on a GPU pickles with its weights on the CPU and loads on a
-    machine without CUDA.
+    machine without CUDA. ``save(path)`` and :func:`~sklearn_cnn.load` store
+    the fitted classifier without pickle: unpickling a file runs code from it,
+    loading a saved file does not.
+
+    Parameters take effect at ``fit``: after ``set_params`` of ``model``,
+    ``weights``, ``image_size``, ``mean``, ``std`` or ``precision``, prediction
+    raises ``NotFittedError`` until ``fit`` runs again, rather than predict
+    with the old setting. On CUDA, a batch that runs out of memory in
+    prediction is split in halves (down to one image) with a warning.
 
     Examples
     --------
@@ -447,16 +455,35 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         self.history_: list[dict] = []
         self.n_iter_ = 0
 
+    def _rebuild_for_load(self, example: torch.Tensor) -> None:
+        """``sklearn_cnn.load`` rebuilt the network from the parameters: redo
+        fit's structural steps (auxiliary heads dropped, the head installed);
+        the saved weights are loaded next."""
+        drop_auxiliary_heads(self.model_)
+        n_classes = len(self.classes_)
+        head, appended = install_head(self.model_, self.trace_, n_classes, example)
+        if head != self.head_:
+            raise ValueError(
+                f"The rebuilt network's head is {head!r}, not {self.head_!r}: the "
+                "model's code changed since the classifier was saved."
+            )
+        if appended:
+            self.trace_ = trace(self.model_, example)
+        self.model_.eval().requires_grad_(False)
+
     def _fitted_state(self) -> dict:
-        """What ``fit`` may change, to put back if it fails."""
-        state = {k: v for k, v in vars(self).items() if k.endswith("_")}
+        """What ``fit`` may change, to put back if it fails: every attribute
+        but the parameters (private ones too, such as ``_fitted_params``)."""
+        params = self.get_params(deep=False)
+        state = {k: v for k, v in vars(self).items() if k not in params}
         if "model_" in state:
             state["history_"] = list(self.history_)
             state["weights"] = cpu_state(self.model_)
         return state
 
     def _restore(self, state: dict) -> None:
-        for name in [k for k in vars(self) if k.endswith("_")]:
+        params = self.get_params(deep=False)
+        for name in [k for k in vars(self) if k not in params]:
             delattr(self, name)
         weights = state.pop("weights", None)
         vars(self).update(state)

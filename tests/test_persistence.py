@@ -402,3 +402,70 @@ def test_other_estimators_are_not_saved(tmp_path):
 
     with pytest.raises(TypeError, match="not Mine"):
         persistence.save(Mine(), tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------
+# FineTuneClassifier
+# ---------------------------------------------------------------------------
+
+
+class NoLinear(torch.nn.Module):
+    """Conv layers only: the classifier appends its head on the pooled output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("model", ["tiny", "no linear"])
+def test_classifier_round_trip_is_exact(model, labelled_images, tmp_path):
+    X, y = labelled_images
+    builder = functools.partial(make_tiny_cnn, 0) if model == "tiny" else NoLinear
+    clf = sklearn_cnn.FineTuneClassifier(
+        builder,
+        epochs=2,
+        augment=None,
+        validation_fraction=0.5,
+        class_weight={"red": 2.0, "green": 1.0, "blue": 1.0},
+        precision="fp32",
+        device="cpu",
+        random_state=0,
+    ).fit(X, y)
+    clf.save(tmp_path / "clf.safetensors")
+    trusted = ["conftest:make_tiny_cnn", "test_persistence:NoLinear"]
+    loaded = load(tmp_path / "clf.safetensors", trusted=trusted)
+    assert type(loaded) is sklearn_cnn.FineTuneClassifier
+    assert_array_equal(loaded.classes_, clf.classes_)
+    assert loaded.classes_.dtype == clf.classes_.dtype
+    assert repr(loaded.history_) == repr(clf.history_)  # NaN rows included
+    for name in ("best_epoch_", "n_iter_", "head_", "stages_", "temperature_"):
+        assert getattr(loaded, name) == getattr(clf, name), name
+    assert loaded.class_weight == clf.class_weight
+    assert not any(p.requires_grad for p in loaded.model_.parameters())
+    assert_array_equal(loaded.predict_proba(X), clf.predict_proba(X))
+    assert_array_equal(loaded.predict(X), clf.predict(X))
+    # And it trains on: a warm start from the loaded weights.
+    loaded.set_params(warm_start=True, epochs=1).fit(X, y)
+    assert loaded.n_iter_ == clf.n_iter_ + 1
+
+
+def test_classifier_with_integer_labels_round_trips(labelled_images, tmp_path):
+    X, y = labelled_images
+    labels = np.unique(y, return_inverse=True)[1].astype(np.int16) * 7
+    clf = sklearn_cnn.FineTuneClassifier(
+        functools.partial(make_tiny_cnn, 0),
+        epochs=0,
+        validation_fraction=None,
+        precision="fp32",
+        device="cpu",
+    ).fit(X, labels)
+    clf.save(tmp_path / "c.safetensors")
+    loaded = load(tmp_path / "c.safetensors", trusted=TRUSTED)
+    assert loaded.classes_.dtype == np.int16
+    assert_array_equal(loaded.predict(X), clf.predict(X))

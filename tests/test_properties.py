@@ -141,12 +141,17 @@ def test_save_load_and_pickle_round_trip_exactly(params):
     assert loaded.n_features_out_ == est.n_features_out_
 
 
-def test_classifier_pickle_round_trips_exactly():
+def test_classifier_save_load_and_pickle_round_trip_exactly(tmp_path):
     clf, _ = fitted_classifier()
     clf.set_params(batch_size=8)
-    loaded = pickle.loads(pickle.dumps(clf))
-    assert_array_equal(loaded.predict_proba(X_LABELLED), clf.predict_proba(X_LABELLED))
-    assert repr(loaded.history_) == repr(clf.history_)  # NaN != NaN
+    expected = clf.predict_proba(X_LABELLED)
+    clf.save(tmp_path / "clf.safetensors")
+    for loaded in (
+        pickle.loads(pickle.dumps(clf)),
+        load(tmp_path / "clf.safetensors", trusted=TRUSTED),
+    ):
+        assert_array_equal(loaded.predict_proba(X_LABELLED), expected)
+        assert repr(loaded.history_) == repr(clf.history_)  # NaN != NaN
 
 
 # ---------------------------------------------------------------------------

@@ -368,3 +368,27 @@ def test_cpu_copy_keeps_tied_weights_tied():
     copy_ = base.cpu_copy(module)
     assert copy_[1].weight is copy_[0].weight
     assert copy_[0].weight is not module[0].weight
+
+
+def test_failed_classifier_refit_keeps_what_the_previous_fit_resolved(
+    labelled_images, monkeypatch
+):
+    """Private fit state (what fit resolved from the parameters) comes back
+    too: a failed refit with another image_size must not let predict use the
+    old network under the new setting."""
+    X, y = labelled_images
+    clf = tiny_classifier(epochs=0).fit(X, y)
+    expected = clf.predict_proba(X)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken stage discovery")
+
+    monkeypatch.setattr("sklearn_cnn._finetune._stages", broken)
+    clf.set_params(image_size=8)
+    with pytest.raises(RuntimeError, match="broken stage discovery"):
+        clf.fit(X, y)
+    monkeypatch.undo()
+    with pytest.raises(NotFittedError, match="image_size=8"):
+        clf.predict(X)
+    clf.set_params(image_size=None)
+    assert_array_equal(clf.predict_proba(X), expected)
