@@ -481,7 +481,15 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.__getitems__([i])[0]
 
-    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+    def __getitems__(self, indices: list[int]) -> torch.Tensor | WorkerFailure:
+        if torch.utils.data.get_worker_info() is None:
+            return self._get(indices)
+        try:
+            return self._get(indices)
+        except (ValueError, TypeError, OSError) as exc:
+            return WorkerFailure(exc)  # raised as it is by the main process
+
+    def _get(self, indices: list[int]) -> torch.Tensor:
         if isinstance(self.X, (np.ndarray, ArrayLikeImages)):
             batch = (
                 self.X[indices]
@@ -518,6 +526,26 @@ class ImageDataset(torch.utils.data.Dataset):
         image = image_to_tensor(self.X[i], i)
         check_resize(self.preprocess, *image.shape[-2:], describe_item(self.X[i], i))
         return self.preprocess(image)
+
+
+class WorkerFailure:
+    """What a DataLoader worker returns instead of a batch it could not make
+    (a bad file, bad values): the main process raises ``error`` as it is.
+
+    Raised in the worker, torch would wrap it in a message holding the worker's
+    traceback and, once the iterator is dropped, wait about 5 s per worker to
+    shut them down (measured: 10.5 s with 2 workers; 0.4 s this way).
+    """
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def raise_worker_failure(batch: Any) -> None:
+    """Raise the error a worker returned as ``batch`` (or as its first item)."""
+    first = batch[0] if isinstance(batch, tuple) else batch
+    if isinstance(first, WorkerFailure):
+        raise first.error
 
 
 def collate_batch(batch: torch.Tensor) -> torch.Tensor:

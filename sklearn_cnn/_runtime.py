@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._images import collate_batch
+from ._images import collate_batch, raise_worker_failure
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -114,6 +114,7 @@ def batches(
         pin_memory=device.type == "cuda",
     )
     for batch in loader:
+        raise_worker_failure(batch)  # a worker's error, as the main process's
         parts = batch if isinstance(batch, tuple) else (batch,)
         parts = tuple(t.to(device, non_blocking=True) for t in parts)
         if channels_last and parts[0].ndim == 4:

@@ -179,8 +179,8 @@ def test_bad_file_error_names_file_and_index(tmp_path, num_workers, content, mat
         bad.write_bytes(content)
     X = [good[0], good[1], bad, good[2]]
     est = tiny(num_workers=num_workers, batch_size=2).fit(good)
-    with pytest.raises(ValueError, match=rf"{match}.*X\[2\] \('.*broken.png'\)"):
-        est.transform(X)
+    with pytest.raises(ValueError, match=rf"^{match}.*X\[2\] \('.*broken.png'\)"):
+        est.transform(X)  # ^: the error itself, not torch's "Caught ... in worker"
     # In a fine-tuning subset too, the index is the one in X.
     with pytest.raises(ValueError, match=r"X\[2\] \('.*broken.png'\)"):
         est._run(X, est._taps, est._pool_all, 8, "t", index=np.array([2, 0]))
@@ -219,3 +219,21 @@ def test_a_batch_of_elongated_images_is_resized_in_parts(monkeypatch):
         ImageDataset(X, spy).__getitems__([3, 4])
     with pytest.raises(ValueError, match=r"X\[1\]: an image of 2 x 40"):
         ImageDataset(list(X), spy).__getitems__([1, 0])
+
+
+def test_bad_file_while_fine_tuning_with_workers(tmp_path, labelled_images):
+    from sklearn_cnn import FineTuneClassifier
+
+    X, y = labelled_images
+    paths = save(X[::5], tmp_path)  # 12 images of 3 classes
+    (tmp_path / "good5.png").write_bytes(b"\x89PNG garbage")
+    clf = FineTuneClassifier(
+        functools.partial(make_tiny_cnn, 0),
+        epochs=1,
+        batch_size=4,
+        num_workers=2,
+        validation_fraction=None,
+        random_state=0,
+    )
+    with pytest.raises(ValueError, match=r"^Cannot read image file X\[5\] \('.*good5"):
+        clf.fit(paths, y[::5])
