@@ -24,7 +24,13 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import NetworkMixin, _network_constraints
-from ._freezing import _frozen_modules, _stages, apply_freeze, train_mode
+from ._freezing import (
+    _frozen_modules,
+    _stages,
+    apply_freeze,
+    frozen_summary,
+    train_mode,
+)
 from ._head import (
     calibration,
     check_vector_head,
@@ -92,8 +98,9 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         not stages: freezing them would change nothing.
 
         - int k: the first k stages (0: everything trains).
-        - float f in [0, 1]: the first modules, in forward order, that hold a
-          fraction f of the backbone's parameters (1.0: only the head trains).
+        - float f in [0, 1]: the first modules, in forward order, whose
+          parameters come closest to a fraction f of the backbone's (1.0: only
+          the head trains); ``frozen_`` shows what that froze.
           Note ``freeze=1`` (one stage) and ``freeze=1.0`` (all) differ.
         - a module name from ``model.named_modules()`` (as
           :func:`~sklearn_cnn.list_layers` shows them): everything up to and
@@ -225,9 +232,11 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         Resize, crop, mean and std used for every image.
     stages_ : list of str
         The stages that an int ``freeze`` counts, in forward order.
-    frozen_stages_ : list of str
-        The stages that ``freeze`` kept frozen in the last fit (gradual
-        unfreezing aside).
+    frozen_ : list of str
+        The outermost modules that ``freeze`` kept frozen in the last fit
+        (gradual unfreezing aside), in forward order.
+    frozen_fraction_ : float
+        Their share of the backbone's parameters.
     head_ : str
         Module name of the classifier head.
     n_trainable_params_ : int
@@ -502,7 +511,7 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         frozen = _frozen_modules(
             model, self.trace_, self.head_, self.stages_, self.freeze
         )
-        self.frozen_stages_ = [s for s in self.stages_ if s in frozen]
+        self.frozen_, self.frozen_fraction_ = frozen_summary(model, self.head_, frozen)
         features: dict[str, torch.Tensor] = {}
         if not resume and self.head_init == "probe":
             features["train"] = self._head_inputs(X, train_idx)

@@ -239,7 +239,9 @@ FROZEN_BY = [
     (3, ["stem.", "stage1.", "stage2."]),
     ("stage1", ["stem.", "stage1."]),
     ("stage1.1", ["stem.", "stage1.0.", "stage1.1."]),
-    (0.5, ["stem.", "stage1.", "stage2.0."]),  # 6,088 params: stage2.0 crosses half
+    # 6,088 params: stem and stage1 hold 1,416, stage2.0 4,608; 1,416 is the
+    # prefix closest to half
+    (0.5, ["stem.", "stage1."]),
     (1.0, ["stem.", "stage1.", "stage2."]),
     ("backbone", ["stem.", "stage1.", "stage2."]),
 ]
@@ -276,7 +278,8 @@ def test_freeze_fraction_covers_that_fraction(tiny_builder, images):
     total = sum(p.numel() for _, p in backbone)
     refreeze(clf)
     frozen = sum(p.numel() for _, p in backbone if not p.requires_grad)
-    assert 0.5 * total <= frozen < 0.5 * total + 16 * 32 * 9
+    assert abs(frozen - 0.5 * total) <= 16 * 32 * 9 / 2  # within half a module
+    assert clf.frozen_fraction_ == pytest.approx(frozen / total)
 
 
 @settings(max_examples=25, deadline=None)
@@ -296,9 +299,8 @@ def test_freeze_fraction_is_minimal_and_monotone(f1, f2):
 
     lo, hi = sorted((f1, f2))
     assert frozen_count(lo) <= frozen_count(hi)
-    assert frozen_count(lo) >= lo * total - 1e-9
-    # minimal: without its last module the prefix would not cover the fraction
-    assert frozen_count(lo) - 4608 < lo * total or lo == 1.0
+    # closest: within half of the largest module (4608) of the fraction
+    assert abs(frozen_count(lo) - lo * total) <= 4608 / 2 or lo == 1.0
 
 
 def test_stages_in_forward_order():
@@ -314,7 +316,7 @@ def test_stages_in_forward_order():
     assert clf.model_.late.weight.requires_grad
 
 
-@pytest.mark.parametrize("freeze, trains", [(0, True), (1, False), (0.01, False)])
+@pytest.mark.parametrize("freeze, trains", [(0, True), (1, False), (0.2, False)])
 def test_root_parameters_freeze_with_the_first_stage(freeze, trains, images):
     clf = make(TokenCNN, freeze=freeze, epochs=0, validation_fraction=None)
     clf.fit(images, np.arange(12) % 2)

@@ -112,7 +112,7 @@ def test_unfreeze_at_trains_the_frozen_part_from_that_epoch(data):
     pretrained = make_tiny_cnn(0).stem[0].weight.detach().clone()
     frozen = make(freeze=1, epochs=3, validation_fraction=None).fit(X, y)
     assert torch.equal(frozen.model_.stem[0].weight, pretrained)
-    assert frozen.frozen_stages_ == ["stem"]
+    assert frozen.frozen_ == ["stem"] and 0 < frozen.frozen_fraction_ < 0.1
     later = make(freeze=1, epochs=3, unfreeze_at=3, validation_fraction=None)
     later.fit(X, y)
     assert not torch.equal(later.model_.stem[0].weight, pretrained)
