@@ -1,0 +1,356 @@
+"""Fine-tuning on several devices with torch's DistributedDataParallel.
+
+``fit_ddp`` starts one process per device with ``torch.multiprocessing``; each
+runs the estimator's own ``fit`` on the same data with the same seed, so every
+process takes the same decisions (validation split, probe, permutation of each
+epoch, early stopping). Three hooks, installed only inside those processes,
+make it data-parallel:
+
+* every global batch of ``batch_size`` images (the same permutation as on one
+  device) is split among the processes, each loading and augmenting only its
+  part (``_shard``);
+* the module that maps a batch to logits is wrapped in
+  ``DistributedDataParallel`` for the training epochs, which averages the
+  gradients of the parts: each optimizer step sees the whole global batch, as
+  on one device, and the parameters stay identical in every process;
+* validation, the probe and calibration run unwrapped, on all the images, in
+  every process (the same result everywhere, no communication).
+
+Rank 0's fitted estimator is sent back to the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from sklearn.base import clone
+from sklearn.utils import check_random_state
+
+from . import _training
+from ._runtime import available_cpus, resolve_device
+
+# ---------------------------------------------------------------------------
+# Splitting batches among processes
+# ---------------------------------------------------------------------------
+
+
+def _shard(
+    order: list[int], batch_size: int, rank: int, world: int, drop_last: bool
+) -> list[list[int]]:
+    """This process's part of each global batch of ``order``.
+
+    Global batches are ``batch_size`` consecutive entries of ``order``, as on
+    one device; process ``rank`` takes every ``world``-th image of each. A
+    global batch with fewer images than processes is skipped by all of them
+    (a process with no image would have no gradient to contribute).
+    """
+    out = []
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        if (drop_last and len(batch) < batch_size) or len(batch) < world:
+            continue
+        out.append(batch[rank::world])
+    return out
+
+
+class _Hooks:
+    """What each process changes in the training loop; installed by ``install``."""
+
+    def __init__(self, rank: int, world: int, device: torch.device) -> None:
+        self.rank, self.world, self.device = rank, world, device
+
+    def install(self) -> None:
+        for owner, name in (
+            (_training, "batches"),
+            (_training.FeatureSource, "batches"),
+            (_training.EpochLoop, "run"),
+            (_training.EpochLoop, "evaluate"),
+        ):
+            if not hasattr(owner, name):  # pragma: no cover - a refactoring
+                raise RuntimeError(
+                    f"sklearn_cnn's training loop has no {name!r} any more: "
+                    "sklearn_cnn._distributed must be updated with it."
+                )
+        plain_batches = _training.batches
+        plain_run = _training.EpochLoop.run
+        plain_evaluate = _training.EpochLoop.evaluate
+        hooks = self
+
+        def image_batches(dataset, *, batch_size, shuffle=False, generator=None,
+                          drop_last=False, **kwargs) -> Iterator[Any]:  # fmt: skip
+            if not shuffle:  # inference: every process sees every image
+                return plain_batches(dataset, batch_size=batch_size, **kwargs)
+            return hooks._image_shards(
+                plain_batches, dataset, batch_size, generator, drop_last, kwargs
+            )
+
+        def feature_batches(source, batch_size, generator):
+            n = len(source.y)
+            order = torch.randperm(n, generator=generator).tolist()
+            for rows in _shard(order, batch_size, hooks.rank, hooks.world, False):
+                rows = torch.as_tensor(rows, device=source.y.device)
+                yield source.features[rows], source.y[rows], source.w[rows]
+
+        def run(loop, *args, **kwargs):
+            plain = loop.forward
+            loop.forward = hooks.wrap(plain)
+            try:
+                return plain_run(loop, *args, **kwargs)
+            finally:
+                loop.forward = plain
+
+        def evaluate(loop):
+            wrapped = loop.forward
+            loop.forward = getattr(wrapped, "module", wrapped)
+            try:
+                return plain_evaluate(loop)
+            finally:
+                loop.forward = wrapped
+
+        _training.batches = image_batches
+        _training.FeatureSource.batches = feature_batches
+        _training.EpochLoop.run = run
+        _training.EpochLoop.evaluate = evaluate
+
+    def _image_shards(self, plain_batches, dataset, batch_size, generator,
+                      drop_last, kwargs) -> Iterator[Any]:  # fmt: skip
+        # The order a shuffling DataLoader draws from ``generator`` (its base
+        # seed first, then its RandomSampler, to the end), so that the global
+        # batches, this epoch and the next, are those of a fit on one device.
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+        order = list(sampler)
+        parts = _shard(order, batch_size, self.rank, self.world, drop_last)
+        mine = [i for part in parts for i in part]
+        sizes = [len(part) for part in parts]
+        subset = torch.utils.data.Subset(dataset, mine)
+        # Consecutive parts of ``mine`` are this process's batches: load them
+        # in order, and regroup them by the sizes of the parts.
+        stream = plain_batches(subset, batch_size=max(sizes, default=1), **kwargs)
+        return _regroup(stream, sizes)
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        if not any(p.requires_grad for p in module.parameters()):
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # Every trainable parameter takes part in each forward pass: auxiliary
+        # heads are dropped and frozen modules have no gradient.
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def _regroup(stream: Iterator[Any], sizes: list[int]) -> Iterator[Any]:
+    """Batches of ``sizes`` images from a stream of larger, equal batches."""
+    pending: list[tuple[torch.Tensor, ...]] = []
+    held = 0
+    for size in sizes:
+        while held < size:
+            batch = next(stream)
+            pending.append(batch)
+            held += len(batch[0])
+        parts = tuple(torch.cat(p) for p in zip(*pending, strict=True))
+        yield tuple(p[:size] for p in parts)
+        rest = tuple(p[size:] for p in parts)
+        pending, held = ([rest], len(rest[0])) if len(rest[0]) else ([], 0)
+
+
+# ---------------------------------------------------------------------------
+# The processes
+# ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _process(
+    rank: int, world: int, port: int, backend: str, device: str, threads: int,
+    estimator: Any, X: Any, y: Any, fit_params: dict, out: str,
+) -> None:  # fmt: skip
+    """One process of ``fit_ddp``: join the group, fit, rank 0 writes the result."""
+    if sys.platform.startswith("linux"):
+        # Gloo talks over the loopback interface only: the processes are local.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        _Hooks(rank, world, torch.device(device)).install()
+        estimator.set_params(device=device)
+        if rank != 0:
+            estimator.set_params(verbose=0)
+        with warnings.catch_warnings():
+            if rank != 0:  # one process reports
+                warnings.simplefilter("ignore")
+            estimator.fit(X, y, **fit_params)
+        if rank == 0:
+            with open(out, "wb") as f:
+                pickle.dump(estimator, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def fit_ddp(
+    estimator: Any,
+    X: Any,
+    y: Any,
+    *,
+    n_devices: int = 2,
+    sample_weight: Any = None,
+) -> Any:
+    """Fit ``estimator`` with DistributedDataParallel on ``n_devices`` devices.
+
+    The same as ``estimator.fit(X, y)`` (same seed, validation split, probe,
+    schedule and early stopping), but each optimizer step's batch of
+    ``batch_size`` images is split among ``n_devices`` processes, and
+    torch's ``DistributedDataParallel`` averages their gradients. The
+    processes are started with ``torch.multiprocessing`` on this machine:
+    one per GPU (NCCL) when ``device`` resolves to CUDA, else CPU processes
+    that share the cores (gloo, over 127.0.0.1 only).
+
+    Parameters
+    ----------
+    estimator : FineTuneClassifier
+        Fitted in place, as ``fit`` would; left as it was if training fails.
+    X : array-like of images or list of paths / PIL images
+        Training images; sent to every process (pass file paths, or a
+        memory-mapped array, when they are large).
+    y : array-like of shape (n_samples,)
+        Class labels.
+    n_devices : int, default=2
+        Processes, one per device. ``batch_size`` stays the global batch:
+        each process handles about ``batch_size / n_devices`` images a step.
+    sample_weight : array-like of shape (n_samples,), default=None
+        As for ``fit``.
+
+    Returns
+    -------
+    estimator : FineTuneClassifier
+        The estimator, fitted (rank 0's copy; all processes end with the
+        same weights).
+
+    Notes
+    -------
+    What changes against one device:
+
+    * BatchNorm: with ``batchnorm="frozen"`` (the default) the statistics stay
+      the pretrained ones in every process. With ``batchnorm="train"``, each
+      process normalizes its part of the batch by that part's statistics,
+      and the running statistics are rank 0's (broadcast to the others before
+      each forward pass).
+    * A step's loss is averaged per process, then over processes: exactly
+      the one-device loss when the parts carry equal weights (equal sizes,
+      no ``sample_weight`` or ``class_weight``), close otherwise.
+    * Augmentation draws from each process's torch generator, seeded alike.
+    * The probe, validation and calibration run in every process on all the
+      images: they cost what they cost on one device.
+    * ``random_state=None`` draws one seed here, shared by the processes.
+
+    The script that calls it must guard its entry point with
+    ``if __name__ == "__main__":`` (the processes import it), and ``model``
+    must be picklable (a torchvision name or a ``functools.partial``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_cnn import FineTuneClassifier
+    >>> from sklearn_cnn.distributed import fit_ddp
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    >>> y = np.repeat([0, 1], 8)
+    >>> clf = FineTuneClassifier("resnet18", weights=None, epochs=1, batch_size=8,
+    ...                          validation_fraction=None, device="cpu")
+    >>> fit_ddp(clf, X, y, n_devices=2).predict(X[:2]).shape
+    (2,)
+    """
+    if not isinstance(n_devices, (int, np.integer)) or n_devices < 1:
+        raise ValueError(f"n_devices must be a positive int; got {n_devices!r}.")
+    n_devices = int(n_devices)
+    params = estimator.get_params(deep=False)
+    if "batch_size" not in params or not hasattr(estimator, "fit"):
+        raise TypeError(
+            f"fit_ddp fine-tunes a FineTuneClassifier; got {type(estimator).__name__}."
+        )
+    work = clone(estimator) if not getattr(estimator, "warm_start", False) else None
+    if work is None:  # warm start: continue from the fitted network
+        work = pickle.loads(pickle.dumps(estimator))
+    work._validate_params()
+    if params["batch_size"] < n_devices:
+        raise ValueError(
+            f"batch_size={params['batch_size']} is smaller than n_devices="
+            f"{n_devices}: each device needs at least one image of every batch."
+        )
+    # One seed for every process: with random_state=None each would draw its
+    # own split and permutation. A RandomState travels as a copy to each
+    # process, and the caller's advances as one fit would advance it.
+    random_state = params["random_state"]
+    if random_state is None:
+        seed = check_random_state(None).randint(2**31 - 1)
+        work.set_params(random_state=int(seed))
+    elif isinstance(random_state, np.random.RandomState):
+        work.set_params(random_state=pickle.loads(pickle.dumps(random_state)))
+        random_state.randint(2**31 - 1)
+
+    device = resolve_device(params["device"])
+    if device.type == "cuda":
+        if torch.cuda.device_count() < n_devices:
+            raise ValueError(
+                f"n_devices={n_devices} but {torch.cuda.device_count()} CUDA "
+                "device(s) are visible."
+            )
+        backend, devices = "nccl", [f"cuda:{i}" for i in range(n_devices)]
+    else:
+        backend, devices = "gloo", ["cpu"] * n_devices
+    threads = max(1, available_cpus() // n_devices) if device.type == "cpu" else 1
+    fit_params = {} if sample_weight is None else {"sample_weight": sample_weight}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank0.pkl")
+        port = _free_port()
+        torch.multiprocessing.start_processes(
+            _entry,
+            args=(
+                n_devices,
+                port,
+                backend,
+                devices,
+                threads,
+                work,
+                X,
+                y,
+                fit_params,
+                out,
+            ),  # fmt: skip
+            nprocs=n_devices,
+            join=True,
+            start_method="spawn",
+        )
+        with open(out, "rb") as f:  # written by rank 0 of this call
+            fitted = pickle.load(f)
+    # Back to the caller's parameters (device, random_state, verbose), with
+    # rank 0's fitted attributes, on the device the caller's parameters say.
+    state = fitted.__getstate__()
+    state.update(params)
+    for name in [k for k in vars(estimator) if k.endswith("_")]:
+        delattr(estimator, name)
+    estimator.__setstate__(state)
+    return estimator
+
+
+def _entry(rank: int, world: int, port: int, backend: str, devices: list[str],
+           *rest: Any) -> None:  # fmt: skip
+    _process(rank, world, port, backend, devices[rank], *rest)
