@@ -250,6 +250,19 @@ def test_image_digests_tell_content_dtype_and_size_apart(X):
     assert image_digests(X[:, :8])[0] != digests[0]
     grey = X[..., 0]
     assert image_digests(grey) == image_digests(np.repeat(grey[..., None], 3, -1))
+    assert image_digests(list(X)) == digests  # a list of per-image arrays
+    rgba = np.concatenate([X, np.full_like(X[..., :1], 7)], axis=-1)
+    assert image_digests(rgba) == digests  # alpha is dropped, as for the network
+
+
+def test_files_and_pil_images_digest_as_their_pixels(X, tmp_path):
+    grey = X[:3, ..., 0]
+    paths = [str(tmp_path / f"{i}.png") for i in range(3)]
+    for image, path in zip(grey, paths, strict=True):
+        Image.fromarray(image).save(path)  # a grey PNG (mode "L")
+    assert image_digests(paths) == image_digests(grey)
+    pil = [Image.fromarray(image) for image in X[:3]]
+    assert image_digests(pil) == image_digests(X[:3])
 
 
 # ---------------------------------------------------------------------------
@@ -384,3 +397,19 @@ def test_memory_set_after_fit_takes_effect_at_once(X, tmp_path):
     est.set_params(memory=tmp_path)
     assert_array_equal(est.transform(X), cnn(layer="stage1").fit_transform(X))
     assert cache_size(tmp_path) > 0
+
+
+def test_verbose_reports_the_filling_pass(X, tmp_path, capsys):
+    cnn(layer="stage1", memory=tmp_path, verbose=1).fit_transform(X)
+    assert "filling the cache" in capsys.readouterr().err
+
+
+def test_threads_filling_at_once_get_their_own_features(X, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = cnn(layer="stage2").fit_transform(X)
+    est = cnn(layer="stage2", memory=tmp_path, batch_size=3).fit(X)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(est.transform, [X, X[::-1], X, X[::-1]]))
+    for i, got in enumerate(results):
+        assert_allclose(got if i % 2 == 0 else got[::-1], expected, rtol=1e-6)
