@@ -513,6 +513,10 @@ def load(
 # ---------------------------------------------------------------------------
 
 
+#: One offline build at a time: the replacement lives on the shared enum member.
+_NO_DOWNLOAD_LOCK = threading.Lock()
+
+
 @contextmanager
 def _no_download(weights: WeightsEnum):
     """While torchvision builds with ``weights``, give the builder the model's
@@ -537,11 +541,12 @@ def _no_download(weights: WeightsEnum):
             )
         return model.state_dict()
 
-    weights.get_state_dict = own_state_dict
-    try:
-        yield
-    finally:
-        del weights.get_state_dict
+    with _NO_DOWNLOAD_LOCK:
+        weights.get_state_dict = own_state_dict
+        try:
+            yield
+        finally:
+            del weights.get_state_dict
 
 
 def _architecture(model: Any, weights: Any) -> nn.Module:

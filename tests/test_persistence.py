@@ -174,6 +174,42 @@ def test_architecture_that_depends_on_the_weights_is_rebuilt_offline(
     assert "get_state_dict" not in vars(torchvision.models.GoogLeNet_Weights.DEFAULT)
 
 
+def test_threads_loading_named_weights_never_download(images, tmp_path, monkeypatch):
+    import threading
+
+    def fake_download(self, *args, **kwargs):
+        import sys
+
+        return sys._getframe(1).f_locals["model"].state_dict()
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", fake_download)
+    est = CNNFeatureTransformer(
+        "resnet18", weights="IMAGENET1K_V1", image_size=32, precision="fp32"
+    ).fit(images[:2])
+    est.save(tmp_path / "r.safetensors")
+    downloads = []
+    monkeypatch.setattr(
+        WeightsEnum, "get_state_dict", lambda self, *a, **k: downloads.append(self)
+    )
+    barrier, results, errors = threading.Barrier(4), [None] * 4, []
+
+    def work(i):
+        barrier.wait()
+        try:
+            results[i] = load(tmp_path / "r.safetensors").transform(images[:2])
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and downloads == []
+    for out in results:
+        assert_array_equal(out, est.transform(images[:2]))
+
+
 def test_file_written_for_cuda_loads_on_the_cpu(images, tmp_path):
     est = tiny(layer="stage1").fit(images)
     expected = est.transform(images)
