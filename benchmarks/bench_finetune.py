@@ -1,7 +1,7 @@
 """FineTuneClassifier on real data, and its epoch time against a hand-written loop.
 
 Two parts, both with ImageNet EfficientNet-Lite0 (offline weights, see
-``examples/_offline.py``) on Animal-MNIST silhouettes resized to 64 px:
+``benchmarks/_offline.py``) on Animal-MNIST silhouettes resized to 64 px:
 
 ``accuracy``
     3,000 images, a stratified third held out. ``FineTuneClassifier`` with its
@@ -51,7 +51,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _offline import lite0, load_animal_mnist  # noqa: E402
 
 SIZE = 64

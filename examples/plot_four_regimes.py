@@ -15,9 +15,10 @@ This example measures it, with EfficientNet-Lite0 on two data sets: crops of
 photographs (similar) and handwritten MNIST digits (unlike). For each size of
 the training set it compares a linear probe
 (:class:`~sklearn_cnn.CNNFeatureTransformer` + logistic regression) with
-:class:`~sklearn_cnn.FineTuneClassifier`. In this run fine-tuning adds nothing
-on the photographs at any size (both are above 0.95), while on the digits its
-gain grows with the data, to several points at 640 images.
+:class:`~sklearn_cnn.FineTuneClassifier`. In this run fine-tuning and the probe
+stay within 3 points of each other on the photographs at every size (both
+0.97 at 640 images), while on the digits the gain of fine-tuning grows with
+the data, to 3 points at 640 images (0.85 against 0.82).
 """
 
 # %%
@@ -141,6 +142,7 @@ for (name, _), color in zip(datasets.items(), ["tab:green", "tab:purple"], stric
     ax.plot(n_train, probe, "o--", color=color, label=f"{name}: linear probe")
     ax.plot(n_train, tuned, "s-", color=color, label=f"{name}: fine-tuned")
 ax.set_xscale("log")
+ax.minorticks_off()
 ax.set_xticks(n_train, [str(n) for n in n_train])
 ax.set_xlabel("training images (10 classes)")
 ax.set_ylabel("accuracy on 400 held-out images")

@@ -11,9 +11,10 @@ searched with :class:`~sklearn.model_selection.GridSearchCV`.
 
 The rule of thumb of the CS231n notes: the less your images look like
 ImageNet and the more of them you have, the more of the network should train.
-On 8 x 8 digits (very unlike ImageNet) the search here prefers to train
-everything: about 0.95 accuracy with nothing frozen against about 0.85 for the
-head alone. The learning curves come from each fit's ``history_``.
+On 8 x 8 digits (very unlike ImageNet) the search here picks ``freeze=0.0``,
+training everything (about 0.93 on its validation fold, against about 0.92
+for the head alone): with 300 training images the gain from adapting the
+network is small. The learning curves come from each fit's ``history_``.
 """
 
 # %%
@@ -42,7 +43,11 @@ LITE0 = {
 digits = load_digits()
 X = (digits.images * 255 / 16).astype(np.uint8)
 X_train, X_test, y_train, y_test = train_test_split(
-    X, digits.target, train_size=500, test_size=500, stratify=digits.target,
+    X,
+    digits.target,
+    train_size=500,
+    test_size=500,
+    stratify=digits.target,
     random_state=0,
 )
 
@@ -66,7 +71,7 @@ def accuracy_keeping_history(estimator, X, y):
 clf = FineTuneClassifier(
     **LITE0,
     image_size=64,
-    epochs=5,
+    epochs=4,
     augment=None,
     validation_fraction=0.2,
     early_stopping=False,
@@ -83,7 +88,10 @@ search = GridSearchCV(
 )
 start = time.perf_counter()
 search.fit(X_train, y_train)
-print(f"search over {len(freezes)} values of freeze: {time.perf_counter() - start:.0f} s")
+print(
+    f"search over {len(freezes)} values of freeze: {time.perf_counter() - start:.0f} s"
+)
+print(f"best: freeze={search.best_params_['freeze']}")
 results = pd.DataFrame(
     {"freeze": freezes, "validation accuracy": search.cv_results_["mean_test_score"]}
 )
@@ -94,25 +102,27 @@ results
 # ---------------
 # Epoch 0 is the start: the new head fitted as a linear probe on the frozen
 # pretrained features (``head_init="probe"``), the same for every candidate.
-# From there, the more of the network trains, the further the accuracy
-# climbs: the pretrained early layers need to adapt to strokes of a pen.
-fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+# The training loss shows how much each setting can adapt: the more of the
+# network trains, the lower it goes. The validation accuracy, measured on
+# only 75 images, moves by a few images from epoch to epoch: the search's
+# score on its separate 125-image fold (the table above) is what decides.
+fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
 colors = plt.cm.viridis(np.linspace(0, 0.9, len(freezes)))
 for freeze, color in zip(freezes, colors, strict=True):
     history = histories[freeze]
-    ax.plot(history["epoch"], history["valid_accuracy"], marker="o", color=color,
-            label=f"freeze={freeze}")
-ax.set_xlabel("epoch (0: linear-probe head)")
-ax.set_ylabel("accuracy on the internal validation split")
-ax.set_title("Fine-tuning Lite0 on 8 x 8 digits")
-ax.legend(title="fraction frozen")
-ax.grid(alpha=0.3)
-
-# %%
-# The chosen value, refitted on all 500 training images
-# -----------------------------------------------------
-best = search.best_params_["freeze"]
-final = FineTuneClassifier(**{**clf.get_params(), "freeze": best, "verbose": 1})
-final.fit(X_train, y_train)
-print(f"freeze={best}: held-out accuracy {final.score(X_test, y_test):.3f}")
+    for ax, column in [(ax_loss, "train_loss"), (ax_acc, "valid_accuracy")]:
+        ax.plot(
+            history["epoch"],
+            history[column],
+            marker="o",
+            color=color,
+            label=f"freeze={freeze}",
+        )
+ax_loss.set_ylabel("training loss")
+ax_acc.set_ylabel("accuracy on the internal validation split")
+for ax in (ax_loss, ax_acc):
+    ax.set_xlabel("epoch (0: linear-probe head)")
+    ax.grid(alpha=0.3)
+ax_acc.legend(title="fraction frozen", fontsize=9)
+fig.suptitle("Fine-tuning Lite0 on 8 x 8 digits, 300 training images")
 plt.show()

