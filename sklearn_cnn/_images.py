@@ -50,6 +50,14 @@ class Preprocessing:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 or float (C, H, W) or (N, C, H, W) RGB -> normalized float32."""
+        return self.normalize(self.geometry(image))
+
+    def geometry(self, image: torch.Tensor) -> torch.Tensor:
+        """Resize and crop, in the input's dtype (uint8 resizes fastest).
+
+        torchvision returns the image itself when it already has the target
+        size, so images of the network's size cost nothing here.
+        """
         if self.resize is not None:
             size = (
                 list(self.resize) if isinstance(self.resize, tuple) else [self.resize]
@@ -57,13 +65,36 @@ class Preprocessing:
             image = TF.resize(
                 image, size, interpolation=self.interpolation, antialias=True
             )
-        if self.crop is not None:
+        if self.crop is not None and tuple(image.shape[-2:]) != self.crop:
             image = TF.center_crop(image, list(self.crop))
-        if image.dtype == torch.uint8:
-            image = image.float().div_(255.0)
+        return image
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 in [0, 255] or float in [0, 1] -> ``(x - mean) / std``, float32.
+
+        One conversion to a new float32 tensor (never the caller's memory), in
+        the input's memory format, then one fused multiply-add over it:
+        ``x * scale + shift`` with ``scale = 1 / (255 std)`` for uint8.
+        """
+        x = image.to(torch.float32, copy=True)
+        div = 255.0 if image.dtype == torch.uint8 else 1.0
+        scale = torch.tensor([1.0 / (s * div) for s in self.std])
+        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)])
+        c, h, w = x.shape[-3:]
+        if x.movedim(-3, -1).is_contiguous():
+            # H x W x C in memory (an array's layout, channels_last): rows of
+            # W * C values with the per-channel factors tiled along them, so
+            # that the inner loop is long and vectorizes (C = 3 would not).
+            rows = x.movedim(-3, -1).view(-1, w * c)
+            scale, shift = scale.repeat(w), shift.repeat(w)
+        elif x.is_contiguous():
+            rows = x.view(-1, c, h * w)
+            scale, shift = scale.view(c, 1), shift.view(c, 1)
         else:
-            image = image.float()
-        return TF.normalize(image, list(self.mean), list(self.std))
+            rows = x
+            scale, shift = scale.view(c, 1, 1), shift.view(c, 1, 1)
+        torch.addcmul(shift.to(x.device), rows, scale.to(x.device), out=rows)
+        return x
 
 
 def _is_path(x: Any) -> bool:
