@@ -1,0 +1,300 @@
+"""Run every torchvision classification model through sklearn_cnn.
+
+For each of ``torchvision.models.list_models(module=torchvision.models)``
+(random weights, nothing is downloaded) at the smallest input size the model
+accepts among a few (the size its ``fit`` error names, if 32 px is refused):
+
+- ``list_layers``: runs, and how many layers have an unknown layout;
+- ``transform`` at ``layer=None``: the features equal the classifier's input
+  captured by a forward pre-hook of our own;
+- ``transform`` at a mid-network layer (the middle of ``list_layers`` among
+  maps and tokens): the features equal that layer's output captured by our
+  own hook and averaged by hand over every axis but the channel axis, which
+  is found independently of the library: the one axis whose length does not
+  change when the input size does (fixed-size ViTs and MaxViT are rebuilt
+  for a second size), with the class token left out of ViT tokens;
+- ``FineTuneClassifier(freeze=0.5, epochs=1, weights=None)`` fit and predict
+  on 8 images of 2 classes (2 of them for validation).
+
+Each model runs in its own process (memory, crashes). Prints a table in
+reStructuredText (the one in docs/models.rst) and the totals::
+
+    python tools/zoo.py [--models resnet18 vit_b_16 ...] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+
+TOKENS_PREFIX = 1  # torchvision's ViTs: one class token first
+# Run last: the largest models (minutes each on a small CPU machine).
+HEAVY = ("vit_", "regnet_y_16", "regnet_y_32", "regnet_y_128", "regnet_x_32", "_large",
+         "efficientnet_b7", "efficientnet_b6", "efficientnet_v2_l", "swin_v2_b", "swin_b",
+         "vgg19", "maxvit")  # fmt: skip
+
+
+def _alt_model(name: str, size: int):
+    """The same architecture built for another input size, and that size."""
+    import torchvision
+
+    if name.startswith("vit_"):
+        patch = int(re.search(r"_(\d+)$", name).group(1))
+        return torchvision.models.get_model(name, image_size=size + 2 * patch), (
+            size + 2 * patch
+        )
+    if name.startswith("maxvit"):
+        return torchvision.models.get_model(name, input_size=(2 * size, 2 * size)), (
+            2 * size
+        )
+    return None, size + 32
+
+
+def _hook(model, name: str, x, pre: bool = False):
+    import torch
+
+    seen = []
+    module = model.get_submodule(name)
+    if pre:
+        handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    else:
+        # A copy: an in-place op after the layer (ReLU(inplace=True)) would
+        # change the tensor itself.
+        handle = module.register_forward_hook(lambda m, a, o: seen.append(o.clone()))
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        handle.remove()
+    return seen[0].detach().double()
+
+
+def _atol(expected) -> float:
+    """Random weights without pretrained statistics can give activations of
+    1e7 (inception): tolerance relative to the largest."""
+    return 1e-4 * max(1.0, float(expected.abs().max()))
+
+
+def _normalized(X, size: int):
+    import torch
+
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    x = torch.from_numpy(X).permute(0, 3, 1, 2).float() / 255
+    return ((x - mean) / std).contiguous()
+
+
+def _size_for(name: str, X_of) -> int:
+    """64 px, or the size that fit's error names."""
+    from sklearn_cnn import CNNFeatureTransformer
+
+    size = 32
+    for _ in range(3):
+        try:
+            CNNFeatureTransformer(name, weights=None, image_size=size).fit(X_of(size)[:1])
+            return size
+        except ValueError as exc:
+            found = re.search(r"image_size=(\d+)", str(exc))
+            if not found:
+                raise
+            size = int(found.group(1))
+    return size
+
+
+def run_one(name: str) -> dict:
+    import numpy as np
+    import torch
+    from numpy.testing import assert_allclose
+
+    from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier, list_layers
+
+    warnings.simplefilter("ignore")
+    rng = np.random.default_rng(0)
+
+    def X_of(size: int, n: int = 2):
+        return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+    row: dict = {"model": name}
+    start = time.perf_counter()
+    try:
+        size = _size_for(name, X_of)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        return row
+    row["size"] = size
+    X = X_of(size)
+    x = _normalized(X, size)
+
+    # list_layers
+    try:
+        layers = list_layers(name, image_size=size)
+        row["layers"] = len(layers)
+        row["unknown"] = sum(layer.layout is None for layer in layers)
+        row["list_layers"] = True
+    except Exception as exc:  # noqa: BLE001
+        row["list_layers"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+        layers = []
+
+    # penultimate
+    try:
+        est = CNNFeatureTransformer(
+            name, weights=None, image_size=size, precision="fp32", random_state=0
+        ).fit(X)
+        out = est.transform(X)
+        head = est.trace_.head
+        if head is None:  # squeezenet: no Linear, its output is the features
+            with torch.no_grad():
+                expected = est.model_(x).double()
+        else:
+            expected = _hook(est.model_, head, x, pre=True).flatten(1)
+        assert_allclose(out, expected.numpy(), rtol=1e-3, atol=_atol(expected))
+        row["penultimate"] = out.shape[1]
+    except Exception as exc:  # noqa: BLE001
+        row["penultimate"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+
+    # mid layer, with an independent channel axis
+    try:
+        maps = [la for la in layers if len(la.output_shape) >= 2]
+        mid = maps[len(maps) // 2]
+        row["mid"] = mid.name
+        row["layout"] = mid.layout
+        est = CNNFeatureTransformer(
+            name, weights=None, image_size=size, layer=mid.name, precision="fp32",
+            random_state=0,
+        ).fit(X)  # fmt: skip
+        out = est.transform(X)
+        t = _hook(est.model_, mid.name, x)
+        alt, size2 = _alt_model(name, size)
+        if alt is None:
+            alt = est.model_
+        t2 = _hook(alt, mid.name, torch.zeros(1, 3, size2, size2))
+        same = [i for i in range(1, t.ndim) if t.shape[i] == t2.shape[i]]
+        if name.startswith("maxvit") and len(same) == 2:
+            # (N, windows, tokens per window, C): 7 x 7 tokens at any size.
+            same = [i for i in same if t.shape[i] != est.model_.partition_size**2]
+        if len(same) != 1:
+            raise AssertionError(f"channel axis not unique: {t.shape} vs {t2.shape}")
+        axis = same[0]
+        if name.startswith("vit_") and t.ndim == 3:  # tokens: class token out
+            t = t.narrow(3 - axis, TOKENS_PREFIX, t.shape[3 - axis] - TOKENS_PREFIX)
+        dims = tuple(i for i in range(1, t.ndim) if i != axis)
+        expected = t.mean(dims)
+        assert out.shape[1] == t.shape[axis], (out.shape, t.shape, axis)
+        assert_allclose(out, expected.numpy(), rtol=1e-3, atol=_atol(expected))
+        row["mid_width"] = out.shape[1]
+    except Exception as exc:  # noqa: BLE001
+        row["mid_width"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+
+    # fine-tuning
+    try:
+        Xf = X_of(size, 8)
+        y = np.repeat([0, 1], 4)
+        clf = FineTuneClassifier(
+            name, weights=None, freeze=0.5, epochs=1, image_size=size, batch_size=4,
+            validation_fraction=0.25, random_state=0, precision="fp32",
+        ).fit(Xf, y)  # fmt: skip
+        pred = clf.predict(Xf[:4])
+        assert pred.shape == (4,)
+        row["finetune"] = True
+    except Exception as exc:  # noqa: BLE001
+        tb = traceback.extract_tb(exc.__traceback__)[-1]
+        where = f" ({tb.filename.rsplit('/', 1)[-1]}:{tb.lineno})"
+        row["finetune"] = (
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}{where}"
+        )
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def _cell(value) -> str:
+    if value is True:
+        return "ok"
+    if isinstance(value, str) and ":" in value:
+        return "FAIL " + value.replace("|", "/")
+    return str(value)
+
+
+def table(rows: list[dict]) -> str:
+    header = [
+        "model", "size", "layers", "unknown layout", "penultimate", "mid layer",
+        "layout", "mid width", "fine-tune (freeze=0.5)", "s",
+    ]  # fmt: skip
+    body = []
+    for r in rows:
+        body.append(
+            [
+                r["model"], r.get("size", ""), r.get("layers", ""),
+                r.get("unknown", ""), _cell(r.get("penultimate", r.get("error", ""))),
+                r.get("mid", ""), r.get("layout", ""), _cell(r.get("mid_width", "")),
+                _cell(r.get("finetune", "")), r.get("seconds", ""),
+            ]  # fmt: skip
+        )
+    cells = [header, *[[str(c) for c in b] for b in body]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    line = " ".join("=" * w for w in widths)
+    fmt = lambda row: " ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([line, fmt(header), line, *[fmt(c) for c in cells[1:]], line])
+
+
+def totals(rows: list[dict]) -> str:
+    n = len(rows)
+    ok = lambda key: sum(1 for r in rows if r.get(key) is True or isinstance(r.get(key), int))  # noqa: E731
+    unknown = sum(1 for r in rows if r.get("unknown"))
+    return (
+        f"list_layers {ok('list_layers')}/{n}, transform penultimate "
+        f"{ok('penultimate')}/{n}, mid layer {ok('mid_width')}/{n}, fine-tune "
+        f"{ok('finetune')}/{n}; models with a layer of unknown layout: {unknown}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*")
+    parser.add_argument("--one")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="append each row to this file")
+    parser.add_argument("--timeout", type=int, default=1800)
+    args = parser.parse_args()
+    if args.one:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(run_one(args.one)))
+        return
+    import torchvision
+
+    names = args.models or sorted(
+        torchvision.models.list_models(module=torchvision.models),
+        key=lambda n: (any(h in n for h in HEAVY), n),
+    )
+    rows = []
+    for name in names:
+        cmd = [sys.executable, __file__, "--one", name, "--threads", str(args.threads)]
+        try:
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=args.timeout
+            )
+            last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+            row = json.loads(last) if last.startswith("{") else {
+                "model": name, "error": f"Crash: {done.stderr.strip()[-200:]}"
+            }  # fmt: skip
+        except subprocess.TimeoutExpired:
+            row = {"model": name, "error": f"Timeout: over {args.timeout} s"}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(table(rows))
+    print()
+    print(totals(rows))
+
+
+if __name__ == "__main__":
+    main()
