@@ -13,8 +13,10 @@ refused with an error naming the file and its index in X.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,20 +133,37 @@ class ArrayLikeImages:
 
     def read(self, indices: list[int]) -> np.ndarray:
         """The images ``indices`` as one NumPy array, checked."""
-        idx = np.asarray(indices, dtype=np.intp)
-        if len(idx) and (np.diff(idx) == 1).all():
-            batch = np.asarray(self.data[int(idx[0]) : int(idx[-1]) + 1])
-        else:
-            unique, inverse = np.unique(idx, return_inverse=True)
-            try:
-                batch = np.asarray(self.data[unique.tolist()])
-            except (TypeError, IndexError, ValueError, NotImplementedError):
-                # No list indexing (zarr's basic indexing): one image at a time.
-                batch = np.stack([np.asarray(self.data[int(i)]) for i in unique])
-            batch = batch[inverse]
+        with _in_this_thread():
+            batch = self._read(indices)
         where = f"X[{indices[0]}]" if len(indices) == 1 else "X"
         _check_values(batch, where, f" (in the images {_describe(indices)})")
         return batch
+
+    def _read(self, indices: list[int]) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.intp)
+        if len(idx) and (np.diff(idx) == 1).all():
+            return np.asarray(self.data[int(idx[0]) : int(idx[-1]) + 1])
+        unique, inverse = np.unique(idx, return_inverse=True)
+        try:
+            batch = np.asarray(self.data[unique.tolist()])
+        except (TypeError, IndexError, ValueError, NotImplementedError):
+            # No list indexing (zarr's basic indexing): one image at a time.
+            batch = np.stack([np.asarray(self.data[int(i)]) for i in unique])
+        return batch[inverse]
+
+
+def _in_this_thread() -> contextlib.AbstractContextManager:
+    """In a DataLoader worker, dask computes in the worker's own thread.
+
+    A worker is a fork of a process whose dask thread pool may already exist:
+    the copy of that pool has no threads, and a compute on it waits forever
+    (measured: a dask X with num_workers=2 hung).
+    """
+    if "dask" in sys.modules and torch.utils.data.get_worker_info() is not None:
+        import dask
+
+        return dask.config.set(scheduler="synchronous")
+    return contextlib.nullcontext()
 
 
 def _describe(indices: list[int]) -> str:
@@ -173,6 +192,11 @@ def check_images(X: Any) -> np.ndarray | ArrayLikeImages | list:
         )
     if isinstance(X, ArrayLikeImages):
         return X  # checked already (a slice of one)
+    if hasattr(X, "tocsr") or type(X).__module__.startswith("sparse"):
+        raise TypeError(
+            f"X is a sparse matrix ({type(X).__name__}); images must be dense: "
+            "pass X.toarray() reshaped to N x H x W x C, or a list of paths."
+        )
     if hasattr(X, "iloc") and hasattr(X, "to_numpy"):
         X = X.to_numpy()  # a pandas Series or one-column DataFrame of paths
     if not isinstance(X, (np.ndarray, list, tuple)) and hasattr(X, "__array__"):

@@ -655,3 +655,28 @@ def test_load_image_folder_warns_of_photos_it_cannot_read(tmp_path, capsys):
         paths, _ = load_image_folder(tmp_path, verbose=1)
     assert paths == [str(tmp_path / "cat/a.jpg")]
     assert "not an image (2)" in capsys.readouterr().err
+
+
+def test_dask_array_with_worker_processes(images):
+    # Regression: a worker forked after dask's thread pool started waited
+    # forever on its copy of the pool.
+    import signal
+
+    da = pytest.importorskip("dask.array")
+    if not hasattr(signal, "SIGALRM"):
+        pytest.skip("needs SIGALRM for its hang guard")
+    X = da.from_array(images, chunks=(4, 16, 16, 3))
+    est = tiny(batch_size=5).fit(X)
+    expected = est.transform(X)  # dask's thread pool now exists
+
+    def hung(*_):
+        raise TimeoutError("transform with worker processes hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)  # a hang fails, not blocks
+    signal.alarm(120)
+    try:
+        out = est.set_params(num_workers=2).transform(X)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert_array_equal(out, expected)
