@@ -7,6 +7,8 @@ and data that pip packages ship.
 
 from __future__ import annotations
 
+import re
+
 from sphinx_gallery.sorting import FunctionSortKey
 
 import sklearn_cnn
@@ -108,5 +110,39 @@ def _sklearn_label(app, env, node, contnode):
     return None
 
 
+# -- Progress bars in the gallery's output ------------------------------------
+# The examples run with verbose=1 so that a long build shows its progress on
+# the console; the captured output would list every update of every bar (tqdm
+# redraws with carriage returns, which become line breaks). The pages keep
+# each bar's final state only.
+_PROGRESS = re.compile(
+    r"^\s*(?P<desc>[^|\n]*?):? *\d+%\|[^|]*\| *(?P<n>\d+)/(?P<total>\d+) "
+)
+
+
+def _final_progress_only(app, docname, source):
+    if not docname.startswith("auto_examples/"):
+        return
+    kept: list[str] = []
+    last_bar = None  # (desc, line index in kept) of the last finished bar
+    for line in source[0].split("\n"):
+        match = _PROGRESS.match(line)
+        if match is None:
+            kept.append(line)
+            last_bar = None
+            continue
+        if match["n"] == "0":
+            last_bar = None  # a new bar starts
+        if match["n"] != match["total"]:
+            continue  # an intermediate state
+        if last_bar is not None and last_bar[0] == match["desc"]:
+            kept[last_bar[1]] = line  # the same bar, closed: keep the last
+            continue
+        kept.append(line)
+        last_bar = (match["desc"], len(kept) - 1)
+    source[0] = "\n".join(kept)
+
+
 def setup(app):
     app.connect("missing-reference", _sklearn_label)
+    app.connect("source-read", _final_progress_only)
