@@ -58,7 +58,8 @@ def list_layers(
     ['layer1.0.conv1', 'layer1.0.bn1', 'layer1.0.conv2', 'layer1.0.bn2']
     >>> [layer for layer in list_layers("resnet18") if layer.name == "layer3"]
     [Layer(name='layer3', output_shape=(256, 14, 14), layout='NCHW')]
-    >>> {layer.layout for layer in list_layers("vit_b_16") if "encoder_layer" in layer.name}
+    >>> vit = list_layers("vit_b_16")
+    >>> {layer.layout for layer in vit if "encoder_layer" in layer.name}
     {'NLD'}
     """
     module, enum = build_model(model, weights)
@@ -108,7 +109,10 @@ def _runs(module: nn.Module, size: int, like: torch.Tensor) -> bool:
 def _size_error(module: nn.Module, example: torch.Tensor, exc: Exception) -> Exception:
     h, w = example.shape[-2:]
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    what = f"{type(module).__name__} failed on a {h}x{w} input ({type(exc).__name__}: {first})"
+    what = (
+        f"{type(module).__name__} failed on a {h}x{w} input "
+        f"({type(exc).__name__}: {first})"
+    )
     fixed = getattr(module, "image_size", None)  # torchvision's ViTs
     cfg = getattr(module, "pretrained_cfg", None)  # timm
     if isinstance(cfg, dict) and cfg.get("fixed_input_size"):

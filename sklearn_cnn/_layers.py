@@ -653,7 +653,9 @@ def pooled_width(shape: tuple[int, ...], how: str, layout: str | None = "NCHW") 
         for s in shape:
             n *= s
         return n
-    return shape[-1] if layout is not None and layout_kind(layout) == "last" else shape[0]
+    return (
+        shape[-1] if layout is not None and layout_kind(layout) == "last" else shape[0]
+    )
 
 
 def check_pooling(

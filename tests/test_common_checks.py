@@ -70,7 +70,9 @@ def fitted(make, X, y):
 @pytest.fixture(scope="module")
 def fitted_pair(data):
     X, y = data
-    return {name: fitted(make, X, y) for make, name in zip(ESTIMATORS, IDS)}
+    return {
+        name: fitted(make, X, y) for make, name in zip(ESTIMATORS, IDS, strict=True)
+    }
 
 
 # -- fit ---------------------------------------------------------------------
@@ -193,7 +195,9 @@ def test_read_only_and_memmapped_input(make, data, tmp_path):
     X_ro = X.copy()
     X_ro.setflags(write=False)
     for variant in (X_mm, X_ro):
-        assert_allclose(outputs(fitted(make, variant, y), variant), reference, rtol=1e-6)
+        assert_allclose(
+            outputs(fitted(make, variant, y), variant), reference, rtol=1e-6
+        )
     # A fitted estimator loaded from a read-only memmap (joblib's mmap_mode).
     est = fitted(make, X, y)
     joblib.dump(est, tmp_path / "est.joblib")
@@ -216,7 +220,9 @@ def test_one_sample(data, fitted_pair):
     two classes and says so."""
     X, y = data
     one = transformer().fit(X[:1])
-    assert_allclose(one.transform(X), fitted_pair["transformer"].transform(X), rtol=1e-6)
+    assert_allclose(
+        one.transform(X), fitted_pair["transformer"].transform(X), rtol=1e-6
+    )
     assert fitted_pair["classifier"].predict_proba(X[:1]).shape == (1, 3)
     with pytest.raises(ValueError, match="single class.*at least 2 classes"):
         classifier().fit(X[:1], y[:1])

@@ -484,9 +484,7 @@ def tiny_swin(v2: bool = False):
 def tiny_convnext():
     torch.manual_seed(0)
     cfg = torchvision.models.convnext.CNBlockConfig
-    return torchvision.models.ConvNeXt(
-        [cfg(8, 16, 1), cfg(16, None, 1)], num_classes=5
-    )
+    return torchvision.models.ConvNeXt([cfg(8, 16, 1), cfg(16, None, 1)], num_classes=5)
 
 
 def tiny_maxvit():
@@ -521,14 +519,26 @@ HAND_POOLED = [
     (tiny_vit, "encoder", "avg", lambda t: t[:, 1:].mean(1), 16),
     (tiny_vit, "encoder.layers.encoder_layer_0", "cls", lambda t: t[:, 0], 16),
     (tiny_vit, "encoder.layers.encoder_layer_1", "max", lambda t: t[:, 1:].amax(1), 16),
-    (tiny_vit, "encoder.layers.encoder_layer_0.mlp.0", "avg", lambda t: t[:, 1:].mean(1), 24),
+    (
+        tiny_vit,
+        "encoder.layers.encoder_layer_0.mlp.0",
+        "avg",
+        lambda t: t[:, 1:].mean(1),
+        24,
+    ),
     (tiny_vit, "conv_proj", "avg", lambda t: t.mean((2, 3)), 16),
     # Swin stages: (N, H, W, C).
     (tiny_swin, "features.0", "avg", lambda t: t.mean((1, 2)), 8),
     (tiny_swin, "features.1", "max", lambda t: t.amax((1, 2)), 8),
     (tiny_swin, "features.2", "avg", lambda t: t.mean((1, 2)), 16),
     (tiny_swin, "features.3.0.mlp.0", "avg", lambda t: t.mean((1, 2)), 64),
-    (functools.partial(tiny_swin, True), "features.3", "avg", lambda t: t.mean((1, 2)), 16),
+    (
+        functools.partial(tiny_swin, True),
+        "features.3",
+        "avg",
+        lambda t: t.mean((1, 2)),
+        16,
+    ),
     # ConvNeXt: NCHW between blocks, NHWC inside them.
     (tiny_convnext, "features.1.0.block.0", "avg", lambda t: t.mean((2, 3)), 8),
     (tiny_convnext, "features.1.0.block.2", "avg", lambda t: t.mean((1, 2)), 8),
@@ -536,7 +546,13 @@ HAND_POOLED = [
     (tiny_convnext, "features.1.0", "avg", lambda t: t.mean((2, 3)), 8),
     (tiny_convnext, "features.3", "avg", lambda t: t.mean((2, 3)), 16),
     # MaxViT: NCHW MBConv, windows of tokens (N, windows, tokens, C) inside.
-    (tiny_maxvit, "blocks.0.layers.0.layers.MBconv", "avg", lambda t: t.mean((2, 3)), 8),
+    (
+        tiny_maxvit,
+        "blocks.0.layers.0.layers.MBconv",
+        "avg",
+        lambda t: t.mean((2, 3)),
+        8,
+    ),
     (
         tiny_maxvit,
         "blocks.0.layers.0.layers.window_attention.attn_layer",
@@ -545,16 +561,26 @@ HAND_POOLED = [
         8,
     ),
     # A CNN map, for comparison.
-    (functools.partial(make_tiny_cnn, 0), "stage1", "avg", lambda t: t.mean((2, 3)), 16),
+    (
+        functools.partial(make_tiny_cnn, 0),
+        "stage1",
+        "avg",
+        lambda t: t.mean((2, 3)),
+        16,
+    ),
 ]
 
 
 @pytest.mark.parametrize(
     "build, layer, pooling, by_hand, width",
     HAND_POOLED,
-    ids=[f"{b.__name__ if hasattr(b, '__name__') else 'v2'}-{l}-{p}" for b, l, p, *_ in HAND_POOLED],
+    ids=[
+        f"{getattr(b, '__name__', 'v2')}-{layer}-{p}" for b, layer, p, *_ in HAND_POOLED
+    ],
 )
-def test_pooled_features_match_hand_pooling(build, layer, pooling, by_hand, width, rgb32):
+def test_pooled_features_match_hand_pooling(
+    build, layer, pooling, by_hand, width, rgb32
+):
     est = tiny(build, layer=layer, pooling=pooling, image_size=32).fit(rgb32)
     out = est.transform(rgb32)
     assert out.shape == (3, width)
@@ -638,7 +664,9 @@ def test_unknown_layout_is_an_error_that_says_how_to_declare_it(rgb32):
     est = tiny(Hidden(), layer=["conv", "inner"], layout={"inner": "NHWC"})
     assert est.fit_transform(rgb32).shape == (3, 12)
     assert est.layouts_ == ["NCHW", "NHWC"]
-    assert tiny(Hidden(), layer="inner", pooling="flatten").fit_transform(rgb32).shape == (
+    assert tiny(Hidden(), layer="inner", pooling="flatten").fit_transform(
+        rgb32
+    ).shape == (
         3,
         30 * 30 * 6,
     )

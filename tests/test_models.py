@@ -10,12 +10,12 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
-from torch import nn
 import torchvision
 from conftest import TinyCNN, make_tiny_cnn
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.base import clone
 from sklearn.utils._param_validation import InvalidParameterError
+from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights, WeightsEnum
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF

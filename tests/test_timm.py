@@ -64,7 +64,9 @@ def test_penultimate_features_are_timms_pre_logits(name, size, tmp_path):
     with torch.no_grad():
         x = normalized(X, MEAN, STD)
         if size is None:  # default preprocessing of a 224 image: resize, crop
-            x = torch.stack([est.preprocessing_(torch.from_numpy(i).permute(2, 0, 1)) for i in X])
+            x = torch.stack(
+                [est.preprocessing_(torch.from_numpy(i).permute(2, 0, 1)) for i in X]
+            )
         expected = model.forward_head(model.forward_features(x), pre_logits=True)
     out = est.transform(X)
     assert out.shape == (2, model.num_features)
@@ -78,9 +80,11 @@ def test_preprocessing_comes_from_pretrained_cfg(name):
     pre = est.preprocessing_
     assert pre.crop == tuple(cfg["input_size"][1:])
     assert pre.resize == math.floor(cfg["input_size"][-1] / cfg["crop_pct"])
-    assert pre.interpolation == InterpolationMode.BICUBIC == {
-        "bicubic": InterpolationMode.BICUBIC
-    }.get(cfg["interpolation"])
+    assert (
+        pre.interpolation
+        == InterpolationMode.BICUBIC
+        == {"bicubic": InterpolationMode.BICUBIC}.get(cfg["interpolation"])
+    )
     assert pre.mean == tuple(cfg["mean"]) and pre.std == tuple(cfg["std"])
     # Given values win.
     est = CNNFeatureTransformer(
@@ -152,7 +156,10 @@ def test_convnext_stage_maps_and_layer_names(tmp_path):
         image_size=64, precision="fp32",
     )  # fmt: skip
     assert_allclose(
-        est.fit_transform(X), seen[0].double().mean((2, 3)).numpy(), rtol=1e-4, atol=1e-5
+        est.fit_transform(X),
+        seen[0].double().mean((2, 3)).numpy(),
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 

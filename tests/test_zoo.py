@@ -108,7 +108,9 @@ def second_size(name: str, size: int) -> int:
 def test_family(name, size):
     rng = np.random.default_rng(0)
     X = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
-    x = ((torch.from_numpy(X).permute(0, 3, 1, 2).float() / 255 - MEAN) / STD).contiguous()
+    x = (
+        (torch.from_numpy(X).permute(0, 3, 1, 2).float() / 255 - MEAN) / STD
+    ).contiguous()
     model = build(name)
 
     # list_layers: every layer's layout is known.
