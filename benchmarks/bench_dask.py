@@ -29,6 +29,7 @@ import argparse
 import logging
 import os
 import platform
+import resource
 import statistics
 import time
 
@@ -44,10 +45,16 @@ from sklearn_cnn.dask import featurize, local_cluster
 
 LOCAL = {
     "host": "127.0.0.1",
-    "dashboard_address": None,
+    "dashboard_address": "127.0.0.1:0",
     "processes": True,
     "silence_logs": logging.ERROR,
 }
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of the calling process."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def naive(X: np.ndarray, cnn: CNNFeatureTransformer, chunk_size: int) -> da.Array:
@@ -98,6 +105,7 @@ def main() -> None:
             features = featurize(X, cnn, client, chunk_size=args.chunk_size)
             return client.compute(features).result()
 
+        run.client = client
         return run
 
     def single(threads: int):
@@ -109,6 +117,7 @@ def main() -> None:
             finally:
                 torch.set_num_threads(before)
 
+        run.client = None
         return run
 
     candidates = {
@@ -135,30 +144,41 @@ def main() -> None:
         diff = float(np.abs(out - expected).max())
         print(f"  {name}: max |difference| from transform = {diff:.2g}")
 
+    # Wall time, and CPU time: this process's (client, scheduler, or the
+    # single-process transform) plus the workers' (user + system).
     times: dict[str, list[float]] = {name: [] for name in candidates}
+    cpus: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(args.rounds):
         for name, fn in candidates.items():
-            start = time.perf_counter()
+            client = fn.client
+            workers = sum(client.run(cpu_seconds).values()) if client else 0.0
+            cpu, start = time.process_time(), time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+            cpu = time.process_time() - cpu
+            if client:
+                cpu += sum(client.run(cpu_seconds).values()) - workers
+            cpus[name].append(cpu)
 
     width = max(map(len, candidates))
+    print(f"{'':<{width}}  wall time (median, rounds) | CPU time (median)")
     for name, t in times.items():
-        print(f"{name:<{width}}  median {statistics.median(t):6.2f} s  "
-              f"({', '.join(f'{x:.2f}' for x in t)})")  # fmt: skip
+        rounds = ", ".join(f"{x:.2f}" for x in t)
+        print(f"{name:<{width}}  {statistics.median(t):6.2f} s ({rounds}) | "
+              f"{statistics.median(cpus[name]):6.2f} s")  # fmt: skip
 
-    def ratio(reference: str, name: str) -> str:
-        r = [a / b for a, b in zip(times[reference], times[name], strict=True)]
-        return (
-            f"{statistics.median(r):.2f} (rounds: {', '.join(f'{x:.2f}' for x in r)})"
-        )
+    def ratio(table: dict, reference: str, name: str) -> str:
+        r = [a / b for a, b in zip(table[reference], table[name], strict=True)]
+        rounds = ", ".join(f"{x:.2f}" for x in r)
+        return f"{statistics.median(r):.2f} (rounds: {rounds})"
 
-    print("per-core efficiency (transform time / featurize time, same cores):")
     names = list(candidates)
-    print(f"  1 worker : {ratio(names[0], names[1])}")
-    print(f"  2 workers: {ratio(names[2], names[3])}")
-    for extra in names[4:]:
-        print(f"  {extra}: {ratio(names[2], extra)}")
+    for label, table in (("wall", times), ("CPU", cpus)):
+        print(f"per-core efficiency by {label} time (transform / featurize):")
+        print(f"  1 worker : {ratio(table, names[0], names[1])}")
+        print(f"  2 workers: {ratio(table, names[2], names[3])}")
+        for extra in names[4:]:
+            print(f"  {extra}: {ratio(table, names[2], extra)}")
 
     for client in clients.values():
         client.close()

@@ -244,7 +244,7 @@ def fit_ddp(
         same weights).
 
     Notes
-    -------
+    -----
     What changes against one device:
 
     * BatchNorm: with ``batchnorm="frozen"`` (the default) the statistics stay

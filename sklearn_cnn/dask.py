@@ -102,10 +102,11 @@ def local_cluster(
     --------
     >>> from distributed import Client
     >>> from sklearn_cnn.dask import local_cluster
-    >>> cluster = local_cluster(1, host="127.0.0.1", dashboard_address=None)
+    >>> cluster = local_cluster(1, host="127.0.0.1", dashboard_address="127.0.0.1:0")
     >>> client = Client(cluster)
-    >>> client.run(lambda: __import__("os").environ.get("MALLOC_TRIM_THRESHOLD_"))
-    {'tcp://127.0.0.1:...': None}
+    >>> import os
+    >>> set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values())
+    {None}
     >>> client.close(); cluster.close()
     """
     from distributed import LocalCluster

@@ -97,7 +97,8 @@ def client():
         2,
         threads_per_worker=1,
         host="127.0.0.1",
-        dashboard_address=None,
+        # None would still serve the dashboard on port 8787 (or another one).
+        dashboard_address="127.0.0.1:0",
         silence_logs=logging.ERROR,
     )
     # Not the default client: each test says which scheduler it uses.
@@ -218,6 +219,24 @@ def test_warns_about_malloc_trim_threshold():
 
     with pytest.warns(RuntimeWarning, match="MALLOC_TRIM_THRESHOLD_=65536"):
         skdask._warn_malloc_trim(FakeClient())
+
+
+def test_activation_cache_shared_by_the_workers(client, images, tmp_path):
+    if "memory" not in CNNFeatureTransformer().get_params():
+        pytest.skip("CNNFeatureTransformer has no memory= yet")
+    from sklearn_cnn import cache_size
+
+    cnn = tiny(layer="stage1", memory=str(tmp_path)).fit(images)
+    expected = tiny(layer="stage1").fit(images).transform(images)
+    first = compute(client, featurize(images, cnn, client, chunk_size=4))
+    np.testing.assert_allclose(first, expected, **TOL)
+    assert cache_size(str(tmp_path)) > 0  # the workers wrote it
+    # A search's next candidate: another layer, read from what was stored.
+    other = clone(cnn).set_params(layer="stage2").fit(images)
+    second = compute(client, featurize(images, other, client, chunk_size=4))
+    np.testing.assert_allclose(
+        second, tiny(layer="stage2").fit(images).transform(images), **TOL
+    )
 
 
 # ---------------------------------------------------------------------------
