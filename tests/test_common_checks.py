@@ -339,3 +339,38 @@ def test_decision_function_and_probabilities_agree(data, fitted_pair):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         assert_allclose(np.log(proba), clf.predict_log_proba(X), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", ESTIMATORS, ids=IDS)
+def test_concurrent_calls_from_threads(make, data, fitted_pair):
+    """Four threads released together by a barrier call transform or
+    predict_proba on one fitted estimator: each gets its own rows."""
+    import threading
+
+    X, _ = data
+    est = pickle.loads(pickle.dumps(fitted_pair[make.__name__]))
+    est.set_params(batch_size=2)  # several batches per call
+    parts = [X[i::4] for i in range(4)]
+    expected = [outputs(est, part) for part in parts]
+    barrier = threading.Barrier(4)
+    results: list = [None] * 4
+    errors: list = []
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(3):
+                out = outputs(est, parts[i])
+                if results[i] is None or not np.array_equal(out, expected[i]):
+                    results[i] = out
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for got, want in zip(results, expected, strict=True):
+        assert_array_equal(got, want)
