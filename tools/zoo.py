@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -77,6 +78,30 @@ def _hook(model, name: str, x, pre: bool = False):
     finally:
         handle.remove()
     return seen[0].detach().double()
+
+
+def _all_layers(name: str, module, layers, size: int) -> str:
+    """Of the layers whose output scales with the input, how many pool to the
+    length of the axis that does not (the channel or embedding axis)."""
+    from sklearn_cnn import list_layers
+    from sklearn_cnn._layers import pooled_width
+
+    alt, size2 = _alt_model(name, size)
+    other = {la.name: la for la in list_layers(alt or module, image_size=size2)}
+    window = getattr(module, "partition_size", 0) ** 2
+    good = checked = 0
+    for layer in layers:
+        a = layer.output_shape
+        b = other[layer.name].output_shape if layer.name in other else a
+        if len(a) < 2 or a == b:  # vectors; tables that do not scale
+            continue
+        same = [i for i in range(len(a)) if a[i] == b[i]]
+        if len(same) == 2 and window:  # MaxViT windows: 7 x 7 tokens each
+            same = [i for i in same if a[i] != window]
+        checked += 1
+        if len(same) == 1 and pooled_width(a, "avg", layer.layout) == a[same[0]]:
+            good += 1
+    return f"{good}/{checked}"
 
 
 def _atol(expected) -> float:
@@ -199,6 +224,13 @@ def run_one(name: str) -> dict:
     except Exception as exc:  # noqa: BLE001
         row["mid_width"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
 
+    # Transformers' and ConvNeXt's every layer: pooled width = channel axis.
+    if name.startswith(("vit_", "swin", "convnext", "maxvit")):
+        try:
+            row["all_layers"] = _all_layers(name, module, layers, size)
+        except Exception as exc:  # noqa: BLE001
+            row["all_layers"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+
     # fine-tuning
     try:
         Xf = X_of(size, 8)
@@ -231,7 +263,7 @@ def _cell(value) -> str:
 def table(rows: list[dict]) -> str:
     header = [
         "model", "size", "layers", "unknown layout", "penultimate", "mid layer",
-        "layout", "mid width", "fine-tune (freeze=0.5)", "s",
+        "layout", "mid width", "all layers", "fine-tune (freeze=0.5)", "s",
     ]  # fmt: skip
     body = []
     for r in rows:
@@ -245,6 +277,7 @@ def table(rows: list[dict]) -> str:
                 r.get("mid", ""),
                 r.get("layout", ""),
                 _cell(r.get("mid_width", "")),
+                _cell(r.get("all_layers", "")),
                 _cell(r.get("finetune", "")),
                 r.get("seconds", ""),
             ]  # fmt: skip
@@ -266,10 +299,19 @@ def totals(rows: list[dict]) -> str:
         return sum(1 for r in rows if r.get(key) is True or isinstance(r.get(key), int))
 
     unknown = sum(1 for r in rows if r.get("unknown"))
+    fractions = [
+        r["all_layers"].split("/")
+        for r in rows
+        if "/" in str(r.get("all_layers", "")) and ":" not in r["all_layers"]
+    ]
+    good = sum(int(g) for g, _ in fractions)
+    checked = sum(int(c) for _, c in fractions)
     return (
         f"list_layers {ok('list_layers')}/{n}, transform penultimate "
         f"{ok('penultimate')}/{n}, mid layer {ok('mid_width')}/{n}, fine-tune "
-        f"{ok('finetune')}/{n}; models with a layer of unknown layout: {unknown}"
+        f"{ok('finetune')}/{n}; models with a layer of unknown layout: {unknown}; "
+        f"ViT/Swin/ConvNeXt/MaxViT layers pooled to their channel axis: "
+        f"{good}/{checked}"
     )
 
 
@@ -281,6 +323,8 @@ def main() -> None:
     parser.add_argument("--json", help="append each row to this file")
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--resume", action="store_true", help="skip rows in --json")
+    parser.add_argument("--reverse", action="store_true", help="last model first")
+    parser.add_argument("--claim-dir", help="a folder where workers claim models")
     parser.add_argument("--table", action="store_true", help="print --json's table")
     args = parser.parse_args()
     if args.one:
@@ -307,7 +351,17 @@ def main() -> None:
         torchvision.models.list_models(module=torchvision.models),
         key=lambda n: (any(h in n for h in HEAVY), n),
     )
+    if args.reverse:
+        names = names[::-1]
     for name in [n for n in names if n not in done]:
+        if args.claim_dir:  # several workers share the list
+            try:
+                os.makedirs(args.claim_dir, exist_ok=True)
+                os.close(
+                    os.open(os.path.join(args.claim_dir, name), os.O_CREAT | os.O_EXCL)
+                )
+            except FileExistsError:
+                continue
         cmd = [sys.executable, __file__, "--one", name, "--threads", str(args.threads)]
         try:
             done = subprocess.run(
