@@ -245,7 +245,9 @@ _CHANNELS_FIRST = (
     nn.modules.pooling._AdaptiveAvgPoolNd,
     nn.modules.pooling._AdaptiveMaxPoolNd,
     nn.modules.pooling._LPPoolNd,
-    nn.modules.dropout._DropoutNd,  # Dropout2d: whole channels
+    nn.Dropout1d,  # whole channels dropped (not nn.Dropout: any layout)
+    nn.Dropout2d,
+    nn.Dropout3d,
     nn.Upsample,
     nn.PixelShuffle,
 )
@@ -276,7 +278,7 @@ def _expects(m: nn.Module, shape: tuple[int, ...] | None) -> str | None:
         return "last" if len(norm) == 1 and norm[0] == shape[-1] else None
     if isinstance(m, nn.Linear):
         return "last" if shape[-1] == m.out_features else None
-    if isinstance(m, _CHANNELS_FIRST) and not isinstance(m, nn.Dropout):
+    if isinstance(m, _CHANNELS_FIRST):
         return "first"
     return None
 

@@ -809,3 +809,27 @@ def test_network_using_view_falls_back_to_contiguous_tensors(rgb32):
     assert_allclose(out, by_hand.numpy(), rtol=1e-5, atol=1e-5)
     # A network that runs in channels_last keeps it.
     assert uses_channels_last(tiny(layer="stage1").fit(rgb32).model_)
+
+
+class Tokens(nn.Module):
+    """Patch tokens made with tensor methods, then an element-wise dropout
+    that works in any layout: the next Linear shows the channels are last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.patches = nn.Conv2d(3, 6, 8, stride=8)
+        self.drop = nn.AlphaDropout(0.1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        tokens = self.patches(x).flatten(2).transpose(1, 2)  # (N, 16, 6)
+        return self.fc(self.drop(tokens)).mean(1)
+
+
+def test_layout_of_an_any_layout_module_comes_from_its_consumer(rgb32):
+    layers = {la.name: la.layout for la in list_layers(Tokens(), image_size=32)}
+    assert layers["drop"] == "NLD" and layers["patches"] == "NCHW"
+    est = tiny(Tokens(), layer="drop").fit(rgb32)
+    tokens = hooked_output(Tokens(), "drop", normalized(rgb32))
+    assert_allclose(est.transform(rgb32), tokens.mean(1).numpy(), rtol=1e-5, atol=1e-6)
