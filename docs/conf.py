@@ -7,9 +7,9 @@ and data that pip packages ship.
 
 from __future__ import annotations
 
+import os
 import re
-
-from sphinx_gallery.sorting import FunctionSortKey
+import sys
 
 import sklearn_cnn
 
@@ -47,26 +47,8 @@ numpydoc_class_members_toctree = False
 numpydoc_attributes_as_param_list = True
 
 # -- sphinx-gallery -----------------------------------------------------------
-# The gallery reads as a course: from CNN codes to fine-tuning, then what the
-# network sees. Examples not listed here come last, by file name.
-EXAMPLE_ORDER = [
-    "plot_transfer_learning.py",
-    "plot_which_layer.py",
-    "plot_freeze.py",
-    "plot_four_regimes.py",
-    "plot_finetune_vs_scratch.py",
-    "plot_similar_images.py",
-    "plot_column_transformer.py",
-    "plot_feature_maps.py",
-    "plot_any_input_size.py",
-    "plot_class_visualisation.py",
-]
-
-
-def _example_rank(filename: str) -> tuple[int, str]:
-    rank = EXAMPLE_ORDER.index(filename) if filename in EXAMPLE_ORDER else 99
-    return rank, filename
-
+# docs/gallery_order.py orders the examples; it is imported by name.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 sphinx_gallery_conf = {
     "examples_dirs": "../examples",
@@ -74,8 +56,11 @@ sphinx_gallery_conf = {
     "filename_pattern": r"/plot_",
     "ignore_pattern": r"__init__\.py",
     "abort_on_example_error": True,
-    "within_subsection_order": FunctionSortKey(_example_rank, "teaching order"),
+    "within_subsection_order": "gallery_order.ExampleOrder",
     "remove_config_comments": True,
+    # A cell's last value is shown only when it renders as HTML (a DataFrame):
+    # not the Text or Line2D objects that matplotlib calls return.
+    "capture_repr": ("_repr_html_",),
     "download_all_examples": False,
     "show_memory": False,
     "doc_module": ("sklearn_cnn",),
@@ -90,7 +75,16 @@ html_css_files = ["custom.css"]
 html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,
-    "secondary_sidebar_items": ["page-toc"],
+    # The examples and the API pages give their width to code and signatures
+    # (88 columns fit at 1280 px); the guides keep their table of contents.
+    "secondary_sidebar_items": {
+        "auto_examples/*": [],
+        "generated/*": [],
+        "index": ["page-toc"],
+        "user_guide": ["page-toc"],
+        "scaling": ["page-toc"],
+        "models": ["page-toc"],
+    },
 }
 html_show_sourcelink = False
 

@@ -10,21 +10,19 @@ learning curves, read from ``history_``.
 
 The images: random crops of ten photographs, to be told apart by the
 photograph they come from. The pretrained network starts (epoch 0, its
-linear-probe head) where the randomly initialised one does not arrive in all
-its epochs: here above 0.9 validation accuracy from the start, against well
-under 0.5 for the network trained from scratch after five epochs. Four million
-parameters cannot be learnt from 300 images; adapting them can.
+linear-probe head) at about 0.7 validation accuracy and climbs above 0.8 in
+five epochs; the randomly initialised one is still at chance (0.1) after the
+same five epochs, its training loss barely moving. Four million parameters
+cannot be learnt from 300 images in a few dozen steps; adapting them can.
 """
 
 # %%
 # Data and the two classifiers
 # ----------------------------
 # Everything is the same except the starting point. From scratch there is no
-# pretrained feature to probe (``head_init="random"``) and no reason for the
-# backbone to move slower than the head (``backbone_lr=lr``). BatchNorm stays
-# in eval mode for both (the default ``batchnorm="frozen"``): with 300 images
-# and a few dozen steps, running statistics learnt from scratch would lag far
-# behind the weights.
+# pretrained feature to probe (``head_init="random"``), no pretrained
+# BatchNorm statistic to keep (``batchnorm="train"``) and no reason for the
+# backbone to move slower than the head (``backbone_lr=lr``).
 import functools
 
 import matplotlib.pyplot as plt
@@ -87,6 +85,7 @@ models = {
         **common,
         weights=None,
         head_init="random",
+        batchnorm="train",
         lr=1e-3,
         backbone_lr=1e-3,
     ),

@@ -149,6 +149,7 @@ for name, pipe in pipes.items():
 # motorcycle, the dark galaxies and temple); the CNN codes see what is in the
 # crop.
 fig, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
+# sphinx_gallery_thumbnail_number = 2
 for ax, (name, pipe) in zip(axes, pipes.items(), strict=True):
     ConfusionMatrixDisplay.from_estimator(
         pipe,

@@ -117,6 +117,7 @@ print(f"best layer {best}: held-out accuracy {search.score(X_test, y_test):.3f}"
 # an 8), peaks in the middle of the network, and falls for the last blocks,
 # whose features serve ImageNet's classes rather than strokes of a pen.
 labels = [str(c) if c is not None else "penultimate" for c in candidates]
+# sphinx_gallery_thumbnail_number = 2
 fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
 ax.errorbar(range(len(candidates)), scores, yerr=errors, marker="o", capsize=3)
 ax.set_xticks(range(len(candidates)), labels, rotation=30)
