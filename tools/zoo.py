@@ -266,7 +266,7 @@ def table(rows: list[dict]) -> str:
         "layout", "mid width", "all layers", "fine-tune (freeze=0.5)", "s",
     ]  # fmt: skip
     body = []
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["model"]):
         body.append(
             [
                 r["model"],
@@ -338,6 +338,7 @@ def main() -> None:
     if args.table:
         with open(args.json) as f:
             rows = [json.loads(line) for line in f if line.strip()]
+        rows = list({r["model"]: r for r in rows}.values())  # the last run of each
         print(table(rows))
         print()
         print(totals(rows))
