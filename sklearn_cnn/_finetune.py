@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from functools import partial
 from numbers import Integral, Real
 from typing import Any
@@ -28,6 +29,7 @@ from ._freezing import (
     _frozen_modules,
     _stages,
     apply_freeze,
+    frozen_prefix,
     frozen_summary,
     train_mode,
 )
@@ -58,14 +60,18 @@ from ._training import (
     ImageSource,
     Labelled,
     Loss,
+    PrefixSkip,
     Selection,
     cpu_state,
 )
 
+#: Most memory that the stored outputs of a frozen prefix may take.
+PREFIX_BYTES = 2 * 2**30
 
-def _first_float(outputs: list[torch.Tensor]) -> torch.Tensor:
-    """The one tapped tensor, as float32 (autocast may have made it bf16)."""
-    return outputs[0].float()
+
+def _flat(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The tapped tensors of a batch, float32, flattened side by side."""
+    return torch.cat([t.float().reshape(len(t), -1) for t in outputs], dim=1)
 
 
 class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
@@ -514,7 +520,9 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         self.frozen_, self.frozen_fraction_ = frozen_summary(model, self.head_, frozen)
         features: dict[str, torch.Tensor] = {}
         if not resume and self.head_init == "probe":
-            features["train"] = self._head_inputs(X, train_idx)
+            # One pass gives the probe its features and, where the first phase
+            # can use it, the frozen prefix's outputs too.
+            self._compute(X, train_idx, "train", features, frozen, probe=True)
             set_head(
                 model.get_submodule(self.head_),
                 *fit_probe(
@@ -527,39 +535,43 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         selection, status, loop = None, "done", None
         for epochs, frozen_now in self._phases(frozen, resume):
             apply_freeze(model, self.trace_, frozen_now)
-            sources = self._sources(X, y, w, train_idx, val_idx, features)
+            forward, *sources, dtype = self._sources(
+                X, y, w, train_idx, val_idx, features, frozen_now
+            )
             loop = EpochLoop(
-                model, *sources,
-                loss=loss, device=self.device_, batch_size=bs,
-                dtype=None if "cached" in features else self._autocast_dtype,
+                model, forward, *sources,
+                loss=loss, device=self.device_, batch_size=bs, dtype=dtype,
                 train_mode=partial(train_mode, model, frozen_now, self.batchnorm),
                 history=self.history_, verbose=self.verbose,
             )  # fmt: skip
-            if selection is None:
-                val_loss, val_acc = loop.evaluate()
-                if not self.history_:
-                    loop.log(
-                        epoch=0, train_loss=math.nan, valid_loss=val_loss,
-                        valid_accuracy=val_acc, time=time.perf_counter() - start,
-                    )  # fmt: skip
-                last = self.history_[-1]["epoch"]
-                selection = Selection(last, val_acc, val_loss, model, len(val_idx) > 0)
-            selection.new_phase()
-            self.n_trainable_params_ = sum(
-                p.numel() for p in model.parameters() if p.requires_grad
-            )
-            optimizer = make_optimizer(self.optimizer, self._param_groups())
-            schedule = make_schedule(
-                optimizer, self.schedule, loop.train.n_batches(bs) * epochs,
-                self.warmup_fraction,
-            )  # fmt: skip
-            done = len(self.history_)
-            patience = self.n_iter_no_change if self.early_stopping else None
-            status = loop.run(
-                epochs, optimizer, schedule, selection, generator,
-                patience if len(val_idx) else None,
-            )  # fmt: skip
-            self.n_iter_ += len(self.history_) - done
+            with forward if isinstance(forward, PrefixSkip) else nullcontext():
+                if selection is None:
+                    val_loss, val_acc = loop.evaluate()
+                    if not self.history_:
+                        loop.log(
+                            epoch=0, train_loss=math.nan, valid_loss=val_loss,
+                            valid_accuracy=val_acc, time=time.perf_counter() - start,
+                        )  # fmt: skip
+                    last = self.history_[-1]["epoch"]
+                    selection = Selection(
+                        last, val_acc, val_loss, model, len(val_idx) > 0
+                    )
+                selection.new_phase()
+                self.n_trainable_params_ = sum(
+                    p.numel() for p in model.parameters() if p.requires_grad
+                )
+                optimizer = make_optimizer(self.optimizer, self._param_groups())
+                schedule = make_schedule(
+                    optimizer, self.schedule, loop.train.n_batches(bs) * epochs,
+                    self.warmup_fraction,
+                )  # fmt: skip
+                done = len(self.history_)
+                patience = self.n_iter_no_change if self.early_stopping else None
+                status = loop.run(
+                    epochs, optimizer, schedule, selection, generator,
+                    patience if len(val_idx) else None,
+                )  # fmt: skip
+                self.n_iter_ += len(self.history_) - done
             if status != "done":
                 break
         has_val = len(val_idx) > 0
@@ -567,13 +579,13 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
             self.best_epoch_ = selection.restore()
         else:
             self.best_epoch_ = self.history_[-1]["epoch"]
-        self._calibrate(loop, has_val)
+        self._calibrate(X, y[val_idx], val_idx, loop)
         if "train" in features and self.best_epoch_ == 0 and has_val:
             # The probe head won: the validation images were only needed to
             # tell, so refit it on all the training images, as a probe would be.
             both = np.r_[train_idx, val_idx]
             if "valid" not in features:
-                features["valid"] = self._head_inputs(X, val_idx)
+                self._compute(X, val_idx, "valid", features, set(), probe=True)
             set_head(
                 model.get_submodule(self.head_),
                 *fit_probe(
@@ -610,35 +622,89 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
 
     def _sources(
         self, X: Any, y: np.ndarray, w: np.ndarray, train_idx: np.ndarray,
-        val_idx: np.ndarray, features: dict,
+        val_idx: np.ndarray, features: dict, frozen: set[str],
     ) -> tuple:  # fmt: skip
-        """Training and validation sources, and the module that maps their
-        batches to logits. When only the head trains and the images are not
-        augmented, the backbone's output never changes: it is computed once
-        (shared with the probe) and the epochs train the head on it."""
+        """The module that maps training batches to logits, the training and
+        validation sources, and the autocast dtype.
+
+        Without augmentation, what the frozen part computes never changes, so
+        it is computed once per image and the epochs run only the rest: the
+        head on the pooled features when only the head trains, else the
+        network after its frozen prefix of stages (checked against the whole
+        network on a few images first).
+        """
         model, device = self.model_, self.device_
-        head = model.get_submodule(self.head_)
-        head_only = not any(
-            p.requires_grad for n, p in model.named_parameters()
-            if not n.startswith(self.head_ + ".")
-        )  # fmt: skip
-        if head_only and self.augment is None:
-            check_vector_head(self.trace_, self.head_)
-            for part, index in (("train", train_idx), ("valid", val_idx)):
+        parts = (("train", train_idx), ("valid", val_idx))
+        if self.augment is None and self._head_only():
+            for part, index in parts:
                 if part not in features:
-                    features[part] = self._head_inputs(X, index)
-            features["cached"] = True
+                    self._compute(X, index, part, features, frozen)
+            head = model.get_submodule(self.head_)
             return (
                 head,
                 FeatureSource(features["train"], y[train_idx], w[train_idx], device),
                 FeatureSource(features["valid"], y[val_idx], w[val_idx], device),
+                None,
             )
-        features.pop("cached", None)
+        prefix = self._prefix(frozen, len(X)) if self.augment is None else None
+        if prefix is not None:
+            for part, index in parts:
+                if "prefix " + part not in features:
+                    self._compute(X, index, part, features, frozen)
+            skip = PrefixSkip(
+                model, prefix[:-1], prefix[-1], (3, *self.preprocessing_.output_size)
+            )
+            if self._replays_exactly(X, train_idx, skip, features["prefix train"]):
+                return (
+                    skip,
+                    *(
+                        FeatureSource(features["prefix " + part], y[i], w[i], device)
+                        for part, i in parts
+                    ),
+                    self._autocast_dtype,
+                )
         return (
             model,
             self._images(X, y, w, train_idx, True),
             self._images(X, y, w, val_idx, False),
+            self._autocast_dtype,
         )
+
+    def _head_only(self) -> bool:
+        return not any(
+            p.requires_grad
+            for n, p in self.model_.named_parameters()
+            if not n.startswith(self.head_ + ".")
+        )
+
+    def _prefix(self, frozen: set[str], n_images: int) -> list[str] | None:
+        """The leading frozen stages, when their outputs are worth keeping in
+        memory (fixed image size, at most ``PREFIX_BYTES`` for these images)."""
+        prefix = frozen_prefix(self.stages_, frozen)
+        if not prefix or self.preprocessing_.output_size is None:
+            return None
+        shape = self.trace_.shapes.get(prefix[-1])
+        if shape is None or 4 * math.prod(shape) * n_images > PREFIX_BYTES:
+            return None
+        return prefix
+
+    def _replays_exactly(
+        self, X: Any, index: np.ndarray, skip: PrefixSkip, outputs: torch.Tensor
+    ) -> bool:
+        """Whether the network after the prefix, on stored outputs, gives what
+        the whole network gives (a model that reuses an early tensor later,
+        say, would not): checked in float32 on the first images."""
+        k = min(4, len(index))
+        whole = self._run(X, [], float_logits, len(self.classes_), "check", index[:k])
+        try:
+            with torch.inference_mode(), skip:
+                self.model_.eval()
+                out = skip(outputs[:k].to(self.device_))
+                part = float_logits([out]).cpu().numpy()
+        except Exception:  # the blank input broke it: not a cut
+            return False
+        scale = max(1.0, float(np.abs(whole).max()))
+        return bool(np.allclose(part, whole, rtol=1e-2, atol=1e-2 * scale))
 
     def _images(
         self, X: Any, y: np.ndarray, w: np.ndarray, index: np.ndarray, augment: bool
@@ -654,21 +720,51 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
             num_workers=self.num_workers, channels_last=has_conv2d(self.model_),
         )  # fmt: skip
 
-    def _head_inputs(self, X: Any, index: np.ndarray) -> torch.Tensor:
-        """The frozen network's pooled features (the head's input), on the CPU."""
-        check_vector_head(self.trace_, self.head_)
-        width = self.trace_.input_shapes[self.head_][0]
-        taps = [Tap(self.head_, pre=True)]
-        rows = self._run(X, taps, _first_float, width, "features", index=index)
-        return torch.from_numpy(rows)
+    def _compute(
+        self, X: Any, index: np.ndarray, part: str, features: dict,
+        frozen: set[str], probe: bool = False,
+    ) -> None:  # fmt: skip
+        """One pass over images ``index``: the head's input (pooled features)
+        into ``features[part]`` and, where the frozen prefix can be replayed,
+        its outputs into ``features["prefix " + part]``; on the CPU."""
+        taps, shapes = [], []
+        prefix = None if self.augment is not None else self._prefix(frozen, len(X))
+        if prefix is not None and not (probe and self._head_only()):
+            taps.append(Tap(prefix[-1]))
+            shapes.append(self.trace_.shapes[prefix[-1]])
+        if probe or self._head_only():
+            check_vector_head(self.trace_, self.head_)
+            taps.append(Tap(self.head_, pre=True))
+            shapes.append(self.trace_.input_shapes[self.head_])
+        sizes = [math.prod(shape) for shape in shapes]
+        flat = self._run(X, taps, _flat, sum(sizes), "features", index=index)
+        outputs = [
+            torch.from_numpy(np.ascontiguousarray(a)).reshape(-1, *shape)
+            for a, shape in zip(
+                np.split(flat, np.cumsum(sizes)[:-1], axis=1), shapes, strict=True
+            )
+        ]
+        if taps[-1].pre:
+            features[part] = outputs.pop()
+        if outputs:
+            features["prefix " + part] = outputs.pop()
 
-    def _calibrate(self, loop: EpochLoop | None, has_val: bool) -> None:
+    def _calibrate(
+        self, X: Any, y: np.ndarray, index: np.ndarray, loop: EpochLoop | None
+    ) -> None:
+        """Temperature scaling on the validation images ``index`` (on their
+        stored features when only the head trained)."""
         self.temperature_ = 1.0
         self.calibration_ = {"before": math.nan, "after": math.nan}
-        if self.calibrate and has_val and loop is not None:
-            z = loop.valid.logits(loop.forward, self.batch_size, loop.dtype)
-            y = loop.valid.targets[0].numpy()
-            self.temperature_, self.calibration_ = calibration(z.double().numpy(), y)
+        if self.calibrate and len(index):
+            n = len(self.classes_)
+            if loop is not None and loop.forward is self.model_.get_submodule(
+                self.head_
+            ):
+                z = loop.valid.logits(loop.forward, self.batch_size, None).numpy()
+            else:
+                z = self._run(X, [], float_logits, n, "calibrate", index=index)
+            self.temperature_, self.calibration_ = calibration(z.astype(float), y)
 
     # -- prediction ------------------------------------------------------------
 

@@ -181,3 +181,13 @@ def frozen_summary(
     }
     total = sum(p.numel() for n, p in model.named_parameters() if not _is_head(n, head))
     return names, (sum(size.values()) / total if total else 0.0)
+
+
+def frozen_prefix(stages: list[str], frozen: set[str]) -> list[str]:
+    """The stages, from the first, that are all frozen."""
+    prefix = []
+    for stage in stages:
+        if stage not in frozen:
+            break
+        prefix.append(stage)
+    return prefix

@@ -252,6 +252,9 @@ class FeatureSource:
         self.y = torch.from_numpy(y).to(device)
         self.w = torch.from_numpy(w).to(device)
         self.features = features.to(device)
+        if self.features.ndim == 4:  # as the stage's output was: convolutions
+            # give (slightly) different sums in another memory format
+            self.features = self.features.contiguous(memory_format=torch.channels_last)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -266,6 +269,9 @@ class FeatureSource:
         self, batch_size: int, generator: torch.Generator
     ) -> Iterator[tuple[torch.Tensor, ...]]:
         n = len(self.y)
+        # The draws of a shuffled DataLoader over the images (its workers' base
+        # seed, then the permutation), so that both paths see the same order.
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
         order = torch.randperm(n, generator=generator).to(self.y.device)
         for start in range(0, n, batch_size):
             rows = order[start : start + batch_size]
@@ -416,3 +422,51 @@ class EpochLoop:
             if patience is not None and selection.stall >= patience:
                 break
         return "done"
+
+
+# ---------------------------------------------------------------------------
+# A frozen prefix computed once: the rest of the network on its outputs
+# ---------------------------------------------------------------------------
+
+
+def _identity(x: Any, *args: Any, **kwargs: Any) -> Any:
+    return x
+
+
+class PrefixSkip(nn.Module):
+    """The network from the output of stage ``cut`` on, given that output.
+
+    While entered (a context manager), the frozen stages before ``cut`` pass
+    their input through and ``cut`` returns the stored batch of its outputs
+    (their ``forward`` is shadowed on the instance: the modules, and so the
+    state dict, stay as they are); the network runs on a blank input of the
+    images' shape, so that parameter-free operations before the cut still see
+    the shapes they expect.
+    """
+
+    def __init__(
+        self, model: nn.Module, skipped: list[str], cut: str, image_shape: tuple
+    ) -> None:
+        super().__init__()
+        self.model, self.skipped, self.cut = model, skipped, cut
+        self.image_shape = tuple(image_shape)
+        self._value: torch.Tensor | None = None
+
+    def _replay(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._value
+
+    def __enter__(self) -> PrefixSkip:
+        for name in self.skipped:
+            self.model.get_submodule(name).forward = _identity
+        self.model.get_submodule(self.cut).forward = self._replay
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in [*self.skipped, self.cut]:
+            vars(self.model.get_submodule(name)).pop("forward", None)
+        self._value = None
+
+    def forward(self, outputs: torch.Tensor) -> Any:
+        self._value = outputs
+        blank = outputs.new_zeros((len(outputs), *self.image_shape))
+        return self.model(blank)

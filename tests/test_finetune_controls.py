@@ -18,7 +18,12 @@ from sklearn.pipeline import Pipeline
 from torch import nn
 
 from sklearn_cnn import FineTuneClassifier
-from sklearn_cnn._head import calibration, expected_calibration_error, fit_temperature
+from sklearn_cnn._head import (
+    calibration,
+    expected_calibration_error,
+    fit_probe,
+    fit_temperature,
+)
 from sklearn_cnn._optim import make_schedule, param_groups
 from sklearn_cnn._targets import example_weights
 from sklearn_cnn._training import cpu_state
@@ -288,3 +293,96 @@ def test_failed_warm_start_keeps_the_previous_weights(data):
     for k, v in clf.model_.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert clf.history_ == history and clf.n_iter_ == 2
+
+
+def test_probe_scale_floor_bounds_the_weights_of_nearly_dead_features():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 100)
+    features = rng.normal(size=(200, 8)) + y[:, None]
+    features[:, 0] = 0.0
+    features[:3, 0] = 1e-3  # fires on three images
+    weight, _ = fit_probe(features, y, 2, None, 0)
+    assert np.abs(weight[:, 0]).max() < np.abs(weight[:, 1:]).max()
+
+
+# --- the frozen prefix, computed once (issue 8.3) -----------------------------
+
+
+def counting_cnn():
+    model = make_tiny_cnn(0)
+
+    def count(_m, args):
+        counting_cnn.seen += len(args[0])
+
+    model.stem[0].register_forward_pre_hook(count)  # the stem's convolution
+    return model
+
+
+counting_cnn.seen = 0
+
+
+@pytest.mark.parametrize("freeze", [1, 2])
+def test_frozen_prefix_runs_once_per_image_and_changes_nothing(
+    data, monkeypatch, freeze
+):
+    X, y = data
+    params = dict(
+        freeze=freeze, augment=None, epochs=3, precision="fp32", image_size=16,
+        validation_fraction=0.33, early_stopping=False,
+    )  # fmt: skip
+    counting_cnn.seen = 0
+    cached = FineTuneClassifier(counting_cnn, **{**FAST, **params}).fit(X, y)
+    passes = counting_cnn.seen
+    # the trace (1), one pass over every image (probe and prefix together),
+    # the check on 4, and calibration on the 20 validation images
+    assert passes == 1 + len(X) + 4 + 20
+    monkeypatch.setattr("sklearn_cnn._finetune.PREFIX_BYTES", 0)  # no caching
+    counting_cnn.seen = 0
+    plain = FineTuneClassifier(counting_cnn, **{**FAST, **params}).fit(X, y)
+    assert counting_cnn.seen > 3 * len(X)  # every epoch runs the stem
+    np.testing.assert_allclose(
+        cached.predict_proba(X), plain.predict_proba(X), rtol=1e-4, atol=1e-6
+    )
+    assert [r["train_loss"] for r in cached.history_[1:]] == pytest.approx(
+        [r["train_loss"] for r in plain.history_[1:]], rel=1e-4, abs=1e-5
+    )
+
+
+def test_prefix_not_replayed_with_augmentation(data):
+    X, y = data
+    counting_cnn.seen = 0
+    FineTuneClassifier(
+        counting_cnn, freeze=2, epochs=2, batch_size=16, random_state=0,
+        validation_fraction=None,
+    ).fit(X, y)  # fmt: skip
+    assert counting_cnn.seen >= 3 * len(X)
+
+
+class SkipFromStem(nn.Module):
+    """Uses the stem's output again after stage1: replaying stage1 alone is
+    not the network (the check must refuse it, here by an error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.stage1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.stage2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        s = self.stem(x)
+        x = self.stage2(self.stage1(s) + s)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_prefix_that_is_not_a_cut_trains_on_images(data):
+    X, y = data
+    params = dict(augment=None, epochs=2, precision="fp32", early_stopping=False)
+    params.update(image_size=16)
+    torch.manual_seed(0)
+    a = FineTuneClassifier(SkipFromStem(), freeze=2, **{**FAST, **params}).fit(X, y)
+    torch.manual_seed(0)
+    b = FineTuneClassifier(SkipFromStem(), freeze=2, **{**FAST, **params})
+    b.set_params(augment=lambda im: im)  # forces the image path
+    b.fit(X, y)
+    np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=1e-5)
