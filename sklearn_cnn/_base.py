@@ -7,6 +7,7 @@ import contextlib
 import copy
 import functools
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from numbers import Integral
@@ -20,17 +21,21 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from ._images import ImageDataset, Preprocessing
-from ._layers import Tap, Tapper, Trace, trace
+from ._inspect import probe_network
+from ._layers import Tap, Tapper, Trace
 from ._models import build_model, resolve_preprocessing
 from ._runtime import (
     PRECISIONS,
-    Progress,
+    CompiledForward,
+    auto_compile_pays,
     autocast,
     batches,
-    has_conv2d,
+    compiled_forward,
     place,
+    progress,
     resolve_device,
     resolve_precision,
+    uses_channels_last,
 )
 
 _network_constraints: dict = {
@@ -48,7 +53,8 @@ _network_constraints: dict = {
     "batch_size": [Interval(Integral, 1, None, closed="left")],
     "device": [str, torch.device],
     "precision": [StrOptions(set(PRECISIONS))],
-    "num_workers": [Interval(Integral, 0, None, closed="left")],
+    "num_workers": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
+    "compile": ["boolean", StrOptions({"auto"})],
     "verbose": ["verbose"],
 }
 
@@ -293,6 +299,33 @@ def cpu_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+class ImageClassifierMixin:
+    """``score`` with a docstring that speaks of images, not of a table.
+
+    scikit-learn's ``ClassifierMixin.score`` describes ``X`` as an array of
+    shape (n_samples, n_features); place this mixin left of it.
+    """
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Mean accuracy of ``predict(X)`` against ``y``.
+
+        Parameters
+        ----------
+        X : array-like of images or list of paths / PIL images
+            Test images, in any form that ``fit`` accepts.
+        y : array-like of shape (n_samples,)
+            True labels of ``X``.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Sample weights.
+
+        Returns
+        -------
+        score : float
+            Fraction of the images whose predicted class is ``y``.
+        """
+        return super().score(X, y, sample_weight=sample_weight)
+
+
 class NetworkMixin:
     """Builds and runs the network; the estimators add what they do with it.
 
@@ -329,13 +362,15 @@ class NetworkMixin:
         }
         module, enum = build_model(self.model, self.weights)
         self.preprocessing_: Preprocessing = resolve_preprocessing(
-            self.model, enum, self.image_size, self.mean, self.std
+            self.model, enum, self.image_size, self.mean, self.std, module=module
         )
         self.device_ = resolve_device(self.device)
         self.model_: nn.Module = place(module.eval(), self.device_)
         example = self._example(example_source)
         self._example_shape = tuple(example.shape[1:])
-        self.trace_: Trace = trace(self.model_, example)
+        # Errors that name the image_size a model needs; a network that fails
+        # in channels_last format (x.view) falls back to contiguous tensors.
+        self.trace_: Trace = probe_network(self.model_, example)
 
     def _check_params_unchanged(self) -> None:
         """Refuse to run with parameters that changed since fit."""
@@ -361,7 +396,13 @@ class NetworkMixin:
     def _example(self, X: Any) -> torch.Tensor:
         """The first image of X, preprocessed: the probe for tracing."""
         batch = ImageDataset(X, self.preprocessing_).__getitems__([0])
-        return batch.to(self.device_)
+        model = getattr(self, "model_", None)
+        fmt = (
+            torch.channels_last
+            if model is not None and uses_channels_last(model)
+            else torch.contiguous_format
+        )
+        return batch.to(self.device_).contiguous(memory_format=fmt)
 
     @property
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -379,7 +420,7 @@ class NetworkMixin:
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             device=self.device_,
-            channels_last=has_conv2d(self.model_),
+            channels_last=uses_channels_last(self.model_),
         )
 
     def _run(
@@ -390,9 +431,11 @@ class NetworkMixin:
         n_columns: int,
         label: str,
         index: np.ndarray | None = None,
+        flip: bool = False,
     ) -> np.ndarray:
         """``reduce(tapped tensors)`` of every image (of ``index`` if given),
-        as one float32 array.
+        as one float32 array; with ``flip``, the mean of the image's and its
+        mirror's (test-time augmentation).
 
         Batches stream through the network in inference mode; only the reduced
         rows of each batch are kept. A batch that runs out of CUDA memory is
@@ -401,24 +444,76 @@ class NetworkMixin:
         self._check_params_unchanged()
         n = len(X) if index is None else len(index)
         out = np.empty((n, n_columns), dtype=np.float32)
-        progress = Progress(n, label, enabled=bool(self.verbose))
+        bar = progress(n, label, enabled=bool(self.verbose))
         self.model_.eval()
         start = 0
         size = self.batch_size
-        with torch.inference_mode(), Tapper(self.model_, taps) as tapper:
+        dtype = self._autocast_dtype
+        mode = getattr(self, "compile", False)  # FineTuneClassifier: until it has one
+        auto = isinstance(mode, str)  # "auto": compile once it pays, below
+        # compile=False still reuses nothing; "auto" reuses a compile it paid.
+        compiled = self._compiled_forward(taps, dtype, reuse_only=auto or not mode)
+        if not auto and not mode:
+            compiled = None
+        began = time.perf_counter()
+        # One autocast region for the whole loop: each weight is cast to the
+        # low precision once, not at every batch.
+        with (
+            torch.inference_mode(),
+            Tapper(self.model_, taps) as tapper,
+            autocast(self.device_, dtype),
+        ):
+
+            def forward(images: torch.Tensor) -> list[torch.Tensor]:
+                return tapper(images) if compiled is None else compiled(images, tapper)
 
             def rows_of(images: torch.Tensor) -> torch.Tensor:
-                with autocast(self.device_, self._autocast_dtype):
-                    return reduce(tapper(images))
+                rows = reduce(forward(images))
+                if flip:
+                    rows = 0.5 * (rows + reduce(forward(images.flip(-1))))
+                return rows
 
             for batch in self._batches(X, index):
+                if (
+                    auto
+                    and compiled is None
+                    and auto_compile_pays(time.perf_counter() - began, start, n - start)
+                ):
+                    compiled = self._compiled_forward(taps, dtype)
                 rows, size = halve_on_oom(
                     lambda k, b=batch: in_chunks(rows_of, b, k), size, what=label
                 )
                 out[start : start + len(rows)] = rows.cpu().numpy()
                 start += len(rows)
-                progress.update(len(batch))
+                bar.update(len(batch))
+        bar.close()
         return out
+
+    def _compiled_forward(
+        self, taps: list[Tap], dtype: torch.dtype | None, reuse_only: bool = False
+    ) -> CompiledForward | None:
+        """The compiled tapped forward for ``taps`` (see ``compile``), kept
+        across calls while the weights stay the same: the compile time is paid
+        once. With ``reuse_only``, only one already compiled (or None)."""
+        cached = getattr(self, "_compiled", None)
+        key = (tuple(taps), dtype, str(self.device_))
+        if reuse_only:
+            fresh = cached is not None and cached.fresh_for(self.model_, key)
+            return cached if fresh and not cached.failed else None
+        self._compiled = compiled_forward(
+            cached, self.model_, taps, key, verbose=bool(self.verbose)
+        )
+        return self._compiled
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # Images, not a table: arrays N x H x W (x C), or lists of file paths.
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.input_tags.string = True
+        if tags.transformer_tags is not None:  # float32 whatever the input
+            tags.transformer_tags.preserves_dtype = []
+        return tags
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the fitted estimator to ``path``, without pickle.
@@ -462,10 +557,11 @@ class NetworkMixin:
         if model is not None and _off_cpu(model):
             state["model_"] = cpu_copy(model)
         state.pop("device_", None)
+        state.pop("_compiled", None)  # compiled code does not pickle; recompiles
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         if "model_" in state:
             self.device_ = resolve_device(self.device)
-            place(self.model_, self.device_)
+            place(self.model_, self.device_, uses_channels_last(self.model_))

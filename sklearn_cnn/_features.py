@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
-from sklearn.utils._param_validation import StrOptions
+from sklearn.utils._param_validation import HasMethods, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import NetworkMixin, _network_constraints, restore_on_failure
+from ._cache import cache_directory, cached_transform, network_key_parts
 from ._images import check_images
-from ._layers import POOLINGS, Tapper, pool, resolve_layers
+from ._layers import (
+    LAYOUTS,
+    POOLINGS,
+    Tap,
+    Tapper,
+    check_pooling,
+    network_output,
+    pool,
+    resolve_layers,
+)
+from ._models import seeded
 
 
-class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
+class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
     """Activations of a pretrained CNN's layer, pooled, as a feature matrix.
 
     The "CNN codes" of transfer learning: run a pretrained network on images and
@@ -43,10 +55,22 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
         network's last ``nn.Linear`` (the pooled penultimate features); a model
         without one gives its output. Several names concatenate their features
         in the order given. Tapping an early layer stops the forward pass there.
-    pooling : {"avg", "max", "avgmax", "gem", "flatten"}, default="avg"
-        How a spatial map (N, C, H, W) becomes a vector: global average, max,
-        the mean of the two, generalized mean (p=3), or all values flattened.
-        Outputs that are already vectors are left as they are.
+        A model whose forward returns a tuple, list or dict gives its first
+        tensor.
+    pooling : {"avg", "max", "avgmax", "gem", "cls", "flatten"}, default="avg"
+        How a layer's output becomes a vector: global average, max, the mean of
+        the two, generalized mean (p=3) over its spatial positions (or its patch
+        tokens), the class token ("cls", for ViT tokens), or all values
+        flattened. Outputs that are already vectors are left as they are. The
+        channel axis is found from the network itself: (N, C, H, W) maps of
+        convolutions, (N, H, W, C) maps (Swin stages, ConvNeXt block
+        internals), (N, L, D) tokens (ViT encoders: "avg" is the mean of the
+        patch tokens, as timm does); :func:`~sklearn_cnn.list_layers` shows it.
+    layout : None, str or dict, default=None
+        The layout of the tapped output where it cannot be found from the
+        network (fit says so): "NCHW" (channels first), "NHWC" (channels last),
+        "NLD" (tokens), "NC" (vectors), or a dict ``{layer: layout}``. A hint
+        that contradicts the layout found is refused.
     image_size : int, (height, width), "native" or None, default=None
         None uses the weights' own preprocessing (torchvision: resize the shorter
         side, then centre crop); for a module of your own without metadata it
@@ -63,8 +87,41 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
         "auto" uses bfloat16 autocast where the hardware runs it natively (CUDA;
         CPUs with AVX512-BF16 or AMX), float32 elsewhere. "fp32" gives exact
         float32 features.
-    num_workers : int, default=0
+    num_workers : int or "auto", default=0
         DataLoader worker processes that decode and preprocess image files.
+        "auto" uses one per CPU beyond the one running the network (at most 8)
+        when there are enough files to pay for starting them, and none for
+        arrays and PIL images, which need no decoding.
+    memory : None, str, path or joblib.Memory, default=None
+        Cache the pooled activations on disk (in ``<location>/sklearn_cnn``)
+        so that no image runs through the network twice: across folds, the
+        candidates of a layer search, later fits and sessions. An image not
+        yet cached goes once through the whole network, and that pass stores
+        every layer down to the depth of the deepest one asked for (at least
+        stages and blocks, ``"layer3"`` and ``"layer3.1"``): a ``GridSearchCV``
+        over ``layer`` then runs the network once per image in all. Entries
+        are found by the image's pixels (array, file or PIL image alike, in
+        any order) and by everything that decides them: the network's code
+        and weights (their values, hashed once per fit), preprocessing,
+        pooling, precision and device. :func:`~sklearn_cnn.cache_size` gives
+        its size, :func:`~sklearn_cnn.clear_cache` deletes it; see the user
+        guide's "Caching activations". None caches nothing. Takes effect at
+        once: it does not change the features.
+    compile : bool or "auto", default=False
+        Run the network through :func:`torch.compile` (inductor, with its
+        inference-only ``freezing``: BatchNorm folded into the convolutions).
+        Compiling takes a minute or more, paid at the first ``transform``
+        and reused by later ones while the fitted network stays the same, so
+        it pays on large data sets. "auto" compiles once the images left are
+        predicted to take over five minutes uncompiled. The features agree
+        with the uncompiled network's to float tolerance; a model that does
+        not compile runs uncompiled, with a warning. ``verbose`` reports the
+        compile time.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the random initialisation of the network when it has no
+        pretrained weights (``weights=None``, or a callable that builds a
+        fresh module): two fits give the same features. Other weights do not
+        depend on it.
     verbose : int, default=0
         Above 0, report progress on stderr.
 
@@ -78,6 +135,8 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
         Resize, crop, mean and std used for every image.
     layers_ : list of str
         The tapped layers ("penultimate" for ``layer=None``).
+    layouts_ : list of str
+        The layout of each tapped layer's output ("NCHW", "NHWC", "NLD", "NC").
     n_features_out_ : int
         Number of columns ``transform`` returns.
 
@@ -117,14 +176,40 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
     >>> cnn = CNNFeatureTransformer("resnet18", weights=None, layer="layer2")
     >>> cnn.fit_transform(X).shape
     (4, 128)
+
+    A layer search that runs the network once per image, whatever the number
+    of layers and folds (``random_state`` gives every fit the same random
+    weights, so that they share the cache):
+
+    >>> import tempfile
+    >>> from sklearn_cnn import cache_size
+    >>> memory = tempfile.mkdtemp()
+    >>> cnn = CNNFeatureTransformer(
+    ...     "resnet18", weights=None, random_state=0, layer="layer2", memory=memory
+    ... )
+    >>> cnn.fit_transform(X).shape  # one pass; stores layer1 to layer4 too
+    (4, 128)
+    >>> cnn.set_params(layer="layer4").fit_transform(X).shape  # read, not run
+    (4, 512)
+    >>> cache_size(memory) > 0
+    True
     """
 
     _parameter_constraints: dict = {
         **_network_constraints,
         "layer": [None, str, list, tuple],
         "pooling": [StrOptions(set(POOLINGS))],
+        "layout": [None, StrOptions(set(LAYOUTS)), dict],
+        "random_state": ["random_state"],
+        "memory": [None, str, os.PathLike, HasMethods(["cache"])],
     }
-    _inference_params = (*NetworkMixin._inference_params, "layer", "pooling")
+    _inference_params = (
+        *NetworkMixin._inference_params,
+        "layer",
+        "pooling",
+        "layout",
+        "random_state",
+    )
 
     def __init__(
         self,
@@ -133,19 +218,24 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
         *,
         layer: str | list[str] | None = None,
         pooling: str = "avg",
+        layout: str | dict | None = None,
         image_size: Any = None,
         mean: Any = None,
         std: Any = None,
         batch_size: int = 64,
         device: Any = "auto",
         precision: str = "auto",
-        num_workers: int = 0,
+        num_workers: int | str = 0,
+        memory: Any = None,
+        compile: bool | str = False,
+        random_state: Any = None,
         verbose: int = 0,
     ) -> None:
         self.model = model
         self.weights = weights
         self.layer = layer
         self.pooling = pooling
+        self.layout = layout
         self.image_size = image_size
         self.mean = mean
         self.std = std
@@ -153,6 +243,9 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
         self.device = device
         self.precision = precision
         self.num_workers = num_workers
+        self.memory = memory
+        self.compile = compile
+        self.random_state = random_state
         self.verbose = verbose
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -174,21 +267,64 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
         X = check_images(X)
         # A fit that fails (unknown layer, bad weights) changes nothing.
         with restore_on_failure(self):
-            self._build_network(X)
+            with seeded(self.random_state):  # random weights, reproducibly
+                self._build_network(X)
             self.layers_, self._taps = resolve_layers(self.layer, self.trace_)
+            self.layouts_ = self._resolve_layouts()
             self._measure_widths(self._example(X))
+            self._cache_parts = None
+            directory = cache_directory(self.memory)
+            if directory is not None:
+                os.makedirs(directory, exist_ok=True)  # a clear error now if not
+                self._cache_parts = network_key_parts(self)  # weights hashed once
         return self
 
     def _measure_widths(self, example: torch.Tensor) -> None:
         """Feature widths of each tapped layer, from one preprocessed image."""
         with torch.inference_mode(), Tapper(self.model_, self._taps) as tapper:
-            widths = [pool(t, self._pooling).shape[1] for t in tapper(example)]
+            tensors = tapper(example)
+        taps = self._taps or [Tap("")]
+        widths = [
+            self._pool_tap(tap, t).shape[1]
+            for tap, t in zip(taps, tensors, strict=True)
+        ]
         self._widths = widths
         self.n_features_out_ = int(sum(widths))
 
     @property
     def _pooling(self) -> str:
         return self._fitted_params["pooling"]
+
+    def _resolve_layouts(self) -> list[str | None]:
+        """The layout of each tapped output: the trace's, or the user's hint
+        where the trace cannot tell; refuses a pooling that cannot be right."""
+        hint = self._fitted_params.get("layout")
+        if isinstance(hint, dict):
+            unknown = [k for k in hint if k not in self.layers_]
+            if unknown:
+                raise ValueError(
+                    f"layout names layers that are not tapped: {unknown}; the "
+                    f"tapped layers are {self.layers_}."
+                )
+            bad = {k: v for k, v in hint.items() if v not in LAYOUTS}
+            if bad:
+                raise ValueError(f"layout values must be one of {LAYOUTS}; got {bad}.")
+        layouts = []
+        taps = self._taps or [Tap("")]
+        for name, tap in zip(self.layers_, taps, strict=True):
+            shape = self.trace_.shape_of(tap) or ()
+            found = self.trace_.layout_of(tap)
+            given = hint.get(name) if isinstance(hint, dict) else hint
+            if given is not None and found is not None and given != found:
+                raise ValueError(
+                    f"layout={given!r} for layer {name!r}, but its output is "
+                    f"{found} (shape {(None, *shape)}), as the network shows. "
+                    "Leave layout=None for this layer."
+                )
+            layout = found if found is not None else given
+            check_pooling(name, shape, layout, self._pooling, self.trace_.prefix_tokens)
+            layouts.append(layout)
+        return layouts
 
     def _rebuild_for_load(self, example: torch.Tensor) -> None:
         """After the network is rebuilt by ``sklearn_cnn.load``: the taps."""
@@ -213,13 +349,84 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X = check_images(X)
+        if cache_directory(self.memory) is not None:
+            self._check_params_unchanged()
+            return cached_transform(self, X, self._pool_tap, self._check_widths)
         return self._run(
             X, self._taps, self._pool_all, self.n_features_out_, "transform"
         )
 
+    # fit_transform and set_output only restate scikit-learn's methods: their
+    # inherited docstrings describe tables, not images.
+    def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> np.ndarray:
+        """Load the network, then return the pooled activations of ``X``.
+
+        The same as ``fit(X).transform(X)``.
+
+        Parameters
+        ----------
+        X : array-like of images or list of paths / PIL images
+            Images to describe.
+        y : None
+            Ignored.
+        **fit_params : dict
+            Passed to ``fit`` (which takes none).
+
+        Returns
+        -------
+        features : ndarray of shape (n_samples, n_features), dtype float32
+            One row per image; several layers are concatenated in order.
+        """
+        return super().fit_transform(X, y, **fit_params)
+
+    def set_output(self, *, transform: str | None = None) -> CNNFeatureTransformer:
+        """Choose the container that ``transform`` and ``fit_transform`` return.
+
+        Parameters
+        ----------
+        transform : {"default", "pandas", "polars"} or None, default=None
+            "default": a NumPy array; "pandas" or "polars": a DataFrame whose
+            columns are :meth:`get_feature_names_out` (``"<layer>_<index>"``);
+            None leaves the choice unchanged.
+
+        Returns
+        -------
+        self : CNNFeatureTransformer
+            The transformer.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sklearn_cnn import CNNFeatureTransformer
+        >>> X = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+        >>> cnn = CNNFeatureTransformer("resnet18", weights=None, layer="layer1")
+        >>> cnn.set_output(transform="pandas").fit_transform(X).iloc[:, :2].shape
+        (2, 2)
+        """
+        return super().set_output(transform=transform)
+
+    def _pool_tap(self, tap: Tap, t: torch.Tensor) -> torch.Tensor:
+        """The features of one tapped tensor: the one place this is decided.
+
+        ``memory=`` pools every layer it stores through this method, so a
+        cached row is what an uncached transform would compute.
+        """
+        if not tap.module:
+            t = network_output(t)
+        taps = self._taps or [Tap("")]
+        if tap in taps:  # what fit resolved, the user's hint included
+            layout = self.layouts_[taps.index(tap)]
+        else:  # another layer (``memory=`` stores them too)
+            layout = self.trace_.layout_of(tap)
+        return pool(t, self._pooling, layout, self.trace_.prefix_tokens)
+
     def _pool_all(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        parts = [pool(t, self._pooling) for t in tensors]
-        widths = [p.shape[1] for p in parts]
+        taps = self._taps or [Tap("")]  # no taps: the network's output
+        parts = [self._pool_tap(tap, t) for tap, t in zip(taps, tensors, strict=True)]
+        self._check_widths([p.shape[1] for p in parts])
+        return torch.cat(parts, dim=1)
+
+    def _check_widths(self, widths: list[int]) -> None:
         if widths != self._widths:
             raise ValueError(
                 f"These images give {sum(widths)} features but the transformer was "
@@ -228,7 +435,6 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
                 "image size. Set image_size so that every image is resized alike, "
                 "or use pooling='avg'."
             )
-        return torch.cat(parts, dim=1)
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         """Feature names: ``"<layer>_<index>"`` for each tapped layer.
@@ -253,12 +459,3 @@ class CNNFeatureTransformer(TransformerMixin, NetworkMixin, BaseEstimator):
             ],
             dtype=object,
         )
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        # Images, not a table: arrays N x H x W (x C), or lists of file paths.
-        tags.input_tags.two_d_array = False
-        tags.input_tags.three_d_array = True
-        tags.input_tags.string = True
-        tags.transformer_tags.preserves_dtype = []
-        return tags

@@ -41,6 +41,8 @@ PARAMS = [
     "device",
     "precision",
     "num_workers",
+    "memory",
+    "compile",
     "random_state",
     "verbose",
 ]
@@ -100,6 +102,8 @@ def test_defaults():
         "device": "auto",
         "precision": "auto",
         "num_workers": 0,
+        "memory": None,
+        "compile": False,
         "random_state": None,
         "verbose": 0,
     }
