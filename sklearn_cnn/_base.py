@@ -456,8 +456,8 @@ class NetworkMixin:
         if not auto and not mode:
             compiled = None
         began = time.perf_counter()
-        # One autocast region for the whole loop: each weight is cast to the
-        # low precision once, not at every batch.
+        # One autocast region for the whole loop. (Autocast still casts each
+        # weight at every forward: it caches casts only outside inference mode.)
         with (
             torch.inference_mode(),
             Tapper(self.model_, taps) as tapper,
