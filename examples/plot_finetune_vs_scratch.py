@@ -10,10 +10,12 @@ learning curves, read from ``history_``.
 
 The images: random crops of ten photographs, to be told apart by the
 photograph they come from. The pretrained network starts (epoch 0, its
-linear-probe head) at about 0.7 validation accuracy and climbs above 0.8 in
-five epochs; the randomly initialised one is still at chance (0.1) after the
-same five epochs, its training loss barely moving. Four million parameters
-cannot be learnt from 300 images in a few dozen steps; adapting them can.
+linear-probe head) at about 0.75 validation accuracy and climbs to about 0.85
+in five epochs. The randomly initialised one brings its training loss down
+(from 2.3 to about 1.5, where the pretrained one reaches 0.35) but is still
+at chance (0.1) on the validation images: what it has fitted in a few dozen
+steps does not carry over to images it has not seen. Four million parameters
+cannot be learnt from 300 images; adapting them can.
 """
 
 # %%
