@@ -16,7 +16,9 @@ candidates score within a few points of each other on the search's
 125-image validation fold (between about 0.90 and 0.94 in our runs, the
 winner changing from run to run): at this size, how much to freeze matters
 less than the noise of one small split. The training losses show what does
-differ: the more of the network trains, the lower they go. A larger
+differ: the head alone fits its training images almost at once, while the
+more of the network trains, the higher its loss starts (every pretrained
+feature moves at once) and the more epochs it needs to come back down. A larger
 validation fold, or more splits, would separate the candidates, at a
 proportional cost. The learning curves come from each fit's ``history_``.
 """
@@ -106,8 +108,9 @@ results
 # ---------------
 # Epoch 0 is the start: the new head fitted as a linear probe on the frozen
 # pretrained features (``head_init="probe"``), the same for every candidate.
-# The training loss shows how much each setting can adapt: the more of the
-# network trains, the lower it goes. The validation accuracy, measured on
+# The training loss (from epoch 1: epoch 0 trains nothing) starts highest for
+# the network that trains everything, and falls fastest. The validation
+# accuracy, measured on
 # only 75 images, moves by a few images from epoch to epoch: the search's
 # score on its separate 125-image fold (the table above) is what decides.
 fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
