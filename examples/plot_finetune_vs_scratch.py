@@ -117,5 +117,4 @@ for ax in (ax_acc, ax_loss):
     ax.grid(alpha=0.3)
     ax.legend()
 fig.suptitle("EfficientNet-Lite0 on 300 crops of ten photographs")
-histories["pretrained (ImageNet)"]
 plt.show()
