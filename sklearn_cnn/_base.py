@@ -9,6 +9,7 @@ import functools
 import os
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from numbers import Integral
 from typing import Any, TypeVar
@@ -83,12 +84,20 @@ def _check_image_size(value: Any) -> None:
 # ---------------------------------------------------------------------------
 
 
+def cpu_state(model: nn.Module) -> OrderedDict:
+    """A copy of the state dict on the CPU, tensor by tensor (never a second
+    copy on a GPU), with its ``_metadata`` (module versions, which MNASNet's
+    loader needs)."""
+    state = model.state_dict()
+    out = OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in state.items())
+    out._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+    return out
+
+
 def _module_snapshot(module: nn.Module) -> tuple[dict, dict, dict]:
     """What training changes in place: weights (copied to the CPU, tensor by
     tensor), ``requires_grad`` flags and train/eval modes."""
-    weights = {
-        k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()
-    }
+    weights = cpu_state(module)
     grads = {name: p.requires_grad for name, p in module.named_parameters()}
     modes = {name: m.training for name, m in module.named_modules()}
     return weights, grads, modes

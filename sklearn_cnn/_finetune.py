@@ -24,18 +24,22 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import NetworkMixin, _network_constraints
+from ._base import (
+    ImageClassifierMixin,
+    NetworkMixin,
+    _network_constraints,
+    restore_on_failure,
+)
 from ._freezing import (
     _frozen_modules,
     _stages,
     apply_freeze,
-    frozen_prefix,
     frozen_summary,
+    phases,
     train_mode,
 )
 from ._head import (
     calibration,
-    check_vector_head,
     drop_auxiliary_heads,
     fit_probe,
     float_logits,
@@ -43,9 +47,10 @@ from ._head import (
     set_head,
 )
 from ._images import check_images
-from ._layers import Tap, trace
+from ._layers import trace
 from ._optim import SCHEDULES, make_optimizer, make_schedule, param_groups
-from ._runtime import has_conv2d, resolve_device
+from ._runtime import resolve_device
+from ._sources import Sources
 from ._targets import (
     check_sample_weight,
     check_targets,
@@ -54,27 +59,16 @@ from ._targets import (
     validation_split,
 )
 from ._training import (
-    Augmented,
     EpochLoop,
-    FeatureSource,
-    ImageSource,
-    Labelled,
     Loss,
     PrefixSkip,
     Selection,
-    cpu_state,
 )
 
-#: Most memory that the stored outputs of a frozen prefix may take.
-PREFIX_BYTES = 2 * 2**30
 
-
-def _flat(outputs: list[torch.Tensor]) -> torch.Tensor:
-    """The tapped tensors of a batch, float32, flattened side by side."""
-    return torch.cat([t.float().reshape(len(t), -1) for t in outputs], dim=1)
-
-
-class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
+class FineTuneClassifier(
+    ImageClassifierMixin, ClassifierMixin, NetworkMixin, BaseEstimator
+):
     """Fine-tune a pretrained CNN on your labels, as a scikit-learn classifier.
 
     The network's classifier is replaced by a linear head with one output per
@@ -294,7 +288,8 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
     >>> X = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
     >>> y = np.array(["cat", "dog"] * 10)
     >>> clf = FineTuneClassifier("resnet18", weights=None, image_size=32,
-    ...                          epochs=2, random_state=0)
+    ...                          epochs=2, validation_fraction=None,
+    ...                          random_state=0)
     >>> clf.fit(X, y).predict_proba(X[:3]).shape
     (3, 2)
     >>> clf.classes_
@@ -437,22 +432,20 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
         )
         cw = class_weights(self.class_weight, classes, y_enc[train_idx])
         weights = example_weights(y_enc, cw, sw)
-        before = self._fitted_state()
         device = resolve_device(self.device)
         # Seed torch without touching the caller's generators, and without
         # initialising CUDA for a CPU fit.
         gpus = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=gpus):
+        with (
+            torch.random.fork_rng(devices=gpus),
+            restore_on_failure(self, mutated=("model_", "history_")),
+        ):
             torch.manual_seed(seed)
-            try:
-                if not resume:
-                    self._setup(X, classes)
-                interrupted = self._train(
-                    X, y_enc, weights, cw, train_idx, val_idx, seed, resume
-                )
-            except BaseException:
-                self._restore(before)
-                raise
+            if not resume:
+                self._setup(X, classes)
+            interrupted = self._train(
+                X, y_enc, weights, cw, train_idx, val_idx, seed, resume
+            )
         if interrupted:
             raise KeyboardInterrupt
         return self
@@ -486,26 +479,6 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
             self.trace_ = trace(self.model_, example)
         self.model_.eval().requires_grad_(False)
 
-    def _fitted_state(self) -> dict:
-        """What ``fit`` may change, to put back if it fails: every attribute
-        but the parameters (private ones too, such as ``_fitted_params``)."""
-        params = self.get_params(deep=False)
-        state = {k: v for k, v in vars(self).items() if k not in params}
-        if "model_" in state:
-            state["history_"] = list(self.history_)
-            state["weights"] = cpu_state(self.model_)
-        return state
-
-    def _restore(self, state: dict) -> None:
-        params = self.get_params(deep=False)
-        for name in [k for k in vars(self) if k not in params]:
-            delattr(self, name)
-        weights = state.pop("weights", None)
-        vars(self).update(state)
-        if weights is not None:
-            self.model_.load_state_dict(weights)
-            self.model_.eval().requires_grad_(False)
-
     def _train(
         self, X: Any, y: np.ndarray, weights: np.ndarray | None,
         cw: np.ndarray | None, train_idx: np.ndarray, val_idx: np.ndarray,
@@ -518,28 +491,22 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
             model, self.trace_, self.head_, self.stages_, self.freeze
         )
         self.frozen_, self.frozen_fraction_ = frozen_summary(model, self.head_, frozen)
-        features: dict[str, torch.Tensor] = {}
-        if not resume and self.head_init == "probe":
-            # One pass gives the probe its features and, where the first phase
-            # can use it, the frozen prefix's outputs too.
-            self._compute(X, train_idx, "train", features, frozen, probe=True)
-            set_head(
-                model.get_submodule(self.head_),
-                *fit_probe(
-                    features["train"].numpy(), y[train_idx], len(self.classes_),
-                    None if weights is None else weights[train_idx], seed,
-                ),
-            )  # fmt: skip
+        sources = Sources(self, X, y, w, train_idx, val_idx)
+        probe = not resume and self.head_init == "probe"
+        if probe:
+            features = sources.head_inputs("train", frozen)
+            self._fit_probe(features, y, weights, train_idx, seed)
         loss = Loss(cw, self.label_smoothing, self.device_)
         generator = torch.Generator().manual_seed(seed)
         selection, status, loop = None, "done", None
-        for epochs, frozen_now in self._phases(frozen, resume):
+        thawed = _frozen_modules(model, self.trace_, self.head_, self.stages_, 0)
+        for epochs, frozen_now in phases(
+            frozen, thawed, self.epochs, self.unfreeze_at, self.n_iter_
+        ):
             apply_freeze(model, self.trace_, frozen_now)
-            forward, *sources, dtype = self._sources(
-                X, y, w, train_idx, val_idx, features, frozen_now
-            )
+            forward, train, valid, dtype = sources.phase(frozen_now)
             loop = EpochLoop(
-                model, forward, *sources,
+                model, forward, train, valid,
                 loss=loss, device=self.device_, batch_size=bs, dtype=dtype,
                 train_mode=partial(train_mode, model, frozen_now, self.batchnorm),
                 history=self.history_, verbose=self.verbose,
@@ -579,39 +546,22 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
             self.best_epoch_ = selection.restore()
         else:
             self.best_epoch_ = self.history_[-1]["epoch"]
-        self._calibrate(X, y[val_idx], val_idx, loop)
-        if "train" in features and self.best_epoch_ == 0 and has_val:
+        self._calibrate(sources.valid_logits(loop), y[val_idx])
+        if probe and self.best_epoch_ == 0 and has_val:
             # The probe head won: the validation images were only needed to
             # tell, so refit it on all the training images, as a probe would be.
-            both = np.r_[train_idx, val_idx]
-            if "valid" not in features:
-                self._compute(X, val_idx, "valid", features, set(), probe=True)
-            set_head(
-                model.get_submodule(self.head_),
-                *fit_probe(
-                    torch.cat([features["train"], features["valid"]]).numpy(),
-                    y[both], len(self.classes_),
-                    None if weights is None else weights[both], seed,
-                ),
-            )  # fmt: skip
+            both = torch.cat([features, sources.head_inputs("valid", set())])
+            self._fit_probe(both, y, weights, np.r_[train_idx, val_idx], seed)
         model.eval().requires_grad_(False)
         return status == "interrupted"
 
-    def _phases(self, frozen: set[str], resume: bool) -> list[tuple[int, set[str]]]:
-        """(epochs, frozen modules) of each phase: one, or two with gradual
-        unfreezing (the never-called modules stay frozen)."""
-        if self.unfreeze_at is None:
-            return [(self.epochs, frozen)]
-        everything = _frozen_modules(
-            model=self.model_,
-            tr=self.trace_,
-            head=self.head_,
-            stages=self.stages_,
-            freeze=0,
-        )
-        first = min(self.epochs, max(0, self.unfreeze_at - 1 - self.n_iter_))
-        phases = [(first, frozen), (self.epochs - first, everything)]
-        return [p for p in phases if p[0]] or phases[:1]
+    def _fit_probe(
+        self, features: torch.Tensor, y: np.ndarray, weights: np.ndarray | None,
+        index: np.ndarray, seed: int,
+    ) -> None:  # fmt: skip
+        w = None if weights is None else weights[index]
+        head = self.model_.get_submodule(self.head_)
+        set_head(head, *fit_probe(features.numpy(), y[index], len(head.bias), w, seed))
 
     def _param_groups(self) -> list[dict]:
         return param_groups(
@@ -620,150 +570,11 @@ class FineTuneClassifier(ClassifierMixin, NetworkMixin, BaseEstimator):
             layer_decay=self.layer_decay, weight_decay=self.weight_decay,
         )  # fmt: skip
 
-    def _sources(
-        self, X: Any, y: np.ndarray, w: np.ndarray, train_idx: np.ndarray,
-        val_idx: np.ndarray, features: dict, frozen: set[str],
-    ) -> tuple:  # fmt: skip
-        """The module that maps training batches to logits, the training and
-        validation sources, and the autocast dtype.
-
-        Without augmentation, what the frozen part computes never changes, so
-        it is computed once per image and the epochs run only the rest: the
-        head on the pooled features when only the head trains, else the
-        network after its frozen prefix of stages (checked against the whole
-        network on a few images first).
-        """
-        model, device = self.model_, self.device_
-        parts = (("train", train_idx), ("valid", val_idx))
-        if self.augment is None and self._head_only():
-            for part, index in parts:
-                if part not in features:
-                    self._compute(X, index, part, features, frozen)
-            head = model.get_submodule(self.head_)
-            return (
-                head,
-                FeatureSource(features["train"], y[train_idx], w[train_idx], device),
-                FeatureSource(features["valid"], y[val_idx], w[val_idx], device),
-                None,
-            )
-        prefix = self._prefix(frozen, len(X)) if self.augment is None else None
-        if prefix is not None:
-            for part, index in parts:
-                if "prefix " + part not in features:
-                    self._compute(X, index, part, features, frozen)
-            skip = PrefixSkip(
-                model, prefix[:-1], prefix[-1], (3, *self.preprocessing_.output_size)
-            )
-            if self._replays_exactly(X, train_idx, skip, features["prefix train"]):
-                return (
-                    skip,
-                    *(
-                        FeatureSource(features["prefix " + part], y[i], w[i], device)
-                        for part, i in parts
-                    ),
-                    self._autocast_dtype,
-                )
-        return (
-            model,
-            self._images(X, y, w, train_idx, True),
-            self._images(X, y, w, val_idx, False),
-            self._autocast_dtype,
-        )
-
-    def _head_only(self) -> bool:
-        return not any(
-            p.requires_grad
-            for n, p in self.model_.named_parameters()
-            if not n.startswith(self.head_ + ".")
-        )
-
-    def _prefix(self, frozen: set[str], n_images: int) -> list[str] | None:
-        """The leading frozen stages, when their outputs are worth keeping in
-        memory (fixed image size, at most ``PREFIX_BYTES`` for these images)."""
-        prefix = frozen_prefix(self.stages_, frozen)
-        if not prefix or self.preprocessing_.output_size is None:
-            return None
-        shape = self.trace_.shapes.get(prefix[-1])
-        if shape is None or 4 * math.prod(shape) * n_images > PREFIX_BYTES:
-            return None
-        return prefix
-
-    def _replays_exactly(
-        self, X: Any, index: np.ndarray, skip: PrefixSkip, outputs: torch.Tensor
-    ) -> bool:
-        """Whether the network after the prefix, on stored outputs, gives what
-        the whole network gives (a model that reuses an early tensor later,
-        say, would not): checked in float32 on the first images."""
-        k = min(4, len(index))
-        whole = self._run(X, [], float_logits, len(self.classes_), "check", index[:k])
-        try:
-            with torch.inference_mode(), skip:
-                self.model_.eval()
-                out = skip(outputs[:k].to(self.device_))
-                part = float_logits([out]).cpu().numpy()
-        except Exception:  # the blank input broke it: not a cut
-            return False
-        scale = max(1.0, float(np.abs(whole).max()))
-        return bool(np.allclose(part, whole, rtol=1e-2, atol=1e-2 * scale))
-
-    def _images(
-        self, X: Any, y: np.ndarray, w: np.ndarray, index: np.ndarray, augment: bool
-    ) -> ImageSource:
-        pre: Any = self.preprocessing_
-        if augment and self.augment is not None:
-            pre = Augmented(self.augment, pre)
-        predict = partial(
-            self._run, X, [], float_logits, len(self.classes_), "validate", index
-        )
-        return ImageSource(
-            Labelled(X, index, y, w, pre), predict, device=self.device_,
-            num_workers=self.num_workers, channels_last=has_conv2d(self.model_),
-        )  # fmt: skip
-
-    def _compute(
-        self, X: Any, index: np.ndarray, part: str, features: dict,
-        frozen: set[str], probe: bool = False,
-    ) -> None:  # fmt: skip
-        """One pass over images ``index``: the head's input (pooled features)
-        into ``features[part]`` and, where the frozen prefix can be replayed,
-        its outputs into ``features["prefix " + part]``; on the CPU."""
-        taps, shapes = [], []
-        prefix = None if self.augment is not None else self._prefix(frozen, len(X))
-        if prefix is not None and not (probe and self._head_only()):
-            taps.append(Tap(prefix[-1]))
-            shapes.append(self.trace_.shapes[prefix[-1]])
-        if probe or self._head_only():
-            check_vector_head(self.trace_, self.head_)
-            taps.append(Tap(self.head_, pre=True))
-            shapes.append(self.trace_.input_shapes[self.head_])
-        sizes = [math.prod(shape) for shape in shapes]
-        flat = self._run(X, taps, _flat, sum(sizes), "features", index=index)
-        outputs = [
-            torch.from_numpy(np.ascontiguousarray(a)).reshape(-1, *shape)
-            for a, shape in zip(
-                np.split(flat, np.cumsum(sizes)[:-1], axis=1), shapes, strict=True
-            )
-        ]
-        if taps[-1].pre:
-            features[part] = outputs.pop()
-        if outputs:
-            features["prefix " + part] = outputs.pop()
-
-    def _calibrate(
-        self, X: Any, y: np.ndarray, index: np.ndarray, loop: EpochLoop | None
-    ) -> None:
-        """Temperature scaling on the validation images ``index`` (on their
-        stored features when only the head trained)."""
+    def _calibrate(self, z: np.ndarray, y: np.ndarray) -> None:
+        """Temperature scaling on validation logits ``z`` (none if empty)."""
         self.temperature_ = 1.0
         self.calibration_ = {"before": math.nan, "after": math.nan}
-        if self.calibrate and len(index):
-            n = len(self.classes_)
-            if loop is not None and loop.forward is self.model_.get_submodule(
-                self.head_
-            ):
-                z = loop.valid.logits(loop.forward, self.batch_size, None).numpy()
-            else:
-                z = self._run(X, [], float_logits, n, "calibrate", index=index)
+        if self.calibrate and len(y):
             self.temperature_, self.calibration_ = calibration(z.astype(float), y)
 
     # -- prediction ------------------------------------------------------------

@@ -191,3 +191,17 @@ def frozen_prefix(stages: list[str], frozen: set[str]) -> list[str]:
             break
         prefix.append(stage)
     return prefix
+
+
+def phases(
+    frozen: set[str], thawed: set[str], epochs: int, unfreeze_at: int | None,
+    epochs_done: int,
+) -> list[tuple[int, set[str]]]:  # fmt: skip
+    """(epochs, frozen modules) of each phase of a fit: one, or two with
+    gradual unfreezing (``unfreeze_at``, counted over ``epochs_done`` of
+    earlier warm-started fits), the second freezing only ``thawed``."""
+    if unfreeze_at is None:
+        return [(epochs, frozen)]
+    first = min(epochs, max(0, unfreeze_at - 1 - epochs_done))
+    both = [(first, frozen), (epochs - first, thawed)]
+    return [p for p in both if p[0]] or both[:1]

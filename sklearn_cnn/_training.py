@@ -9,7 +9,6 @@ import math
 import sys
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from torch import nn
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
+from ._base import cpu_state
 from ._head import logits as _logits
 from ._images import ImageDataset, Preprocessing
 from ._runtime import autocast, batches, progress
@@ -135,15 +135,6 @@ class Loss:
         if self.class_weights is not None:
             weight = weight * self.class_weights[target]
         return per_image.sum(), weight.sum()
-
-
-def cpu_state(model: nn.Module) -> OrderedDict:
-    """A copy of the state dict on the CPU, with its ``_metadata`` (module
-    versions, which MNASNet's loader needs); never a second copy on a GPU."""
-    state = model.state_dict()
-    copy = OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in state.items())
-    copy._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
-    return copy
 
 
 class Selection:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import inspect
 
-import pytest
-
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier
 
 TABLE = "(n_samples, n_features)"
@@ -31,11 +29,6 @@ def test_feature_transformer_docstrings_speak_of_images():
         assert "sphx_glr" not in doc, f"{name}: refers to scikit-learn's gallery"
 
 
-@pytest.mark.xfail(
-    reason="FineTuneClassifier should list _base.ImageClassifierMixin first "
-    "among its bases (its score docstring)",
-    strict=False,
-)
 def test_finetune_classifier_score_speaks_of_images():
     doc = inspect.getdoc(FineTuneClassifier.score) or ""
     assert TABLE not in doc.split("Returns")[0]

@@ -18,6 +18,7 @@ from sklearn.pipeline import Pipeline
 from torch import nn
 
 from sklearn_cnn import FineTuneClassifier
+from sklearn_cnn._base import cpu_state
 from sklearn_cnn._head import (
     calibration,
     expected_calibration_error,
@@ -26,7 +27,6 @@ from sklearn_cnn._head import (
 )
 from sklearn_cnn._optim import make_schedule, param_groups
 from sklearn_cnn._targets import example_weights
-from sklearn_cnn._training import cpu_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -336,7 +336,7 @@ def test_frozen_prefix_runs_once_per_image_and_changes_nothing(
     # the trace (1), one pass over every image (probe and prefix together),
     # the check on 4, and calibration on the 20 validation images
     assert passes == 1 + len(X) + 4 + 20
-    monkeypatch.setattr("sklearn_cnn._finetune.PREFIX_BYTES", 0)  # no caching
+    monkeypatch.setattr("sklearn_cnn._sources.PREFIX_BYTES", 0)  # no caching
     counting_cnn.seen = 0
     plain = FineTuneClassifier(counting_cnn, **{**FAST, **params}).fit(X, y)
     assert counting_cnn.seen > 3 * len(X)  # every epoch runs the stem
