@@ -285,17 +285,36 @@ class FeatureSource:
 def validation_metrics(
     logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, loss: Loss
 ) -> tuple[float, float]:
-    """Weighted loss and weighted accuracy (NaN without validation images)."""
+    """Loss and accuracy weighted as in training, by sample and class weights
+    (NaN without validation images): selection sees what training optimises."""
     if len(y) == 0:
         return math.nan, math.nan
     total, weight = loss(logits, y, w)
-    correct = (logits.argmax(1) == y).double()
+    if loss.class_weights is not None:
+        w = w * loss.class_weights[y]
+    correct = (logits.argmax(1) == y).to(w.dtype)
     return float(total / weight), float((correct * w).sum() / w.sum())
 
 
 # ---------------------------------------------------------------------------
 # The epochs
 # ---------------------------------------------------------------------------
+
+
+def _train_forward(forward: nn.Module, x: torch.Tensor) -> Any:
+    """``forward(x)`` in training mode, with BatchNorm's one-value error
+    explained in terms of the parameters that avoid it."""
+    try:
+        return forward(x)
+    except ValueError as exc:
+        if "more than 1 value per channel" not in str(exc):
+            raise
+        raise ValueError(
+            f"A BatchNorm layer in training mode got one value per channel "
+            f"({exc}): its input is a 1 x 1 map of a single image. Keep "
+            "batchnorm='frozen' (the default), use a larger image_size, or a "
+            "batch_size above 1."
+        ) from None
 
 
 @dataclass
@@ -369,7 +388,7 @@ class EpochLoop:
                 weight = torch.zeros((), device=self.device)
                 for xb, yb, wb in self.train.batches(self.batch_size, generator):
                     with autocast(self.device, self.dtype):
-                        out = _logits(self.forward(xb))
+                        out = _logits(_train_forward(self.forward, xb))
                     loss_sum, w_sum = self.loss(out, yb, wb)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss_sum / w_sum.clamp(min=1e-12)).backward()

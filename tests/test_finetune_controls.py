@@ -14,6 +14,7 @@ from conftest import colour_images, make_tiny_cnn
 from scipy.special import softmax
 from sklearn import config_context
 from sklearn.ensemble import AdaBoostClassifier
+from sklearn.exceptions import NotFittedError
 from sklearn.pipeline import Pipeline
 from torch import nn
 
@@ -386,3 +387,65 @@ def test_prefix_that_is_not_a_cut_trains_on_images(data):
     b.set_params(augment=lambda im: im)  # forces the image path
     b.fit(X, y)
     np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=1e-5)
+
+
+# --- reliability of the training loop (issue 10) --------------------------------
+
+
+def test_cpu_fit_forks_no_cuda_generator(data, monkeypatch):
+    seen = []
+    fork = torch.random.fork_rng
+
+    def spy(devices=None, **kwargs):
+        seen.append(devices)
+        return fork(devices=devices, **kwargs)
+
+    monkeypatch.setattr(torch.random, "fork_rng", spy)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # a GPU machine
+    X, y = data
+    make(device="cpu", epochs=1, validation_fraction=None).fit(X, y)
+    assert seen == [[]]
+
+
+def test_validation_metrics_use_the_training_weights():
+    from sklearn_cnn._training import Loss, validation_metrics
+
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([0, 1, 1])
+    plain = validation_metrics(logits, y, torch.ones(3), Loss(None, 0.0, "cpu"))
+    weighted = validation_metrics(
+        logits, y, torch.ones(3), Loss(np.array([1.0, 4.0]), 0.0, "cpu")
+    )
+    assert plain[1] == pytest.approx(2 / 3)
+    # class 1 weighs 4: one right and one wrong of weight 4, one right of 1
+    assert weighted[1] == pytest.approx(5 / 9) and weighted[0] > plain[0]
+    sample = validation_metrics(
+        logits, y, torch.tensor([1.0, 0.0, 1.0]), Loss(None, 0.0, "cpu")
+    )
+    assert sample[1] == 1.0
+
+
+class OneByOne(nn.Module):
+    """Pools to 1 x 1 before a BatchNorm: training mode needs two images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.bn(self.pool(self.conv(x))), 1))
+
+
+def test_one_value_per_channel_names_batchnorm(data):
+    X, y = data
+    clf = FineTuneClassifier(
+        OneByOne(), batchnorm="train", batch_size=1, epochs=1,
+        validation_fraction=None, head_init="random", random_state=0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="batchnorm='frozen'"):
+        clf.fit(X[:4], np.array([0, 1, 0, 1]))
+    with pytest.raises(NotFittedError):
+        clf.predict(X[:2])
