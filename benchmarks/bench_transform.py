@@ -203,6 +203,7 @@ def bench_model(name: str, X: np.ndarray, paths: list[str], args) -> None:
     default_bs = CNNFeatureTransformer().batch_size
     n = len(X)
     sizes = [bs for bs in BATCH_SIZES if bs <= n]
+    ours_sizes = sorted({*sizes, default_bs})  # the default, whatever n
 
     # Which decoder the hand loop from files uses: the faster one here.
     decoders = {"PIL": decode_pil, "decode_jpeg": decode_torchvision}
@@ -225,12 +226,12 @@ def bench_model(name: str, X: np.ndarray, paths: list[str], args) -> None:
         memory[f"expert bf16+channels_last, batch {bs}"] = functools.partial(
             hand_loop, expert, X, bs, stats, expert=True
         )
-    for bs in sizes:
+    for bs in ours_sizes:
         tag = " (default)" if bs == default_bs else ""
         memory[f"ours default, batch {bs}{tag}"] = ours(
             model, stats, X, batch_size=bs
         ).transform
-    for bs in sizes:
+    for bs in ours_sizes:
         memory[f'ours precision="fp32", batch {bs}'] = ours(
             model, stats, X, batch_size=bs, precision="fp32"
         ).transform
