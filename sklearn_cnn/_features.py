@@ -268,7 +268,9 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         # A fit that fails (unknown layer, bad weights) changes nothing.
         with restore_on_failure(self):
             with seeded(self.random_state):  # random weights, reproducibly
-                self._build_network(X)
+                # With memory=, fits in one process (a search's candidates and
+                # folds) share the network: it is only read.
+                self._build_network(X, share=self.memory is not None)
             self.layers_, self._taps = resolve_layers(self.layer, self.trace_)
             self.layouts_ = self._resolve_layouts()
             self._measure_widths(self._example(X))

@@ -32,6 +32,14 @@ from sklearn_cnn._cache import (
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+
+@pytest.fixture(autouse=True)
+def unshared(monkeypatch):
+    """Fits with memory= share their network within a process (tested at the
+    end); the counts below are of fits that each build their own."""
+    monkeypatch.setattr("sklearn_cnn._base._SHARED_SIZE", 0)
+
+
 LAYERS = ["stem", "stage1", "stage1.0", "stage2", None]
 
 # Images that reach the network's forward (a pre-hook on the root module).
@@ -413,3 +421,21 @@ def test_threads_filling_at_once_get_their_own_features(X, tmp_path):
         results = list(pool.map(est.transform, [X, X[::-1], X, X[::-1]]))
     for i, got in enumerate(results):
         assert_allclose(got if i % 2 == 0 else got[::-1], expected, rtol=1e-6)
+
+
+def test_fits_with_memory_share_the_network_within_a_process(tmp_path, monkeypatch):
+    monkeypatch.setattr("sklearn_cnn._base._SHARED_SIZE", 2)
+    X = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+
+    def fit(**params):
+        params = {"weights": None, "random_state": 0, **params}
+        return CNNFeatureTransformer("resnet18", **params).fit(X)
+
+    a, b = fit(memory=tmp_path), fit(memory=tmp_path, layer="layer2")
+    assert a.model_ is b.model_  # built and probed once
+    np.testing.assert_array_equal(b.transform(X), fit(layer="layer2").transform(X))
+    assert fit(memory=tmp_path, random_state=1).model_ is not a.model_
+    assert fit(memory=tmp_path, image_size=32).model_ is not a.model_
+    assert fit().model_ is not fit().model_  # without memory: never shared
+    unseeded = [fit(memory=tmp_path, random_state=None) for _ in range(2)]
+    assert unseeded[0].model_ is not unseeded[1].model_
