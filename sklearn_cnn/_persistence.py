@@ -39,7 +39,8 @@ from torchvision.transforms import InterpolationMode
 
 from ._base import _snapshot_value
 from ._images import Preprocessing
-from ._layers import Tap, trace
+from ._inspect import probe_network
+from ._layers import Tap
 from ._models import (
     TIMM_PREFIX,
     _build_timm,
@@ -586,7 +587,9 @@ def _rebuild(estimator: Any, tensors: dict[str, torch.Tensor], path: str) -> Non
     estimator.device_ = resolve_device(estimator.device)
     estimator.model_ = place(module.eval(), estimator.device_)
     example = torch.zeros((1, *estimator._example_shape), device=estimator.device_)
-    estimator.trace_ = trace(estimator.model_, example)
+    # As fit probes it: a network that needs contiguous tensors goes back to
+    # the contiguous format here too.
+    estimator.trace_ = probe_network(estimator.model_, example)
     estimator._rebuild_for_load(example)
     expected = estimator.model_.state_dict()
     missing = sorted(set(expected) - set(tensors))

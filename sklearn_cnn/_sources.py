@@ -19,7 +19,7 @@ import torch
 from ._freezing import frozen_prefix
 from ._head import check_vector_head, float_logits
 from ._layers import Tap
-from ._runtime import has_conv2d
+from ._runtime import uses_channels_last
 from ._training import (
     Augmented,
     FeatureSource,
@@ -147,7 +147,10 @@ class Sources:
 
     def _features(self, part: str, features: torch.Tensor) -> FeatureSource:
         i = self.index[part]
-        return FeatureSource(features, self.y[i], self.w[i], self.est.device_)
+        est = self.est
+        return FeatureSource(
+            features, self.y[i], self.w[i], est.device_, uses_channels_last(est.model_)
+        )
 
     def _images(self, part: str) -> ImageSource:
         est, i = self.est, self.index[part]
@@ -159,7 +162,7 @@ class Sources:
         )
         return ImageSource(
             Labelled(self.X, i, self.y, self.w, pre), predict, device=est.device_,
-            num_workers=est.num_workers, channels_last=has_conv2d(est.model_),
+            num_workers=est.num_workers, channels_last=uses_channels_last(est.model_),
         )  # fmt: skip
 
     def _replays_exactly(self, skip: PrefixSkip) -> bool:

@@ -238,13 +238,14 @@ class FeatureSource:
     labels and weights, on the device."""
 
     def __init__(
-        self, features: torch.Tensor, y: np.ndarray, w: np.ndarray, device: torch.device
-    ) -> None:
+        self, features: torch.Tensor, y: np.ndarray, w: np.ndarray,
+        device: torch.device, channels_last: bool = False,
+    ) -> None:  # fmt: skip
         self.y = torch.from_numpy(y).to(device)
         self.w = torch.from_numpy(w).to(device)
         self.features = features.to(device)
-        if self.features.ndim == 4:  # as the stage's output was: convolutions
-            # give (slightly) different sums in another memory format
+        if channels_last and self.features.ndim == 4:  # as the stage's output was:
+            # convolutions give (slightly) different sums in another format
             self.features = self.features.contiguous(memory_format=torch.channels_last)
 
     def __len__(self) -> int:

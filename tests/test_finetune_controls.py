@@ -449,3 +449,27 @@ def test_one_value_per_channel_names_batchnorm(data):
         clf.fit(X[:4], np.array([0, 1, 0, 1]))
     with pytest.raises(NotFittedError):
         clf.predict(X[:2])
+
+
+class TutorialNet(nn.Module):
+    """The PyTorch tutorial's Net: ``x.view`` needs contiguous tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc1 = nn.Linear(4 * 14 * 14, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.fc2(torch.relu(self.fc1(x.view(-1, 4 * 14 * 14))))
+
+
+@pytest.mark.parametrize("augment", [None, "light"])
+def test_a_network_written_with_view_fine_tunes(data, augment):
+    X, y = data
+    clf = FineTuneClassifier(
+        TutorialNet(), augment=augment, freeze=1, epochs=1, batch_size=16,
+        random_state=0, validation_fraction=None,
+    )  # fmt: skip
+    assert clf.fit(X, y).predict_proba(X).shape == (60, 3)
