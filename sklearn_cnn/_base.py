@@ -24,7 +24,7 @@ from torchvision.models import WeightsEnum
 
 from ._images import ImageDataset, Preprocessing
 from ._inspect import probe_network
-from ._layers import Tap, Tapper, Trace
+from ._layers import Tap, Tapper, Trace, without_tap_hooks
 from ._models import build_model, resolve_preprocessing
 from ._runtime import (
     PRECISIONS,
@@ -620,6 +620,9 @@ class NetworkMixin:
         # A copy: BaseEstimator.__getstate__ returns the live __dict__ itself.
         state = dict(super().__getstate__())
         model = state.get("model_")
+        if model is not None:
+            # Another thread may be transforming: its tap hooks stay behind.
+            model = state["model_"] = without_tap_hooks(model)
         if model is not None and _off_cpu(model):
             state["model_"] = cpu_copy(model)
         state.pop("device_", None)

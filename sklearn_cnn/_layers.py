@@ -22,6 +22,7 @@ import threading
 import weakref
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -511,8 +512,34 @@ class _Hub:
                 call.collect(tap, value)
 
         if tap.pre:
-            return lambda _m, args: deliver(args[0])
-        return lambda _m, _args, output: deliver(output)
+            hook = lambda _m, args: deliver(args[0])  # noqa: E731
+        else:
+            hook = lambda _m, _args, output: deliver(output)  # noqa: E731
+        hook.sklearn_cnn_tap = True  # see without_tap_hooks
+        return hook
+
+
+def without_tap_hooks(module: nn.Module) -> nn.Module:
+    """``module`` itself, or a copy without the tap hooks of calls in flight
+    in other threads (closures, which do not pickle): what pickling takes."""
+    tapped = [
+        (m, hooks)
+        for m in module.modules()
+        for hooks in (m._forward_hooks, m._forward_pre_hooks)
+        if any(getattr(h, "sklearn_cnn_tap", False) for h in list(hooks.values()))
+    ]
+    if not tapped:
+        return module
+    copy = deepcopy(module)
+    for m in copy.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for key, hook in list(hooks.items()):
+                if getattr(hook, "sklearn_cnn_tap", False):
+                    del hooks[key]
+                    m._forward_hooks_with_kwargs.pop(key, None)
+                    m._forward_hooks_always_called.pop(key, None)
+                    m._forward_pre_hooks_with_kwargs.pop(key, None)
+    return copy
 
 
 _HUBS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

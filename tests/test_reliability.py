@@ -392,3 +392,38 @@ def test_failed_classifier_refit_keeps_what_the_previous_fit_resolved(
         clf.predict(X)
     clf.set_params(image_size=None)
     assert_array_equal(clf.predict_proba(X), expected)
+
+
+class _PicklesDuringForward(torch.nn.Module):
+    """Pickles ``target`` while a transform of it is in flight (what a Dask
+    worker does when it sends the transformer on while computing with it)."""
+
+    target = None
+    pickled: list = []
+
+    def forward(self, x):
+        if _PicklesDuringForward.target is not None:
+            _PicklesDuringForward.pickled.append(
+                pickle.dumps(_PicklesDuringForward.target)
+            )
+        return x
+
+
+def _net_with_spy():
+    model = make_tiny_cnn(0)
+    model.stem.append(_PicklesDuringForward())
+    return model
+
+
+def test_pickling_while_a_transform_is_in_flight(images):
+    est = CNNFeatureTransformer(_net_with_spy, layer="stage2", precision="fp32")
+    expected = est.fit(images).transform(images)
+    _PicklesDuringForward.target = est
+    try:
+        est.transform(images[:2])
+    finally:
+        _PicklesDuringForward.target = None
+    restored = pickle.loads(_PicklesDuringForward.pickled[-1])
+    np.testing.assert_allclose(restored.transform(images), expected, atol=1e-6)
+    hooks = [h for m in est.model_.modules() for h in m._forward_hooks.values()]
+    assert hooks == []  # the live module is left as it was
