@@ -31,7 +31,7 @@ from torch import nn
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier
 from sklearn_cnn._freezing import _frozen_modules, _stages, apply_freeze
 from sklearn_cnn._layers import trace
-from sklearn_cnn._optim import make_optimizer, make_schedule
+from sklearn_cnn._optim import make_optimizer
 from sklearn_cnn._targets import validation_split
 from sklearn_cnn._training import Selection, light_augment
 
@@ -477,26 +477,6 @@ def test_sgd_trains(tiny_builder, labelled_images):
         validation_fraction=None,
     )  # fmt: skip
     assert clf.fit(X, y).score(X, y) > 0.9
-
-
-def schedule_values(kind: str, steps: int = 100, warmup: float = 0.1) -> list:
-    param = nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=1.0)
-    schedule = make_schedule(optimizer, kind, steps, warmup)
-    values = []
-    for _ in range(steps):
-        values.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
-    return values
-
-
-def test_schedule_warms_up_then_decays():
-    values = schedule_values("cosine")
-    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
-    assert all(a <= b for a, b in zip(values[:9], values[1:10], strict=True))
-    assert all(a >= b for a, b in zip(values[9:-1], values[10:], strict=True))
-    assert values[-1] < 0.001
 
 
 # =============================================================================

@@ -59,6 +59,14 @@ def lrs(schedule: str, steps: int = 50, warmup: float = 0.2) -> list[float]:
 # --- schedule, warmup_fraction ----------------------------------------------
 
 
+def test_schedule_warms_up_then_decays():
+    values = lrs("cosine", steps=100, warmup=0.1)
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(values[:9], values[1:10], strict=True))
+    assert all(a >= b for a, b in zip(values[9:-1], values[10:], strict=True))
+    assert values[-1] < 0.001
+
+
 def test_schedules_differ_after_the_warm_up():
     cosine, constant, onecycle = lrs("cosine"), lrs("constant"), lrs("onecycle")
     # the same linear warm-up (10 steps) for cosine and constant
