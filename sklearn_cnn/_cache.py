@@ -21,7 +21,9 @@ Safety:
 
 :class:`ActivationCache` is the storage, usable for any per-image arrays
 (``fetch``/``store`` by key, image digest and name); the rest of this module
-is what :class:`~sklearn_cnn.CNNFeatureTransformer` keys and stores with it.
+is what :class:`~sklearn_cnn.CNNFeatureTransformer` keys and stores with it,
+and the key of what :class:`~sklearn_cnn.FineTuneClassifier` stores (see
+``_sources``).
 """
 
 from __future__ import annotations
@@ -182,9 +184,10 @@ def _class_source(cls: type) -> str:
         return ""
 
 
-def module_digest(module: nn.Module) -> str:
+def module_digest(module: nn.Module, skip: str | None = None) -> str:
     """A digest of a network: its classes' code, its structure (``repr``) and
-    the values of every parameter and buffer.
+    the values of every parameter and buffer (but those of the submodule
+    ``skip``, if given).
 
     Two networks share a digest only if they have the same code and the same
     weights, whatever file or object they came from. It reads every weight
@@ -201,6 +204,8 @@ def module_digest(module: nn.Module) -> str:
     h.update(repr(module).encode())
     tensors = itertools.chain(module.named_parameters(), module.named_buffers())
     for name, t in tensors:
+        if skip is not None and name.startswith(skip + "."):
+            continue
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(_tensor_bytes(t))
     return h.hexdigest()
@@ -676,6 +681,24 @@ def network_key_parts(est: Any) -> dict[str, Any]:
         # A user's layout hint decides how a layer of unknown layout is pooled.
         "layout": repr(getattr(est, "_fitted_params", {}).get("layout")),
     }
+
+
+def fine_tune_key(est: Any) -> tuple[str, dict[str, Any]]:
+    """The key of what a fine-tuner stores: the inputs of its trainable part
+    (a frozen prefix's outputs, the head's input), which the network computes
+    as it is now, its head aside (their values do not depend on it)."""
+    from . import __version__
+
+    about = {
+        "format": FORMAT,
+        "sklearn_cnn": __version__,
+        "torch": torch.__version__,
+        "use": "fine-tune",
+        "network": module_digest(est.model_, skip=est.head_),
+        "preprocessing": repr(est.preprocessing_),
+        **_runtime_parts(est),
+    }
+    return key_of(about), about
 
 
 def transform_key(est: Any) -> tuple[str, dict[str, Any]]:

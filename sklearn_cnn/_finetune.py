@@ -10,6 +10,7 @@ modes), ``_optim`` (parameter groups, optimizer, schedule) and ``_training``
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -21,7 +22,7 @@ import torch
 from scipy.special import log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import (
@@ -198,6 +199,18 @@ class FineTuneClassifier(
         the channels_last memory format.
     num_workers : int, default=0
         DataLoader worker processes that decode and augment images.
+    memory : None, str, path or joblib.Memory, default=None
+        Cache on disk (as :class:`CNNFeatureTransformer` does) what a fit
+        computes once per image without augmentation: the head's input (the
+        probe's features) and the outputs of a frozen prefix. A later fit on
+        the same images with the same pretrained network then reads them
+        instead of running the backbone: the other folds of a
+        ``GridSearchCV``, and its candidates that share a cut (every ``freeze``
+        shares the probe's features; candidates that differ in ``lr``, say,
+        share the prefix too). Entries are keyed by the images' pixels, the
+        network's code and current weights (its head aside), preprocessing,
+        precision and device, so they are used only where exact. None caches
+        nothing.
     random_state : int, RandomState instance or None, default=None
         Seeds the head, the validation split, the shuffling, the augmentation
         and dropout. With a fixed value, two fits on the CPU give identical
@@ -322,6 +335,7 @@ class FineTuneClassifier(
         "label_smoothing": [Interval(Real, 0, 1, closed="left")],
         "calibrate": ["boolean"],
         "tta": [None, StrOptions({"flip"})],
+        "memory": [None, str, os.PathLike, HasMethods(["cache"])],
         "random_state": ["random_state"],
         "warm_start": ["boolean"],
     }
@@ -359,6 +373,7 @@ class FineTuneClassifier(
         precision: str = "auto",
         compile: bool | str = False,
         num_workers: int = 0,
+        memory: Any = None,
         random_state: Any = None,
         warm_start: bool = False,
         verbose: int = 0,
@@ -393,6 +408,7 @@ class FineTuneClassifier(
         self.precision = precision
         self.compile = compile
         self.num_workers = num_workers
+        self.memory = memory
         self.random_state = random_state
         self.warm_start = warm_start
         self.verbose = verbose

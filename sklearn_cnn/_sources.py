@@ -5,6 +5,8 @@ frozen part of the network computes, stored once per image: the pooled
 features when only the head trains (shared with the probe), else the outputs
 of the frozen prefix of stages, after which every epoch runs only the rest of
 the network (``PrefixSkip``, checked against the whole network first).
+With ``memory=``, what is stored once per image also goes to the disk cache
+(``_cache``), for the next fit: a later fold, or a candidate of a search.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._cache import (
+    ActivationCache,
+    cache_directory,
+    entry_name,
+    fine_tune_key,
+    image_digests,
+)
 from ._freezing import frozen_prefix
 from ._head import check_vector_head, float_logits
 from ._layers import Tap
@@ -50,6 +59,7 @@ class Sources:
         self.est, self.X, self.y, self.w = est, X, y, w
         self.index = {"train": train_idx, "valid": val_idx}
         self.stored: dict[str, torch.Tensor] = {}
+        self.digests: list[bytes] | None = None  # of X's images, for memory=
 
     # -- what is stored ----------------------------------------------------------
 
@@ -94,20 +104,48 @@ class Sources:
             check_vector_head(est.trace_, est.head_)
             taps.append(Tap(est.head_, pre=True))
             shapes.append(est.trace_.input_shapes[est.head_])
-        sizes = [math.prod(shape) for shape in shapes]
-        flat = est._run(
-            self.X, taps, _flat, sum(sizes), "features", index=self.index[part]
-        )
-        outputs = [
-            torch.from_numpy(np.ascontiguousarray(a)).reshape(-1, *shape)
-            for a, shape in zip(
-                np.split(flat, np.cumsum(sizes)[:-1], axis=1), shapes, strict=True
-            )
-        ]
+        outputs = self._outputs(taps, shapes, self.index[part])
         if head:
             self.stored[part] = outputs.pop()
         if outputs:
             self.stored["prefix " + part] = outputs.pop()
+
+    def _outputs(
+        self, taps: list[Tap], shapes: list[tuple], index: np.ndarray
+    ) -> list[torch.Tensor]:
+        """Each tap's outputs for the images ``index``, float32 on the CPU: read
+        from the cache in ``memory`` where stored, the rest in one pass (and
+        stored there for the next fit: a later fold or candidate)."""
+        est = self.est
+        directory = cache_directory(getattr(est, "memory", None))
+        missing = np.ones(len(index), dtype=bool)
+        outputs = [np.empty((len(index), *shape), np.float32) for shape in shapes]
+        names = [entry_name(t) for t in taps]
+        if directory is not None:
+            cache, (key, about) = ActivationCache(directory), fine_tune_key(est)
+            if self.digests is None:
+                self.digests = image_digests(self.X)
+            digests = [self.digests[i] for i in index]
+            found, rows = cache.fetch(key, digests, names)
+            if found.any():
+                for out, name in zip(outputs, names, strict=True):
+                    out[found] = rows[name]
+            missing = ~found
+        if missing.any():
+            sizes = [math.prod(shape) for shape in shapes]
+            flat = est._run(
+                self.X, taps, _flat, sum(sizes), "features", index=index[missing]
+            )
+            parts = np.split(flat, np.cumsum(sizes)[:-1], axis=1)
+            for out, a, shape in zip(outputs, parts, shapes, strict=True):
+                out[missing] = a.reshape(-1, *shape)
+            if directory is not None:
+                new = [d for d, m in zip(digests, missing, strict=True) if m]
+                arrays = {
+                    n: out[missing] for n, out in zip(names, outputs, strict=True)
+                }
+                cache.store(key, new, arrays, about)
+        return [torch.from_numpy(out) for out in outputs]
 
     # -- the sources of a phase ------------------------------------------------------
 

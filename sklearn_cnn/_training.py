@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from ._base import cpu_state
+from ._base import cpu_state, halve_on_oom, in_chunks
 from ._head import logits as _logits
 from ._images import ImageDataset, Preprocessing
 from ._runtime import autocast, batches, progress
@@ -128,13 +128,17 @@ class Loss:
             weight=weight, label_smoothing=smoothing, reduction="none"
         )
 
+    def weights(self, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Each image's weight in the mean: its sample weight times its class's."""
+        if self.class_weights is None:
+            return weight
+        return weight * self.class_weights[target]
+
     def __call__(
         self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         per_image = self.fn(logits.float(), target) * weight
-        if self.class_weights is not None:
-            weight = weight * self.class_weights[target]
-        return per_image.sum(), weight.sum()
+        return per_image.sum(), self.weights(target, weight).sum()
 
 
 class Selection:
@@ -270,12 +274,18 @@ class FeatureSource:
             yield self.features[rows], self.y[rows], self.w[rows]
 
     def logits(self, forward: nn.Module, batch_size: int, dtype) -> torch.Tensor:
-        out = []
+        def logits_of(xb: torch.Tensor) -> torch.Tensor:
+            with autocast(self.y.device, dtype):
+                return _logits(forward(xb)).float()
+
+        out, size = [], batch_size
         with torch.inference_mode():
             for start in range(0, len(self.y), batch_size):
                 xb = self.features[start : start + batch_size]
-                with autocast(self.y.device, dtype):
-                    out.append(_logits(forward(xb)).float().cpu())
+                z, size = halve_on_oom(
+                    lambda k, b=xb: in_chunks(logits_of, b, k), size, what="fit"
+                )
+                out.append(z.cpu())
         return torch.cat(out) if out else torch.empty(0, 0)
 
     @property
@@ -291,8 +301,7 @@ def validation_metrics(
     if len(y) == 0:
         return math.nan, math.nan
     total, weight = loss(logits, y, w)
-    if loss.class_weights is not None:
-        w = w * loss.class_weights[y]
+    w = loss.weights(y, w)
     correct = (logits.argmax(1) == y).to(w.dtype)
     return float(total / weight), float((correct * w).sum() / w.sum())
 
@@ -338,6 +347,39 @@ class EpochLoop:
     history: list[dict] = field(default_factory=list)
     verbose: int = 0
     max_grad_norm: float | None = None
+    chunk: int | None = None  # images per forward once CUDA ran out of memory
+
+    def step(
+        self,
+        xb: torch.Tensor,
+        yb: torch.Tensor,
+        wb: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient of the batch's mean loss, accumulated over chunks of at
+        most ``chunk`` images; on CUDA out of memory the chunks halve (see
+        ``halve_on_oom``) and stay halved. The gradient is the whole batch's,
+        BatchNorm in training mode aside (its statistics are then per chunk).
+        Returns the batch's summed loss and weight."""
+        total = self.loss.weights(yb, wb).sum()
+        norm = total.clamp(min=1e-12)
+
+        def accumulate(k: int) -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=self.device)
+            for i in range(0, len(yb), k):
+                with autocast(self.device, self.dtype):
+                    out = _logits(_train_forward(self.forward, xb[i : i + k]))
+                part, _ = self.loss(out, yb[i : i + k], wb[i : i + k])
+                scaler.scale(part / norm).backward()
+                loss_sum += part.detach()
+            return loss_sum
+
+        loss_sum, self.chunk = halve_on_oom(
+            accumulate, self.chunk or self.batch_size, what="fit"
+        )
+        return loss_sum, total
 
     def evaluate(self) -> tuple[float, float]:
         if len(self.valid) == 0:
@@ -388,11 +430,7 @@ class EpochLoop:
                 total = torch.zeros((), device=self.device)
                 weight = torch.zeros((), device=self.device)
                 for xb, yb, wb in self.train.batches(self.batch_size, generator):
-                    with autocast(self.device, self.dtype):
-                        out = _logits(_train_forward(self.forward, xb))
-                    loss_sum, w_sum = self.loss(out, yb, wb)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss_sum / w_sum.clamp(min=1e-12)).backward()
+                    loss_sum, w_sum = self.step(xb, yb, wb, optimizer, scaler)
                     if self.max_grad_norm is not None:
                         scaler.unscale_(optimizer)
                         nn.utils.clip_grad_norm_(params, self.max_grad_norm)

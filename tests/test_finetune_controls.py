@@ -397,6 +397,81 @@ def test_prefix_that_is_not_a_cut_trains_on_images(data):
     np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=1e-5)
 
 
+# --- memory=: what one fit stores once, reused by the next (issue 8.3) --------
+
+
+def counting_cnn_of(seed: int):
+    model = make_tiny_cnn(seed)
+
+    def count(_m, args):
+        counting_cnn.seen += len(args[0])
+
+    model.stem[0].register_forward_pre_hook(count)
+    return model
+
+
+PREFIXED = dict(
+    augment=None, precision="fp32", image_size=16, early_stopping=False,
+    validation_fraction=0.33,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("freeze", [2, "backbone"])
+def test_memory_reads_what_an_earlier_fit_stored(data, tmp_path, freeze):
+    X, y = data
+    params = {**FAST, **PREFIXED, "freeze": freeze}
+    plain = FineTuneClassifier(counting_cnn, **params).fit(X, y)
+    seen, fits = [], []
+    for _ in range(2):
+        counting_cnn.seen = 0
+        fits.append(
+            FineTuneClassifier(counting_cnn, memory=str(tmp_path), **params).fit(X, y)
+        )
+        seen.append(counting_cnn.seen)
+    # The first fit fills the cache in its one pass; the second reads every
+    # image's prefix and features from it instead.
+    assert seen[1] == seen[0] - len(X)
+    for clf in fits:
+        np.testing.assert_allclose(
+            clf.predict_proba(X), plain.predict_proba(X), rtol=1e-5, atol=1e-6
+        )
+        for got, want in zip(clf.history_, plain.history_, strict=True):
+            for k in ("train_loss", "valid_loss", "valid_accuracy"):
+                assert got[k] == pytest.approx(want[k], nan_ok=True, rel=1e-5)
+
+
+def test_memory_never_shares_between_different_networks(data, tmp_path):
+    X, y = data
+    params = {**FAST, **PREFIXED, "freeze": 2, "memory": str(tmp_path)}
+    FineTuneClassifier(counting_cnn, **params).fit(X, y)
+    other = functools.partial(counting_cnn_of, 1)
+    counting_cnn.seen = 0
+    cached = FineTuneClassifier(other, **params).fit(X, y)
+    assert counting_cnn.seen > len(X)  # computed, not read
+    plain = FineTuneClassifier(other, **{**params, "memory": None}).fit(X, y)
+    np.testing.assert_allclose(
+        cached.predict_proba(X), plain.predict_proba(X), rtol=1e-5, atol=1e-6
+    )
+    # Nor between the images' contents: another set is computed too.
+    counting_cnn.seen = 0
+    FineTuneClassifier(other, **params).fit(255 - X, y)
+    assert counting_cnn.seen > len(X)
+
+
+def test_freeze_search_with_memory_scores_as_without(data, tmp_path):
+    from sklearn.model_selection import GridSearchCV
+
+    X, y = data
+    grid = {"freeze": [1, 2, "backbone"]}
+    params = {**FAST, **PREFIXED, "validation_fraction": None}
+    plain = GridSearchCV(FineTuneClassifier(TINY, **params), grid, cv=2).fit(X, y)
+    est = FineTuneClassifier(TINY, memory=str(tmp_path), **params)
+    cached = GridSearchCV(est, grid, cv=2).fit(X, y)
+    np.testing.assert_allclose(
+        cached.cv_results_["mean_test_score"], plain.cv_results_["mean_test_score"]
+    )
+
+
 # --- reliability of the training loop (issue 10) --------------------------------
 
 

@@ -282,6 +282,38 @@ def test_predict_proba_halves_the_batch_on_out_of_memory(labelled_images):
     assert "retrying with 8" in messages and "retrying with 4" in messages
 
 
+@pytest.mark.parametrize("freeze", [0, 0.5, "backbone"])
+def test_fit_halves_the_batch_on_out_of_memory(labelled_images, freeze):
+    """Each path of a fit (images, a stored prefix, stored pooled features)
+    accumulates the batch's gradient over halved chunks: the same weights."""
+    X, y = labelled_images
+    w = np.random.default_rng(0).uniform(0.5, 2.0, len(y))
+    params = dict(freeze=freeze, epochs=2, batch_size=16, class_weight="balanced")
+    expected = tiny_classifier(**params).fit(X, y, sample_weight=w)
+    oom = _OutOfMemoryAbove(5)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: (
+            oom(module, args) if isinstance(module, torch.nn.Linear) else None
+        )  # fmt: skip
+    )
+    try:
+        with pytest.warns(RuntimeWarning, match="out of memory in fit") as record:
+            clf = tiny_classifier(**params).fit(X, y, sample_weight=w)
+    finally:
+        handle.remove()
+    assert max(oom.sizes) == 16 and sorted(set(oom.sizes) - {16, 8})[-1] <= 5
+    messages = [str(r.message) for r in record if "in fit" in str(r.message)]
+    # 16 -> 8 -> 4 once: the next batches start at 4.
+    assert [m.split("; ")[1][:15] for m in messages] == ["retrying with 8"] + [
+        "retrying with 4"
+    ]
+    assert_allclose(
+        clf.predict_proba(X), expected.predict_proba(X), rtol=1e-4, atol=1e-6
+    )
+    for name, value in expected.model_.state_dict().items():
+        assert_allclose(clf.model_.state_dict()[name], value, rtol=1e-4, atol=1e-6)
+
+
 def test_out_of_memory_with_one_image_says_what_to_change(images):
     est = tiny(batch_size=2).fit(images)
     handle = est.model_.register_forward_pre_hook(_OutOfMemoryAbove(0))
