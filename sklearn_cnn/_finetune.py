@@ -290,8 +290,9 @@ class FineTuneClassifier(
     Parameters take effect at ``fit``: after ``set_params`` of ``model``,
     ``weights``, ``image_size``, ``mean``, ``std`` or ``precision``, prediction
     raises ``NotFittedError`` until ``fit`` runs again, rather than predict
-    with the old setting. On CUDA, a batch that runs out of memory in
-    prediction is split in halves (down to one image) with a warning.
+    with the old setting. On CUDA, a batch that runs out of memory is split
+    in halves (down to one image) with a warning: in prediction, and in
+    training, where the halves' gradients add up to the whole batch's.
 
     Examples
     --------
