@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from functools import partial
 from numbers import Integral, Real
@@ -449,7 +450,12 @@ class FineTuneClassifier(
         )
         cw = class_weights(self.class_weight, classes, y_enc[train_idx])
         weights = example_weights(y_enc, cw, sw)
-        device = resolve_device(self.device)
+        if resume:
+            device = self.device_
+        else:
+            with warnings.catch_warnings():  # _build_network warns, once
+                warnings.simplefilter("ignore", RuntimeWarning)
+                device = resolve_device(self.device)
         # Seed torch without touching the caller's generators, and without
         # initialising CUDA for a CPU fit.
         gpus = [device.index or 0] if device.type == "cuda" else []

@@ -459,3 +459,11 @@ def test_pickling_while_a_transform_is_in_flight(images):
     np.testing.assert_allclose(restored.transform(images), expected, atol=1e-6)
     hooks = [h for m in est.model_.modules() for h in m._forward_hooks.values()]
     assert hooks == []  # the live module is left as it was
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_cuda_is_said_once_per_fit(labelled_images):
+    X, y = labelled_images
+    with pytest.warns(RuntimeWarning, match="CUDA is not available") as record:
+        tiny_classifier(device="cuda", epochs=0).fit(X, y)
+    assert sum("CUDA is not available" in str(r.message) for r in record) == 1
