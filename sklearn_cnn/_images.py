@@ -290,21 +290,32 @@ def _check_shape(shape: tuple[int, ...], dtype: np.dtype) -> None:
         )
 
 
+def _check_float(a: np.ndarray, what: str, fix: str) -> None:
+    """Float pixels must be finite and in [0, 1] (they are never clipped): a
+    ValueError naming ``what`` and, for the range, ``fix`` (formatted with the
+    largest magnitude as ``peak``)."""
+    if not np.isfinite(a).all():
+        raise ValueError(
+            f"{what} contains NaN or infinity; images must be finite. Replace or "
+            "drop those images."
+        )
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"{what} has values in [{lo:g}, {hi:g}]; float images must lie in "
+            "[0, 1] (they are not clipped). " + fix.format(peak=max(abs(lo), hi))
+        )
+
+
 def _check_values(a: np.ndarray, name: str, where: str = "") -> None:
     kind = a.dtype.kind
     if kind == "f":
-        if not np.isfinite(a).all():
-            raise ValueError(
-                f"{name} contains NaN or infinity{where}; images must be finite. "
-                "Replace or drop those images."
-            )
-        lo, hi = float(a.min()), float(a.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(
-                f"{name} is a float array with values in [{lo:g}, {hi:g}]{where}; "
-                "float images must be scaled to [0, 1]. Divide by the maximum "
-                f"(e.g. {name} / {hi:g}) or pass uint8 values in [0, 255]."
-            )
+        _check_float(
+            a,
+            f"The float array {name}{where}",
+            f"Divide by the maximum (e.g. {name} / {{peak:g}}) or pass uint8 "
+            "values in [0, 255].",
+        )
     elif kind in "iu":
         if a.dtype != np.uint8:
             lo, hi = int(a.min()), int(a.max())
@@ -443,19 +454,11 @@ def _wide_grey(im: Image.Image, where: str) -> np.ndarray:
     clipped; values that cannot be scaled without a guess are refused."""
     a = np.asarray(im)
     if im.mode == "F":
-        if not np.isfinite(a).all():
-            raise ValueError(
-                f"{where} is a float image (PIL mode 'F') holding NaN or infinity; "
-                "images must be finite."
-            )
-        lo, hi = float(a.min()), float(a.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(
-                f"{where} is a 32-bit float image (PIL mode 'F') with values in "
-                f"[{lo:g}, {hi:g}]; float images must lie in [0, 1] (they are not "
-                "clipped). Scale it, e.g. np.asarray(image) / "
-                f"{max(abs(lo), hi):g}, and pass the array."
-            )
+        _check_float(
+            a,
+            f"{where}, a 32-bit float image (PIL mode 'F'),",
+            "Scale it, e.g. np.asarray(image) / {peak:g}, and pass the array.",
+        )
         return a.astype(np.float32, copy=False)
     # Integer modes: PIL holds 16-bit PNG, TIFF and PGM files in "I;16*" or "I"
     # (the latter also after most operations on a 16-bit image): read as 16-bit.

@@ -282,8 +282,8 @@ U8 = np.zeros((2, 8, 8, 3), dtype=np.uint8)
         (np.zeros((1, 2, 8, 8, 3), np.uint8), ValueError, "5 dimension"),
         (np.full((2, 8, 8, 3), np.nan), ValueError, "NaN or infinity"),
         (np.full((2, 8, 8, 3), np.inf, np.float32), ValueError, "NaN or infinity"),
-        (np.full((2, 8, 8, 3), 255.0), ValueError, r"scaled to \[0, 1\].*X / 255"),
-        (np.full((2, 8, 8, 3), -0.5), ValueError, r"scaled to \[0, 1\]"),
+        (np.full((2, 8, 8, 3), 255.0), ValueError, r"must lie in \[0, 1\].*X / 255"),
+        (np.full((2, 8, 8, 3), -0.5), ValueError, r"must lie in \[0, 1\]"),
         (np.full((2, 8, 8, 3), 256), ValueError, r"integer images must lie"),
         (np.full((2, 8, 8, 3), -1), ValueError, r"integer images must lie"),
         (np.zeros((2, 8, 8, 3), bool), TypeError, "dtype bool"),
@@ -292,7 +292,7 @@ U8 = np.zeros((2, 8, 8, 3), dtype=np.uint8)
         ("image.png", TypeError, "got str"),
         ([U8[0], 3], TypeError, r"X\[1\] is a int"),
         ([np.zeros((8, 8, 2), np.uint8)], ValueError, r"X\[0\] has shape"),
-        ([np.full((8, 8, 3), 2.0)], ValueError, r"X\[0\] is a float array"),
+        ([np.full((8, 8, 3), 2.0)], ValueError, r"array X\[0\] has values in \[2, 2\]"),
     ],
 )
 def test_bad_input_raises_clear_error(X, error, match):
@@ -516,7 +516,7 @@ def test_lazy_array_like_is_read_batch_by_batch(images):
 
 def test_lazy_array_like_bad_values_named_when_read(images):
     bad = images.astype(np.float32)  # 0..255 as float: not scaled
-    with pytest.raises(ValueError, match=r"scaled to \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         features(LazyDataset(bad))
     with pytest.raises(ValueError, match=r"looks like one image"):
         features(LazyDataset(images[0]))
