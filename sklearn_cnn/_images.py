@@ -456,7 +456,7 @@ def _wide_grey(im: Image.Image, where: str) -> np.ndarray:
     if im.mode == "F":
         _check_float(
             a,
-            f"{where}, a 32-bit float image (PIL mode 'F'),",
+            f"{where} is a 32-bit float image (PIL mode 'F') and",
             "Scale it, e.g. np.asarray(image) / {peak:g}, and pass the array.",
         )
         return a.astype(np.float32, copy=False)
