@@ -304,27 +304,32 @@ def save(estimator: Any, path: str | os.PathLike) -> None:
         raise NotImplementedError(f"{name} cannot be saved by save() yet.")
     estimator._check_params_unchanged()
 
+    def encode_all(items: dict, refusal: str) -> dict:
+        out = {}
+        for key, value in items.items():
+            try:
+                out[key] = _encode(value, key)
+            except _Unsaveable as exc:
+                raise ValueError(
+                    refusal.format(key=key, value=value, why=exc)
+                ) from None
+        return out
+
     params = estimator.get_params(deep=False)
-    encoded_params = {}
-    for key, value in params.items():
-        try:
-            encoded_params[key] = _encode(value, key)
-        except _Unsaveable as exc:
-            raise ValueError(
-                f"Cannot save {name} with {key}={value!r}: it is {exc}. save() "
-                "stores no code."
-            ) from None
-    fitted = {}
-    for key, value in estimator.__dict__.items():
-        if key in params or key in _REBUILT:
-            continue
-        try:
-            fitted[key] = _encode(value, key)
-        except _Unsaveable as exc:
-            raise ValueError(
-                f"Cannot save {name}: its attribute {key!r} is {exc}, which "
-                "save() cannot store."
-            ) from None
+    encoded_params = encode_all(
+        params,
+        f"Cannot save {name} with {{key}}={{value!r}}: it is {{why}}. save() "
+        "stores no code.",
+    )
+    fitted = encode_all(
+        {
+            k: v
+            for k, v in estimator.__dict__.items()
+            if k not in params and k not in _REBUILT
+        },
+        f"Cannot save {name}: its attribute {{key!r}} is {{why}}, which save() "
+        "cannot store.",
+    )
     from . import __version__
 
     header = json.dumps(
