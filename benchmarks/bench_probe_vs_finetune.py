@@ -40,6 +40,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier
 
@@ -153,6 +154,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+        # scikit-learn's OpenMP and OpenBLAS pools too: on a loaded machine
+        # their idle threads spin, and the probes' logistic regressions ran
+        # 50 times slower with 2 threads on 2 busy cores than with one.
+        threadpool_limits(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     freezes = [
         f if f == "backbone" else (float(f) if "." in f else int(f))

@@ -445,12 +445,23 @@ def test_head_only_without_augmentation_runs_the_backbone_once(labelled_images):
 # =============================================================================
 
 
-@pytest.mark.parametrize("backbone_lr, expected", [(None, 0.001), (0.005, 0.005)])
-def test_parameter_groups(tiny_builder, labelled_images, backbone_lr, expected):
+@pytest.mark.parametrize(
+    "head_init, backbone_lr, expected",
+    [
+        ("probe", None, 0.01),  # LP-FT: one rate after the probe
+        ("random", None, 0.001),  # under a random head, 10 times slower
+        ("probe", 0.005, 0.005),
+        ("random", 0.005, 0.005),
+    ],
+)
+def test_parameter_groups(
+    tiny_builder, labelled_images, head_init, backbone_lr, expected
+):
     X, y = labelled_images
     clf = make(
-        tiny_builder, freeze=1, lr=0.01, backbone_lr=backbone_lr, weight_decay=0.1
-    ).fit(X, y)
+        tiny_builder, freeze=1, lr=0.01, backbone_lr=backbone_lr, weight_decay=0.1,
+        head_init=head_init,
+    ).fit(X, y)  # fmt: skip
     refreeze(clf)
     groups = clf._param_groups()
     by_id = {id(p): g for g in groups for p in g["params"]}
@@ -460,7 +471,8 @@ def test_parameter_groups(tiny_builder, labelled_images, backbone_lr, expected):
         if name.startswith("stem."):
             continue
         group = by_id[id(p)]
-        assert group["lr"] == (0.01 if name.startswith("fc.") else expected)
+        rate = 0.01 if name.startswith("fc.") else expected
+        assert group["lr"] == pytest.approx(rate)
         assert group["weight_decay"] == (0.1 if p.ndim > 1 else 0.0)
     optimizer = make_optimizer("adamw", groups)
     assert isinstance(optimizer, torch.optim.AdamW)
