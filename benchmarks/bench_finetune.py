@@ -26,13 +26,18 @@ Two parts, both with ImageNet EfficientNet-Lite0 (offline weights, see
     this machine (channels_last, and bf16 autocast where the CPU has native
     bf16); the plain fp32 reference is shown for scale.
 
+``freeze-search``
+    ``GridSearchCV`` over ``freeze`` without and with ``memory=``, then again
+    on the warm cache: wall time and whether the cv scores are identical.
+
 ``prefix``
     Epoch time when the frozen part is computed once per fit (the default
     without augmentation): ``freeze="backbone"`` (the epochs train the head on
     stored pooled features) and ``freeze=0.5`` (the epochs run the network
     after its frozen prefix, on stored outputs), against the image path.
 
-    python benchmarks/bench_finetune.py [--part accuracy|speed|prefix|all]
+    python benchmarks/bench_finetune.py
+        [--part accuracy|speed|prefix|freeze-search|all]
         [--images 3000] [--seeds 0,1,2] [--ablation] [--speed-images 1024]
         [--rounds 8]
 """
@@ -43,6 +48,7 @@ import argparse
 import copy
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -320,10 +326,44 @@ def prefix(n_images: int, epochs: int) -> None:
             )
 
 
+def freeze_search(n_images: int, epochs: int) -> None:
+    """``GridSearchCV`` over ``freeze`` without and with ``memory=``: what each
+    fit computes once per image (the probe's features, a frozen prefix) is
+    read from the cache by the other folds and by candidates that share it."""
+    from sklearn.model_selection import GridSearchCV
+
+    X, y = load_animal_mnist(n_images, random_state=0)
+    grid = {"freeze": ["backbone", 0.75, 0.5]}
+    print(
+        f"Search over freeze {grid['freeze']}, cv=3: {n_images} Animal-MNIST "
+        f"images at {SIZE} px, Lite0, {epochs} epochs, no augmentation\n"
+    )
+    scores, times = {}, {}
+    with tempfile.TemporaryDirectory() as memory:
+        for label, mem in (("uncached", None), ("memory= (cold)", memory),
+                           ("memory= (warm)", memory)):  # fmt: skip
+            est = FineTuneClassifier(
+                **lite0(), image_size=SIZE, epochs=epochs, augment=None,
+                validation_fraction=None, random_state=0, memory=mem,
+            )  # fmt: skip
+            tic = time.perf_counter()
+            search = GridSearchCV(est, grid, cv=3).fit(X, y)
+            times[label] = time.perf_counter() - tic
+            scores[label] = search.cv_results_["mean_test_score"]
+            print(f"{label:>16}: {times[label]:7.1f} s, mean cv scores "
+                  f"{np.round(scores[label], 3).tolist()}", flush=True)  # fmt: skip
+    for label in ("memory= (cold)", "memory= (warm)"):
+        same = np.array_equal(scores[label], scores["uncached"])
+        print(f"RATIO uncached / {label}: {times['uncached'] / times[label]:.2f}x "
+              f"(cv scores identical: {same})")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--part", choices=["accuracy", "speed", "prefix", "all"], default="all"
+        "--part",
+        choices=["accuracy", "speed", "prefix", "freeze-search", "all"],
+        default="all",
     )
     parser.add_argument("--prefix-images", type=int, default=1000)
     parser.add_argument("--prefix-epochs", type=int, default=3)
@@ -347,6 +387,9 @@ def main() -> None:
     if args.part in ("prefix", "all"):
         print()
         prefix(args.prefix_images, args.prefix_epochs)
+    if args.part in ("freeze-search", "all"):
+        print()
+        freeze_search(args.prefix_images, args.prefix_epochs)
 
 
 if __name__ == "__main__":

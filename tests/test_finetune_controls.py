@@ -314,6 +314,35 @@ def test_probe_scale_floor_bounds_the_weights_of_nearly_dead_features():
     assert np.abs(weight[:, 0]).max() < np.abs(weight[:, 1:]).max()
 
 
+def test_probe_runs_blas_on_one_thread_for_small_problems(monkeypatch):
+    """Many small BLAS calls: threads cost more than they give (see
+    PROBE_ONE_THREAD); larger problems keep the configured threads."""
+    import threadpoolctl
+    from sklearn.linear_model import LogisticRegression
+
+    import sklearn_cnn._head as head
+
+    seen = []
+    plain_fit = LogisticRegression.fit
+
+    def fit(self, *args, **kwargs):
+        blas = [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"]  # fmt: skip
+        seen.append(max(blas, default=None))
+        return plain_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticRegression, "fit", fit)
+    rng = np.random.default_rng(0)
+    features, y = rng.normal(size=(60, 8)), np.repeat([0, 1, 2], 20)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        fit_probe(features, y, 3, None, 0)
+        assert seen and set(seen) == {1}
+        seen.clear()
+        monkeypatch.setattr(head, "PROBE_ONE_THREAD", 0)
+        fit_probe(features, y, 3, None, 0)
+    assert set(seen) == {2}
+
+
 # --- the frozen prefix, computed once (issue 8.3) -----------------------------
 
 
