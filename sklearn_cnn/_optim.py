@@ -27,10 +27,10 @@ def backbone_rate(head_init: str, lr: float, backbone_lr: float | None) -> float
     unless these move 10 times slower than it does (fastai, Keras). A probe
     head starts at its optimum for those features, and LP-FT then trains
     everything at one rate. The backbone needs it on images unlike ImageNet:
-    at ``lr / 10`` (1e-4) it barely left the ImageNet features, and fine-tuning
-    Lite0 on 600 Animal-MNIST or MNIST images scored 0.883 and 0.917, below the
-    probe on an intermediate block (0.893 and 0.910); at ``lr``, 0.887 and 0.947
-    (one seed; ``benchmarks/README.md`` has three).
+    fine-tuning Lite0 on 600 Animal-MNIST or MNIST images scored 0.883 and
+    0.917 (one seed) with the backbone at ``lr / 10``, no better than a probe
+    on an intermediate block (0.893 and 0.910), and 0.909 and 0.948 (mean of
+    three seeds, ``benchmarks/README.md``) at ``lr``.
     """
     if backbone_lr is not None:
         return backbone_lr
