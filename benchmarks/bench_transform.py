@@ -23,7 +23,8 @@ fp32 batch size of that round's model and source, and the medians printed.
 reuse the compiled network (the compile is paid once per fitted estimator).
 
     python benchmarks/bench_transform.py [--images 128] [--rounds 3]
-    python benchmarks/bench_transform.py --profile   # preprocessing's share
+    python benchmarks/bench_transform.py --profile   # preprocessing's share,
+                                                     # and the operators'
 """
 
 from __future__ import annotations
@@ -364,6 +365,14 @@ def profile_preprocessing(args) -> None:
             f"{100 * statistics.median(shares):.1f}% of a transform (median of "
             f"{args.rounds})"
         )
+        # Where the rest goes: the operators' share of the last transform, so
+        # that what an eager change could gain (folding BatchNorm, casting the
+        # weights once) is bounded by their share.
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        whole = sum(e.self_cpu_time_total for e in ops)
+        print("  operators by self time: " + ", ".join(
+            f"{e.key} {100 * e.self_cpu_time_total / whole:.1f}%" for e in ops[:8]
+        ))  # fmt: skip
 
 
 def main() -> None:
