@@ -19,24 +19,6 @@ from torch.optim.lr_scheduler import (
 SCHEDULES = ("cosine", "onecycle", "constant")
 
 
-def backbone_rate(head_init: str, lr: float, backbone_lr: float | None) -> float:
-    """Peak learning rate of the pretrained layers: ``backbone_lr``, or by
-    default ``lr`` after a probe head and ``lr / 10`` under a random one.
-
-    A random head's large early gradients would wreck the pretrained features
-    unless these move 10 times slower than it does (fastai, Keras). A probe
-    head starts at its optimum for those features, and LP-FT then trains
-    everything at one rate. The backbone needs it on images unlike ImageNet:
-    fine-tuning Lite0 on 600 Animal-MNIST or MNIST images scored 0.883 and
-    0.917 (one seed) with the backbone at ``lr / 10``, no better than a probe
-    on an intermediate block (0.893 and 0.910), and 0.909 and 0.948 (mean of
-    three seeds, ``benchmarks/README.md``) at ``lr``.
-    """
-    if backbone_lr is not None:
-        return backbone_lr
-    return lr if head_init == "probe" else lr / 10
-
-
 def _stage_of(name: str, stages: list[str]) -> int:
     """Index of the stage that holds parameter ``name``; 0 for the root's own."""
     for i, stage in enumerate(stages):

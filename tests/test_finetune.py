@@ -448,8 +448,8 @@ def test_head_only_without_augmentation_runs_the_backbone_once(labelled_images):
 @pytest.mark.parametrize(
     "head_init, backbone_lr, expected",
     [
-        ("probe", None, 0.01),  # LP-FT: one rate after the probe
-        ("random", None, 0.001),  # under a random head, 10 times slower
+        ("probe", None, 0.001),  # lr / 10 under either head
+        ("random", None, 0.001),
         ("probe", 0.005, 0.005),
         ("random", 0.005, 0.005),
     ],
