@@ -130,6 +130,12 @@ def batches(
     with labels). Only one batch (per worker) is in memory at once, whatever
     the size of the data.
     """
+    if generator is None:
+        # The loader draws a base seed at every pass: from a generator of its
+        # own, not torch's global one, so that an inference pass (or its rows
+        # read from memory= instead) never changes what is drawn next (a
+        # fit's dropout, the caller's own draws).
+        generator = torch.Generator().manual_seed(0)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

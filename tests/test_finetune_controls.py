@@ -429,8 +429,10 @@ def test_prefix_that_is_not_a_cut_trains_on_images(data):
 # --- memory=: what one fit stores once, reused by the next (issue 8.3) --------
 
 
-def counting_cnn_of(seed: int):
+def counting_cnn_of(seed: int, dropout: float = 0.0):
     model = make_tiny_cnn(seed)
+    if dropout:
+        model.stage2.append(nn.Dropout(dropout))
 
     def count(_m, args):
         counting_cnn.seen += len(args[0])
@@ -449,13 +451,14 @@ PREFIXED = dict(
 def test_memory_reads_what_an_earlier_fit_stored(data, tmp_path, freeze):
     X, y = data
     params = {**FAST, **PREFIXED, "freeze": freeze}
-    plain = FineTuneClassifier(counting_cnn, **params).fit(X, y)
+    # Dropout in the part that trains: a fit that reads instead of running a
+    # pass must still draw the same masks.
+    model = functools.partial(counting_cnn_of, 0, dropout=0.5)
+    plain = FineTuneClassifier(model, **params).fit(X, y)
     seen, fits = [], []
     for _ in range(2):
         counting_cnn.seen = 0
-        fits.append(
-            FineTuneClassifier(counting_cnn, memory=str(tmp_path), **params).fit(X, y)
-        )
+        fits.append(FineTuneClassifier(model, memory=str(tmp_path), **params).fit(X, y))
         seen.append(counting_cnn.seen)
     # The first fit fills the cache in its one pass; the second reads every
     # image's prefix and features from it instead.

@@ -467,3 +467,13 @@ def test_missing_cuda_is_said_once_per_fit(labelled_images):
     with pytest.warns(RuntimeWarning, match="CUDA is not available") as record:
         tiny_classifier(device="cuda", epochs=0).fit(X, y)
     assert sum("CUDA is not available" in str(r.message) for r in record) == 1
+
+
+def test_inference_leaves_torch_global_generator_alone(labelled_images):
+    X, y = labelled_images
+    clf = tiny_classifier(epochs=0).fit(X, y)
+    est = CNNFeatureTransformer(functools.partial(make_tiny_cnn, 0)).fit(X)
+    state = torch.random.get_rng_state()
+    clf.predict_proba(X)
+    est.transform(X)
+    assert torch.equal(torch.random.get_rng_state(), state)
