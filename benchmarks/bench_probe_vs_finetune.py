@@ -24,11 +24,13 @@ photographs (china vs flower: like ImageNet) and, when named in
     python benchmarks/bench_probe_vs_finetune.py [--n 900] [--epochs 10]
         [--seeds 0,1,2] [--datasets animal,mnist,photos]
         [--freezes 0,0.5,backbone] [--tta] [--threads 1]
+        [--params '{"backbone_lr": 1e-3}']
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -108,8 +110,9 @@ def probe(layer, memory) -> GridSearchCV:
 
 
 def run(
-    name: str, n: int, seeds: list[int], epochs: int, tta: bool, freezes: list
-) -> list[str]:
+    name: str, n: int, seeds: list[int], epochs: int, tta: bool, freezes: list,
+    params: dict,
+) -> list[str]:  # fmt: skip
     X, y = LOADERS[name](n)
     Xtr, Xte, ytr, yte = train_test_split(
         X, y, test_size=1 / 3, stratify=y, random_state=0
@@ -135,7 +138,7 @@ def run(
             tic = time.perf_counter()
             clf = FineTuneClassifier(
                 **lite0(), image_size=SIZE, freeze=freeze, epochs=epochs,
-                random_state=seed,
+                random_state=seed, **params,
             ).fit(Xtr, ytr)  # fmt: skip
             times.append(time.perf_counter() - tic)
             accs.append(clf.score(Xte, yte))
@@ -163,6 +166,8 @@ def main() -> None:
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--freezes", default="0,0.5,backbone")
     parser.add_argument("--threads", type=int, default=None)
+    # Other FineTuneClassifier parameters, as JSON: '{"backbone_lr": 1e-3}'.
+    parser.add_argument("--params", type=json.loads, default={})
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,12 +182,12 @@ def main() -> None:
     ]
     print(
         f"Lite0 at {SIZE} px, {args.n} images per data set (a third held out), "
-        f"epochs={args.epochs}, seeds {seeds}\n"
+        f"epochs={args.epochs}, seeds {seeds}, other parameters {args.params}\n"
     )
     print("| data | model | test accuracy | val ECE before | after | s/fit |")
     print("|---|---|---|---|---|---|")
     for name in args.datasets.split(","):
-        run(name, args.n, seeds, args.epochs, args.tta, freezes)
+        run(name, args.n, seeds, args.epochs, args.tta, freezes, args.params)
 
 
 if __name__ == "__main__":
