@@ -9,8 +9,9 @@ ImageNet EfficientNet-Lite0 at 64 px:
 - the same probe on the best of a few intermediate blocks (chosen by the same
   inner CV, features from one cached pass);
 - ``FineTuneClassifier(freeze=f, epochs=E)`` with every other parameter at its
-  default, for ``freeze`` in {0, 0.5, "backbone"} and several seeds (the seed
-  moves the validation split, the shuffling and the augmentation).
+  default (or as ``--params`` sets it), for ``freeze`` in {0, 0.5,
+  "backbone"} and several seeds (the seed moves the validation split, the
+  shuffling and the augmentation).
 
 Prints a table of test accuracies (mean and spread over seeds), the validation
 expected calibration error before and after temperature scaling, and the time
