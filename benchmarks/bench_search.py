@@ -77,7 +77,9 @@ def build(name: str) -> torch.nn.Module:
 def params(name: str, size: int) -> dict:
     model = functools.partial(build, name)
     if name == "resnet18":  # weights=None: keep the module's (seeded) weights
-        return {"model": model, "weights": None, "image_size": size}
+        # random_state says the random weights are reproducible, so that fits
+        # share the network (as the user guide advises for weights=None).
+        return {"model": model, "weights": None, "image_size": size, "random_state": 0}
     return {**lite0(), "model": model, "image_size": size}
 
 

@@ -345,6 +345,13 @@ _SHARED_SIZE = 2
 _SHARED_LOCK = threading.Lock()
 
 
+def is_shared(module: nn.Module) -> bool:
+    """Whether ``module`` is a network that fits in this process share (and
+    so only read: its weights never change)."""
+    with _SHARED_LOCK:
+        return any(entry[0] is module for entry in _SHARED.values())
+
+
 def _network_key(est: Any) -> tuple | None:
     """What decides the network a fit builds, or None where that cannot be
     told safely (a module instance, unseeded random weights, a lambda)."""

@@ -41,6 +41,7 @@ import tempfile
 import threading
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._base import halve_on_oom
+from ._base import halve_on_oom, is_shared
 from ._images import ArrayLikeImages, image_to_tensor
 from ._layers import Tap, Trace
 from ._runtime import autocast, progress
@@ -664,10 +665,25 @@ def _runtime_parts(est: Any) -> dict[str, Any]:
     return parts
 
 
+#: Digests of the networks that fits share (``_base.is_shared``): they are only
+#: read, so a fit that reuses one does not hash its weights again.
+_SHARED_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _network_digest(model: nn.Module) -> str:
+    if not is_shared(model):
+        return module_digest(model)
+    digest = _SHARED_DIGESTS.get(model)
+    if digest is None:
+        digest = _SHARED_DIGESTS[model] = module_digest(model)
+    return digest
+
+
 def network_key_parts(est: Any) -> dict[str, Any]:
     """The part of the key fit decides: network, weights, preprocessing, pooling.
 
-    Computed once per fit (hashing the weights is the cost).
+    Computed once per fit (hashing the weights is the cost), and once per
+    process for a network that fits share.
     """
     from . import __version__
 
@@ -675,7 +691,7 @@ def network_key_parts(est: Any) -> dict[str, Any]:
         "format": FORMAT,
         "sklearn_cnn": __version__,
         "torch": torch.__version__,
-        "network": module_digest(est.model_),
+        "network": _network_digest(est.model_),
         "preprocessing": repr(est.preprocessing_),
         "pooling": est._pooling,
         # A user's layout hint decides how a layer of unknown layout is pooled.

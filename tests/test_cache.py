@@ -439,3 +439,23 @@ def test_fits_with_memory_share_the_network_within_a_process(tmp_path, monkeypat
     assert fit().model_ is not fit().model_  # without memory: never shared
     unseeded = [fit(memory=tmp_path, random_state=None) for _ in range(2)]
     assert unseeded[0].model_ is not unseeded[1].model_
+
+
+def test_a_shared_network_is_hashed_once(tmp_path, monkeypatch):
+    import sklearn_cnn._cache as cache
+
+    monkeypatch.setattr("sklearn_cnn._base._SHARED_SIZE", 2)
+    hashed = []
+    digest = cache.module_digest
+    monkeypatch.setattr(
+        cache, "module_digest", lambda m, *a: hashed.append(m) or digest(m, *a)
+    )
+    X = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    params = {"weights": None, "random_state": 0, "memory": tmp_path}
+    a = CNNFeatureTransformer("resnet18", **params).fit(X)
+    b = CNNFeatureTransformer("resnet18", layer="layer2", **params).fit(X)
+    assert a.model_ is b.model_ and hashed == [a.model_]
+    # A network that is not shared is hashed at each fit.
+    c = CNNFeatureTransformer("resnet18", **{**params, "random_state": None}).fit(X)
+    d = CNNFeatureTransformer("resnet18", **{**params, "random_state": None}).fit(X)
+    assert hashed[1:] == [c.model_, d.model_]
