@@ -226,12 +226,13 @@ def _digest(image: np.ndarray) -> bytes:
     return h.digest()
 
 
-def _canonical(a: np.ndarray) -> np.ndarray:
+def _canonical(a: np.ndarray, grey_ndim: int = 2) -> np.ndarray:
     """An (H, W[, C]) array as ``array_to_tensor`` reads it: uint8 or float32
     RGB, grey repeated, alpha dropped; (H, W, 3), no copy where none is needed.
+    With ``grey_ndim=3``, the same for a batch (N, H, W[, C]).
     """
     a = np.asarray(a, dtype=np.uint8 if a.dtype.kind in "iu" else np.float32)
-    if a.ndim == 2:
+    if a.ndim == grey_ndim:
         a = a[..., None]
     if a.shape[-1] == 1:
         return np.broadcast_to(a, (*a.shape[:-1], 3))
@@ -257,7 +258,14 @@ def image_digests(X: np.ndarray | ArrayLikeImages | list) -> list[bytes]:
                 if isinstance(X, np.ndarray)
                 else X.read(list(range(start, stop)))
             )
-            out.extend(_digest(_canonical(image)) for image in batch)
+            # One dtype and shape for the whole batch: canonical once, and the
+            # digest's header once (the digests are those of ``_digest``).
+            rows = np.ascontiguousarray(_canonical(batch, grey_ndim=3))
+            header = f"{rows.dtype}{rows.shape[1:]}".encode()
+            for row in rows:
+                h = hashlib.blake2b(header, digest_size=16)
+                h.update(row)
+                out.append(h.digest())
         return out
     digests = []
     for i, item in enumerate(X):

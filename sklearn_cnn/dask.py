@@ -400,7 +400,9 @@ def featurize(
         X = check_images(X)
         example = X[:1]
 
-    token = uuid.uuid4().hex
+    # The feature tasks of each call have keys of their own (other images, same
+    # network); ``token`` names the network, which later calls may share.
+    token = call = uuid.uuid4().hex
     if _is_fitted(transformer):
         fitted, token = _on_cluster(client, transformer, token)
         width = int(transformer.n_features_out_)
@@ -425,7 +427,7 @@ def featurize(
             dtype=np.float32,
             chunks=(X.chunks[0], (width,)),
             drop_axis=list(range(2, X.ndim)),
-            name=f"sklearn-cnn-features-{token}",
+            name=f"sklearn-cnn-features-{call}",
             meta=np.empty((0, 0), dtype=np.float32),
         )
     blocks = [
@@ -434,7 +436,7 @@ def featurize(
                 _block(X, start, chunk_size),
                 fitted,
                 token,
-                dask_key_name=(f"sklearn-cnn-features-{token}", i),
+                dask_key_name=(f"sklearn-cnn-features-{call}", i),
             ),
             shape=(len(_block(X, start, chunk_size)), width),
             dtype=np.float32,

@@ -194,6 +194,15 @@ def test_network_is_sent_once_and_unpickled_once_per_worker(client, images):
     np.testing.assert_allclose(again, cnn.transform(images), **TOL)
     final = client.run(unpickled)
     assert sum(final[w] - after[w] for w in final) <= 1, (after, final)
+    # Calls that share the network never share results: other images, other
+    # rows, even computed together.
+    a, b = client.compute(
+        [
+            featurize(images, cnn, client, chunk_size=2),
+            featurize(images[::-1], cnn, client, chunk_size=2),
+        ]  # fmt: skip
+    )
+    np.testing.assert_allclose(b.result(), a.result()[::-1], **TOL)
     # A refit is a new network: its features, not the old ones.
     cnn.set_params(layer="stem").fit(images)
     refit = compute(client, featurize(images, cnn, client, chunk_size=2))
