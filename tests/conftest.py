@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -91,3 +94,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def in_threads(call: Callable[[int], Any], n: int = 4, repeat: int = 1) -> list[list]:
+    """``repeat`` results of ``call(i)`` from each of ``n`` threads released
+    together by a barrier (thread i's in item i); raises the first error that
+    a thread met."""
+    barrier = threading.Barrier(n)
+    results: list[list] = [[] for _ in range(n)]
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = [call(i) for _ in range(repeat)]
+        except BaseException as exc:  # noqa: BLE001 - raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

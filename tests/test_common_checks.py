@@ -19,7 +19,7 @@ import joblib
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import colour_images, make_tiny_cnn
+from conftest import colour_images, in_threads, make_tiny_cnn
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.base import clone
 from sklearn.exceptions import DataConversionWarning, NotFittedError
@@ -345,32 +345,12 @@ def test_decision_function_and_probabilities_agree(data, fitted_pair):
 def test_concurrent_calls_from_threads(make, data, fitted_pair):
     """Four threads released together by a barrier call transform or
     predict_proba on one fitted estimator: each gets its own rows."""
-    import threading
-
     X, _ = data
     est = pickle.loads(pickle.dumps(fitted_pair[make.__name__]))
     est.set_params(batch_size=2)  # several batches per call
     parts = [X[i::4] for i in range(4)]
     expected = [outputs(est, part) for part in parts]
-    barrier = threading.Barrier(4)
-    results: list = [None] * 4
-    errors: list = []
-
-    def work(i: int) -> None:
-        try:
-            barrier.wait()
-            for _ in range(3):
-                out = outputs(est, parts[i])
-                if results[i] is None or not np.array_equal(out, expected[i]):
-                    results[i] = out
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    results = in_threads(lambda i: outputs(est, parts[i]), repeat=3)
     for got, want in zip(results, expected, strict=True):
-        assert_array_equal(got, want)
+        for out in got:
+            assert_array_equal(out, want)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import TinyCNN, make_tiny_cnn
+from conftest import TinyCNN, in_threads, make_tiny_cnn
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.utils._param_validation import InvalidParameterError
 from torch import nn
@@ -695,34 +695,14 @@ def test_layout_hint_errors(layout, match, images):
 def test_concurrent_transforms_on_one_estimator(layer):
     """4 threads released at once by a barrier, each with its own images,
     on one fitted estimator: each gets exactly its own rows."""
-    import threading
-
     rng = np.random.default_rng(7)
     batches = [rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8) for _ in range(4)]
     est = tiny(layer=layer, batch_size=2).fit(batches[0])
     expected = [est.transform(b) for b in batches]
-    barrier = threading.Barrier(4)
-    results: list = [None] * 4
-    errors: list = []
-
-    def work(i: int) -> None:
-        try:
-            barrier.wait()
-            for _ in range(5):
-                out = est.transform(batches[i])
-                if results[i] is None or not np.array_equal(out, expected[i]):
-                    results[i] = out
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    results = in_threads(lambda i: est.transform(batches[i]), repeat=5)
     for got, want in zip(results, expected, strict=True):
-        assert_array_equal(got, want)
+        for out in got:
+            assert_array_equal(out, want)
     assert all(len(m._forward_hooks) == 0 for m in est.model_.modules())
 
 

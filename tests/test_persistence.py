@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import TinyCNN, make_tiny_cnn
+from conftest import TinyCNN, in_threads, make_tiny_cnn
 from numpy.testing import assert_array_equal
 from sklearn.exceptions import NotFittedError
 from torchvision.models import WeightsEnum
@@ -175,8 +175,6 @@ def test_architecture_that_depends_on_the_weights_is_rebuilt_offline(
 
 
 def test_threads_loading_named_weights_never_download(images, tmp_path, monkeypatch):
-    import threading
-
     def fake_download(self, *args, **kwargs):
         import sys
 
@@ -191,22 +189,11 @@ def test_threads_loading_named_weights_never_download(images, tmp_path, monkeypa
     monkeypatch.setattr(
         WeightsEnum, "get_state_dict", lambda self, *a, **k: downloads.append(self)
     )
-    barrier, results, errors = threading.Barrier(4), [None] * 4, []
-
-    def work(i):
-        barrier.wait()
-        try:
-            results[i] = load(tmp_path / "r.safetensors").transform(images[:2])
-        except Exception as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == [] and downloads == []
-    for out in results:
+    results = in_threads(
+        lambda i: load(tmp_path / "r.safetensors").transform(images[:2])
+    )
+    assert downloads == []
+    for (out,) in results:
         assert_array_equal(out, est.transform(images[:2]))
 
 
