@@ -211,31 +211,11 @@ def bench(name: str, X: np.ndarray, y: np.ndarray, size: int, cv: int) -> None:
         f"multiply-add share {upto / before_head:.2f}"
     )
 
-    # Hashing against the forward pass.
-    t_hash = min(counted(lambda: image_digests(X))[1] for _ in range(3))
-    forward = times[None] / n
-    print(
-        f"hash per image ({X.shape[1:]} {X.dtype}): {t_hash / n * 1e6:.1f} us; "
-        f"forward per image (last layer, {size} px): {forward * 1e3:.2f} ms "
-        f"-> RATIO forward / hash {forward / (t_hash / n):.0f}x"
-    )
-    model = build(name)
-    t_build = min(counted(lambda: build(name))[1] for _ in range(3))
-    t_weights = min(counted(lambda: module_digest(model))[1] for _ in range(3))
-    mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
-    print(
-        f"weights digest ({mb:.0f} MiB): {t_weights * 1e3:.0f} ms per fit "
-        f"(building the network: {t_build * 1e3:.0f} ms)"
-    )
+    report_hashing(name, X, size, forward=times[None] / n)
 
 
-def hashing(name: str, X: np.ndarray, size: int) -> None:
-    """Hashing against the forward pass alone (``--hashing-only``)."""
-    est = CNNFeatureTransformer(**params(name, size)).fit(X[:2])
-    est.transform(X[:32])  # warm-up
-    sample = X[:256]
-    forward = min(counted(lambda: est.transform(sample))[1] for _ in range(2))
-    forward /= len(sample)
+def report_hashing(name: str, X: np.ndarray, size: int, forward: float) -> None:
+    """Hashing the images and the weights, against ``forward`` s per image."""
     t_hash = min(counted(lambda: image_digests(X))[1] for _ in range(3)) / len(X)
     print(
         f"{name}: hash per image ({X.shape[1:]} {X.dtype}): {t_hash * 1e6:.1f} us; "
@@ -250,6 +230,15 @@ def hashing(name: str, X: np.ndarray, size: int) -> None:
         f"  weights digest ({mb:.0f} MiB): {t_weights * 1e3:.0f} ms per fit "
         f"(building the network: {t_build * 1e3:.0f} ms)"
     )
+
+
+def hashing(name: str, X: np.ndarray, size: int) -> None:
+    """Hashing against the forward pass alone (``--hashing-only``)."""
+    est = CNNFeatureTransformer(**params(name, size)).fit(X[:2])
+    est.transform(X[:32])  # warm-up
+    sample = X[:256]
+    forward = min(counted(lambda: est.transform(sample))[1] for _ in range(2))
+    report_hashing(name, X, size, forward=forward / len(sample))
 
 
 def photos_224() -> None:
