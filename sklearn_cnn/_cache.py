@@ -218,12 +218,17 @@ def key_of(parts: dict[str, Any]) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def _digest(image: np.ndarray) -> bytes:
-    """One image's digest: dtype, shape and pixels of an RGB (H, W, 3) array."""
-    image = np.ascontiguousarray(image)
-    h = hashlib.blake2b(f"{image.dtype}{image.shape}".encode(), digest_size=16)
-    h.update(image)
-    return h.digest()
+def _digests(images: np.ndarray) -> list[bytes]:
+    """Each image's digest: dtype, shape and pixels, of RGB images (N, H, W, 3)
+    of one dtype and shape (the header is made once for all of them)."""
+    images = np.ascontiguousarray(images)
+    header = f"{images.dtype}{images.shape[1:]}".encode()
+    out = []
+    for image in images:
+        h = hashlib.blake2b(header, digest_size=16)
+        h.update(image)
+        out.append(h.digest())
+    return out
 
 
 def _canonical(a: np.ndarray, grey_ndim: int = 2) -> np.ndarray:
@@ -258,22 +263,15 @@ def image_digests(X: np.ndarray | ArrayLikeImages | list) -> list[bytes]:
                 if isinstance(X, np.ndarray)
                 else X.read(list(range(start, stop)))
             )
-            # One dtype and shape for the whole batch: canonical once, and the
-            # digest's header once (the digests are those of ``_digest``).
-            rows = np.ascontiguousarray(_canonical(batch, grey_ndim=3))
-            header = f"{rows.dtype}{rows.shape[1:]}".encode()
-            for row in rows:
-                h = hashlib.blake2b(header, digest_size=16)
-                h.update(row)
-                out.append(h.digest())
+            out.extend(_digests(_canonical(batch, grey_ndim=3)))
         return out
     digests = []
     for i, item in enumerate(X):
         if isinstance(item, np.ndarray):
             image_to_tensor(item, i)  # the same checks as the network's input
-            digests.append(_digest(_canonical(item)))
+            digests += _digests(_canonical(item)[None])
         else:  # a file or PIL image: decoded as the network's input is
-            digests.append(_digest(image_to_tensor(item, i).permute(1, 2, 0).numpy()))
+            digests += _digests(image_to_tensor(item, i).permute(1, 2, 0)[None].numpy())
     return digests
 
 
