@@ -286,6 +286,7 @@ def _on_cluster(client: Any, transformer: CNNFeatureTransformer, token: str) -> 
         mine = owner() is client and network() is transformer.model_
         if mine and client.status == "running":
             return persisted, known
+    # Entries of closed or collected clients, and this client's stale one, go.
     held[:] = [h for h in held if h[0]() is not None and h[0]() is not client]
     persisted = client.persist(node)
     held.append(
