@@ -632,6 +632,8 @@ class Tapper:
 # -- pooling -----------------------------------------------------------------------
 
 POOLINGS = ("avg", "max", "avgmax", "gem", "cls", "flatten")
+#: Values per chunk that ``pool`` converts to float32 at once (1 MiB).
+POOL_CHUNK = 2**18
 
 
 def pool(
@@ -650,6 +652,13 @@ def pool(
     pooling with p=3 on activations clamped at 1e-6. ``layout`` is needed for
     anything but vectors and "flatten".
     """
+    rows = max(1, POOL_CHUNK // max(1, t[0].numel())) if len(t) else 1
+    if t.ndim > 2 and how != "flatten" and len(t) > rows:
+        # A few images at a time: the float32 copy of a whole batch of large
+        # bf16 maps costs more in page faults than the reduction itself
+        # (64 maps of 64 x 48 x 48: 24 ms at once, 2.3 ms in chunks).
+        parts = [pool(c, how, layout, prefix_tokens, gem_p) for c in t.split(rows)]
+        return torch.cat(parts)
     t = t.float()
     if t.ndim <= 2 or how == "flatten":
         return t.reshape(t.shape[0], -1)

@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import struct
+import sys
 
 import joblib
 import numpy as np
@@ -28,6 +29,7 @@ from sklearn_cnn._cache import (
     ActivationCache,
     image_digests,
     key_of,
+    module_digest,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -459,3 +461,31 @@ def test_a_shared_network_is_hashed_once(tmp_path, monkeypatch):
     c = CNNFeatureTransformer("resnet18", **{**params, "random_state": None}).fit(X)
     d = CNNFeatureTransformer("resnet18", **{**params, "random_state": None}).fit(X)
     assert hashed[1:] == [c.model_, d.model_]
+
+
+def test_a_forward_edited_in_its_file_changes_the_network_digest(tmp_path, monkeypatch):
+    """Same module and class names, structure and weights; ``forward`` differs."""
+    import importlib.util
+
+    source = (
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(2, 2)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x) {}\n"
+    )
+    digests = []
+    for folder, tail in [("a", ""), ("b", "* 2"), ("c", "")]:
+        path = tmp_path / folder / "edited_net.py"
+        path.parent.mkdir()
+        path.write_text(source.format(tail))
+        spec = importlib.util.spec_from_file_location("edited_net", path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "edited_net", module)  # as import does
+        spec.loader.exec_module(module)
+        torch.manual_seed(0)
+        digests.append(module_digest(module.Net()))
+    assert digests[0] != digests[1]
+    assert digests[0] == digests[2]
