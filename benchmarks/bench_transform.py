@@ -25,6 +25,9 @@ reuse the compiled network (the compile is paid once per fitted estimator).
     python benchmarks/bench_transform.py [--images 128] [--rounds 3]
     python benchmarks/bench_transform.py --profile   # preprocessing's share,
                                                      # and the operators'
+    python benchmarks/bench_transform.py --large 20000 [--fresh-compile-cache]
+        # the default transform (compile="auto") of many images, compile
+        # included, against the best hand fp32 loop
 """
 
 from __future__ import annotations
@@ -335,6 +338,49 @@ def bench_model(name: str, X: np.ndarray, paths: list[str], args) -> None:
         )
 
 
+def hand_best_rate(by_hand: torch.nn.Module, X: np.ndarray, stats: tuple) -> float:
+    """Images/s of the best batch size of the hand fp32 loop (after a warm-up)."""
+    rates = []
+    for bs in [b for b in BATCH_SIZES if b <= len(X)]:
+        hand_loop(by_hand, X, bs, stats)
+        start = time.perf_counter()
+        hand_loop(by_hand, X, bs, stats)
+        rates.append(len(X) / (time.perf_counter() - start))
+    return max(rates)
+
+
+def bench_large(name: str, X: np.ndarray, n: int) -> None:
+    """The default transform (``compile="auto"``) of ``n`` images, compile
+    included, against the best hand fp32 loop's rate, measured on ``X`` just
+    before and just after it (the anchor is their mean)."""
+    build, head, stats = MODELS[name]
+    model = build()
+    by_hand = headless(model, head)
+    big = np.concatenate([X] * -(-n // len(X)))[:n]
+    before = hand_best_rate(by_hand, X, stats)
+    est = ours(model, stats, X)  # every parameter at its default
+    start = time.perf_counter()
+    rows = est.transform(big)
+    seconds = time.perf_counter() - start
+    after = hand_best_rate(by_hand, X, stats)
+    compiled = getattr(est, "_compiled", None)
+    spent = "not compiled" if compiled is None else (
+        f"compiled after {compiled.compile_seconds:.1f} s of compile"
+        if not compiled.failed else "compile failed"
+    )  # fmt: skip
+    anchor = (before + after) / 2
+    eager = ours(model, stats, X, compile=False).transform(X)
+    print(
+        f"\n== {name}: the default transform of {n} images at 224 px "
+        f"({torch.get_num_threads()} threads) ==\n"
+        f"  best hand fp32: {before:.1f} images/s before, {after:.1f} after\n"
+        f"  ours default: {seconds:.1f} s, {n / seconds:.1f} images/s ({spent}), "
+        f"compile included -> RATIO {n / seconds / anchor:.2f}x the best hand fp32\n"
+        f"  min cosine, compiled rows against uncompiled: "
+        f"{cosine_min(rows[: len(X)], eager):.6f}"
+    )
+
+
 def profile_preprocessing(args) -> None:
     """Share of a transform spent making the batches (DataLoader fetch:
     indexing, uint8 -> float, resize, normalization), by torch.profiler."""
@@ -382,9 +428,24 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--large", type=int, default=0, help="only the default transform of N images"
+    )
+    parser.add_argument(
+        "--fresh-compile-cache", action="store_true",
+        help="compile into an empty inductor cache (the first compile on a machine)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.profile:
         profile_preprocessing(args)
+        return
+    if args.fresh_compile_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()
+    if args.large:
+        with tempfile.TemporaryDirectory() as folder:
+            X, _ = make_images(args.images, folder)
+        for name in args.models:
+            bench_large(name, X, args.large)
         return
     with tempfile.TemporaryDirectory() as folder:
         X, paths = make_images(args.images, folder)

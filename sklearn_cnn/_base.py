@@ -522,7 +522,7 @@ class NetworkMixin:
         start = 0
         size = self.batch_size
         dtype = self._autocast_dtype
-        mode = getattr(self, "compile", False)  # FineTuneClassifier: until it has one
+        mode = self.compile
         auto = isinstance(mode, str)  # "auto": compile once it pays, below
         # compile=False still reuses nothing; "auto" reuses a compile it paid.
         compiled = self._compiled_forward(taps, dtype, reuse_only=auto or not mode)

@@ -107,16 +107,19 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         its size, :func:`~sklearn_cnn.clear_cache` deletes it; see the user
         guide's "Caching activations". None caches nothing. Takes effect at
         once: it does not change the features.
-    compile : bool or "auto", default=False
+    compile : bool or "auto", default="auto"
         Run the network through :func:`torch.compile` (inductor, with its
-        inference-only ``freezing``: BatchNorm folded into the convolutions).
-        Compiling takes a minute or more, paid at the first ``transform``
-        and reused by later ones while the fitted network stays the same, so
-        it pays on large data sets. "auto" compiles once the images left are
-        predicted to take over five minutes uncompiled. The features agree
-        with the uncompiled network's to float tolerance; a model that does
-        not compile runs uncompiled, with a warning. ``verbose`` reports the
-        compile time.
+        inference-only ``freezing``: BatchNorm folded into the convolutions,
+        element-wise operators fused into them), 1.5 to 2x faster on a CPU.
+        The compile (30 to 60 s the first time on a 2-core CPU, 6 to 10 s
+        once torch's on-disk compile cache holds the network) is paid at the
+        first ``transform`` and reused by later ones while the fitted network
+        stays the same. "auto" compiles during a ``transform`` whose images
+        left are predicted (from its first batches) to take over two minutes
+        uncompiled, so small calls never wait for it; True compiles at once,
+        False never. The features agree with the uncompiled network's to
+        float tolerance; a model that does not compile runs uncompiled, with
+        a warning. ``verbose`` reports the compile time.
     random_state : int, RandomState instance or None, default=None
         Seeds the random initialisation of the network when it has no
         pretrained weights (``weights=None``, or a callable that builds a
@@ -227,7 +230,7 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         precision: str = "auto",
         num_workers: int | str = 0,
         memory: Any = None,
-        compile: bool | str = False,
+        compile: bool | str = "auto",
         random_state: Any = None,
         verbose: int = 0,
     ) -> None:

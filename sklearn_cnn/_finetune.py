@@ -203,6 +203,11 @@ class FineTuneClassifier(
         the channels_last memory format.
     num_workers : int, default=0
         DataLoader worker processes that decode and augment images.
+    compile : bool or "auto", default="auto"
+        :func:`torch.compile` the network for ``predict``, ``predict_proba``
+        and ``decision_function``, as :class:`CNNFeatureTransformer` does for
+        ``transform``: "auto" compiles during a call whose images left are
+        predicted to take over two minutes uncompiled.
     memory : None, str, path or joblib.Memory, default=None
         Cache on disk (as :class:`CNNFeatureTransformer` does) what a fit
         computes once per image without augmentation: the head's input (the
@@ -376,7 +381,7 @@ class FineTuneClassifier(
         std: Any = None,
         device: Any = "auto",
         precision: str = "auto",
-        compile: bool | str = False,
+        compile: bool | str = "auto",
         num_workers: int = 0,
         memory: Any = None,
         random_state: Any = None,

@@ -103,7 +103,7 @@ def test_defaults():
         "precision": "auto",
         "num_workers": 0,
         "memory": None,
-        "compile": False,
+        "compile": "auto",
         "random_state": None,
         "verbose": 0,
     }
