@@ -117,11 +117,17 @@ class FineTuneClassifier(
     lr : float, default=1e-3
         Peak learning rate of the new head.
     backbone_lr : float or None, default=None
-        Peak learning rate of the pretrained layers that train; None is
-        ``lr / 10``, so that they move slower than the new head. Setting it to
-        ``lr`` adapts the later layers more: on 600 images unlike ImageNet it
-        beat the probe on the best layer by 2 to 4 points, but on 300 images
-        and 5 epochs it wrecked the network (see the user guide).
+        Peak learning rate of the pretrained layers that train. None chooses
+        (see ``backbone_lr_``): ``lr``, LP-FT's one rate for the whole
+        network, when the head starts from the probe (``head_init="probe"``)
+        and a validation split selects the epoch (``early_stopping``): the
+        probe head keeps the first steps from distorting the features, and
+        the selection, where the probe head is epoch 0, falls back to it if
+        they do anyway. Otherwise ``lr / 10``, so that nothing but the slower
+        rate guards the pretrained layers. On data unlike ImageNet the faster
+        rate is what beats the probe on the best layer; without selection it
+        can wreck a network trained a few steps on a few hundred images (see
+        the user guide).
     head_init : {"probe", "random"}, default="probe"
         "probe" fits the new head first as a logistic regression (standardized,
         ``C`` chosen by a 3-fold internal CV) on the frozen pretrained
@@ -280,6 +286,9 @@ class FineTuneClassifier(
         refitted on all the images), otherwise the last one trained.
     n_iter_ : int
         Epochs trained, over all warm-started fits.
+    backbone_lr_ : float
+        The peak learning rate the pretrained layers trained at in the last
+        fit: ``backbone_lr``, or what None chose.
 
     See Also
     --------
@@ -523,6 +532,8 @@ class FineTuneClassifier(
         )
         self.frozen_, self.frozen_fraction_ = frozen_summary(model, self.head_, frozen)
         sources = Sources(self, X, y, w, train_idx, val_idx)
+        selects = len(val_idx) > 0 and self.early_stopping
+        self.backbone_lr_ = self._backbone_lr(selects)
         probe = not resume and self.head_init == "probe"
         if probe:
             features = sources.head_inputs("train", frozen)
@@ -594,10 +605,17 @@ class FineTuneClassifier(
         head = self.model_.get_submodule(self.head_)
         set_head(head, *fit_probe(features.numpy(), y[index], len(head.bias), w, seed))
 
+    def _backbone_lr(self, selects: bool) -> float:
+        """``backbone_lr``, or what None means for this fit (see its doc)."""
+        if self.backbone_lr is not None:
+            return self.backbone_lr
+        lp_ft = self.head_init == "probe" and selects
+        return self.lr if lp_ft else self.lr / 10
+
     def _param_groups(self) -> list[dict]:
         return param_groups(
             self.model_, self.head_, self.stages_, lr=self.lr,
-            backbone_lr=self.lr / 10 if self.backbone_lr is None else self.backbone_lr,
+            backbone_lr=self.backbone_lr_,
             layer_decay=self.layer_decay, weight_decay=self.weight_decay,
         )  # fmt: skip
 

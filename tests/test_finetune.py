@@ -446,22 +446,27 @@ def test_head_only_without_augmentation_runs_the_backbone_once(labelled_images):
 
 
 @pytest.mark.parametrize(
-    "head_init, backbone_lr, expected",
+    "head_init, backbone_lr, selection, expected",
     [
-        ("probe", None, 0.001),  # lr / 10 under either head
-        ("random", None, 0.001),
-        ("probe", 0.005, 0.005),
-        ("random", 0.005, 0.005),
+        # None: LP-FT's one rate from the probe head when selection can fall
+        # back to it; lr / 10 otherwise.
+        ("probe", None, {}, 0.01),
+        ("probe", None, {"early_stopping": False}, 0.001),
+        ("probe", None, {"validation_fraction": None}, 0.001),
+        ("random", None, {}, 0.001),
+        ("probe", 0.005, {}, 0.005),
+        ("random", 0.005, {"early_stopping": False}, 0.005),
     ],
 )
 def test_parameter_groups(
-    tiny_builder, labelled_images, head_init, backbone_lr, expected
+    tiny_builder, labelled_images, head_init, backbone_lr, selection, expected
 ):
     X, y = labelled_images
     clf = make(
         tiny_builder, freeze=1, lr=0.01, backbone_lr=backbone_lr, weight_decay=0.1,
-        head_init=head_init,
+        head_init=head_init, **selection,
     ).fit(X, y)  # fmt: skip
+    assert clf.backbone_lr_ == pytest.approx(expected)
     refreeze(clf)
     groups = clf._param_groups()
     by_id = {id(p): g for g in groups for p in g["params"]}
