@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import HasMethods, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import NetworkMixin, _network_constraints, restore_on_failure
+from ._base import NetworkMixin, _network_constraints, is_shared, restore_on_failure
 from ._cache import cache_directory, cached_transform, network_key_parts
 from ._images import check_images
 from ._layers import (
@@ -25,6 +26,9 @@ from ._layers import (
     resolve_layers,
 )
 from ._models import seeded
+
+#: Feature widths per shared network (see ``_measure_widths``).
+_WIDTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
@@ -285,15 +289,24 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         return self
 
     def _measure_widths(self, example: torch.Tensor) -> None:
-        """Feature widths of each tapped layer, from one preprocessed image."""
-        with torch.inference_mode(), Tapper(self.model_, self._taps) as tapper:
-            tensors = tapper(example)
-        taps = self._taps or [Tap("")]
-        widths = [
-            self._pool_tap(tap, t).shape[1]
-            for tap, t in zip(taps, tensors, strict=True)
-        ]
-        self._widths = widths
+        """Feature widths of each tapped layer, from one preprocessed image.
+
+        A network that fits share (``memory=``) is never modified, and its
+        fits all see the same input shape: it is probed once per set of taps
+        and pooling, not once per fit (a 5 x 5 search: 26 one-image passes).
+        """
+        key = (tuple(self._taps), self._pooling, tuple(self.layouts_))
+        known = _WIDTHS.setdefault(self.model_, {}) if is_shared(self.model_) else {}
+        widths = known.get(key)
+        if widths is None:
+            with torch.inference_mode(), Tapper(self.model_, self._taps) as tapper:
+                tensors = tapper(example)
+            taps = self._taps or [Tap("")]
+            widths = known[key] = [
+                self._pool_tap(tap, t).shape[1]
+                for tap, t in zip(taps, tensors, strict=True)
+            ]
+        self._widths = list(widths)
         self.n_features_out_ = int(sum(widths))
 
     @property

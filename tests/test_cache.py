@@ -443,6 +443,30 @@ def test_fits_with_memory_share_the_network_within_a_process(tmp_path, monkeypat
     assert unseeded[0].model_ is not unseeded[1].model_
 
 
+def test_a_shared_network_is_probed_once_per_layer_and_pooling(tmp_path, monkeypatch):
+    from collections import OrderedDict
+
+    monkeypatch.setattr("sklearn_cnn._base._SHARED_SIZE", 2)
+    monkeypatch.setattr("sklearn_cnn._base._SHARED", OrderedDict())  # ours alone
+    X = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    params = {"weights": None, "random_state": 0, "memory": tmp_path}
+    first = CNNFeatureTransformer("resnet18", layer="layer2", **params).fit(X)
+    seen = []
+    first.model_.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    again = CNNFeatureTransformer("resnet18", layer="layer2", **params).fit(X)
+    assert again.model_ is first.model_ and seen == []  # widths known
+    assert again.n_features_out_ == first.n_features_out_ == 128
+    # Another pooling (or layer) is probed, once, and has its own width.
+    flat = CNNFeatureTransformer(
+        "resnet18", layer="layer2", pooling="flatten", **params
+    ).fit(X)
+    assert seen == [1] and flat.n_features_out_ == 128 * 28 * 28  # at 224 px
+    CNNFeatureTransformer("resnet18", layer="layer2", pooling="flatten", **params).fit(
+        X
+    )
+    assert seen == [1]
+
+
 def test_a_shared_network_is_hashed_once(tmp_path, monkeypatch):
     import sklearn_cnn._cache as cache
 
