@@ -10,7 +10,7 @@ The references are what a user writes by hand, run in this process:
 
 * ``hand fp32``: ``eval()``, ``inference_mode``, the weights' preprocessing on
   the whole batch (uint8 -> float, scale, normalize), contiguous float32
-  tensors; its batch size is swept (16, 32, 64, 128) and the **best** rate is
+  tensors; its batch size is swept (8, 16, 32, 64, 128) and the **best** rate is
   the anchor every ratio is taken against.
 * ``expert bf16``: the same with bf16 autocast and channels_last tensors and
   weights, as a PyTorch expert writes it (also swept).
@@ -25,9 +25,9 @@ reuse the compiled network (the compile is paid once per fitted estimator).
     python benchmarks/bench_transform.py [--images 128] [--rounds 3]
     python benchmarks/bench_transform.py --profile   # preprocessing's share,
                                                      # and the operators'
-    python benchmarks/bench_transform.py --large 20000 [--fresh-compile-cache]
-        # the default transform (compile="auto") of many images, compile
-        # included, against the best hand fp32 loop
+    python benchmarks/bench_transform.py --large 20000 [--compile auto]
+        [--fresh-compile-cache]   # the default transform of many images,
+        # any compile included, against the best hand fp32 loop
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from PIL import Image
 
 from sklearn_cnn import CNNFeatureTransformer
 
-BATCH_SIZES = (16, 32, 64, 128)  # those above --images are skipped
+BATCH_SIZES = (8, 16, 32, 64, 128)  # those above --images are skipped
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 LITE0 = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -207,7 +207,7 @@ def bench_model(name: str, X: np.ndarray, paths: list[str], args) -> None:
     default_bs = CNNFeatureTransformer().batch_size
     n = len(X)
     sizes = [bs for bs in BATCH_SIZES if bs <= n]
-    ours_sizes = sorted({*sizes, default_bs})  # the default, whatever n
+    ours_sizes = [*sizes, default_bs]  # the default ("auto"), whatever n
 
     # Which decoder the hand loop from files uses: the faster one here.
     decoders = {"PIL": decode_pil, "decode_jpeg": decode_torchvision}
@@ -349,16 +349,16 @@ def hand_best_rate(by_hand: torch.nn.Module, X: np.ndarray, stats: tuple) -> flo
     return max(rates)
 
 
-def bench_large(name: str, X: np.ndarray, n: int) -> None:
-    """The default transform (``compile="auto"``) of ``n`` images, compile
-    included, against the best hand fp32 loop's rate, measured on ``X`` just
-    before and just after it (the anchor is their mean)."""
+def bench_large(name: str, X: np.ndarray, n: int, **params) -> None:
+    """The default transform (with ``params``, e.g. ``compile="auto"``) of
+    ``n`` images, any compile included, against the best hand fp32 loop's
+    rate, measured on ``X`` just before and just after it (their mean)."""
     build, head, stats = MODELS[name]
     model = build()
     by_hand = headless(model, head)
     big = np.concatenate([X] * -(-n // len(X)))[:n]
     before = hand_best_rate(by_hand, X, stats)
-    est = ours(model, stats, X)  # every parameter at its default
+    est = ours(model, stats, X, **params)  # every other parameter at its default
     start = time.perf_counter()
     rows = est.transform(big)
     seconds = time.perf_counter() - start
@@ -371,7 +371,7 @@ def bench_large(name: str, X: np.ndarray, n: int) -> None:
     anchor = (before + after) / 2
     eager = ours(model, stats, X, compile=False).transform(X)
     print(
-        f"\n== {name}: the default transform of {n} images at 224 px "
+        f"\n== {name}: the default transform {params or ''} of {n} images at 224 px "
         f"({torch.get_num_threads()} threads) ==\n"
         f"  best hand fp32: {before:.1f} images/s before, {after:.1f} after\n"
         f"  ours default: {seconds:.1f} s, {n / seconds:.1f} images/s ({spent}), "
@@ -432,6 +432,10 @@ def main() -> None:
         "--large", type=int, default=0, help="only the default transform of N images"
     )
     parser.add_argument(
+        "--compile", type=lambda v: {"true": True, "false": False}.get(v, v),
+        default=None, help="with --large: compile=auto, true or false",
+    )  # fmt: skip
+    parser.add_argument(
         "--fresh-compile-cache", action="store_true",
         help="compile into an empty inductor cache (the first compile on a machine)",
     )  # fmt: skip
@@ -445,7 +449,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             X, _ = make_images(args.images, folder)
         for name in args.models:
-            bench_large(name, X, args.large)
+            params = {} if args.compile is None else {"compile": args.compile}
+            bench_large(name, X, args.large, **params)
         return
     with tempfile.TemporaryDirectory() as folder:
         X, paths = make_images(args.images, folder)

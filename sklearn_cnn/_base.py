@@ -29,6 +29,7 @@ from ._models import build_model, resolve_preprocessing
 from ._runtime import (
     PRECISIONS,
     CompiledForward,
+    auto_batch_size,
     auto_compile_pays,
     autocast,
     batches,
@@ -483,6 +484,13 @@ class NetworkMixin:
         fitted = getattr(self, "_fitted_params", {})
         return resolve_precision(fitted.get("precision", self.precision), self.device_)
 
+    def _inference_batch_size(self) -> int:
+        """Images per forward pass of inference: ``batch_size``, or what
+        "auto" means on this device for the images fit saw."""
+        if self.batch_size != "auto":
+            return self.batch_size
+        return auto_batch_size(self.device_, self._example_shape)
+
     def _batches(self, X: Any, index: np.ndarray | None = None):
         """Preprocessed batches of ``X`` (of the images ``index`` if given)."""
         dataset = ImageDataset(X, self.preprocessing_)
@@ -490,7 +498,7 @@ class NetworkMixin:
             dataset = torch.utils.data.Subset(dataset, index.tolist())
         return batches(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=self._inference_batch_size(),
             num_workers=self.num_workers,
             device=self.device_,
             channels_last=uses_channels_last(self.model_),
@@ -520,7 +528,7 @@ class NetworkMixin:
         bar = progress(n, label, enabled=bool(self.verbose))
         self.model_.eval()
         start = 0
-        size = self.batch_size
+        size = self._inference_batch_size()
         dtype = self._autocast_dtype
         mode = self.compile
         auto = isinstance(mode, str)  # "auto": compile once it pays, below

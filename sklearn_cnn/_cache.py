@@ -819,7 +819,7 @@ def _fill(
 
     est.model_.eval()
     bar = progress(len(index), "transform (filling the cache)", bool(est.verbose))
-    size = est.batch_size
+    size = est._inference_batch_size()
     with torch.inference_mode(), PooledTapper(est.model_, fill, pool_fn) as tapper:
         for batch in est._batches(X, np.asarray(index)):
             # On CUDA out of memory: smaller chunks, as transform does.

@@ -209,11 +209,11 @@ class FineTuneClassifier(
         the channels_last memory format.
     num_workers : int, default=0
         DataLoader worker processes that decode and augment images.
-    compile : bool or "auto", default="auto"
+    compile : bool or "auto", default=False
         :func:`torch.compile` the network for ``predict``, ``predict_proba``
         and ``decision_function``, as :class:`CNNFeatureTransformer` does for
         ``transform``: "auto" compiles during a call whose images left are
-        predicted to take over two minutes uncompiled.
+        predicted to take over five minutes uncompiled.
     memory : None, str, path or joblib.Memory, default=None
         Cache on disk (as :class:`CNNFeatureTransformer` does) what a fit
         computes once per image without augmentation: the head's input (the
@@ -390,7 +390,7 @@ class FineTuneClassifier(
         std: Any = None,
         device: Any = "auto",
         precision: str = "auto",
-        compile: bool | str = "auto",
+        compile: bool | str = False,
         num_workers: int = 0,
         memory: Any = None,
         random_state: Any = None,

@@ -295,13 +295,14 @@ def test_auto_workers_count(paths, monkeypatch):
     resolve = runtime.resolve_num_workers
     assert resolve("auto", ImageDataset(X, pre), 2) == 0  # arrays: no decoding
     assert resolve("auto", ImageDataset(paths, pre), 8) == 0  # 3 batches: too few
-    assert resolve("auto", ImageDataset(paths, pre), 1) == 3  # CPUs - 1
+    assert resolve("auto", ImageDataset(paths, pre), 1) == 2  # CPUs - 2
     assert resolve("auto", ImageDataset(paths, pre), 4) == 1  # 5 batches
     subset = torch.utils.data.Subset(ImageDataset(paths, pre), list(range(20)))
-    assert resolve("auto", subset, 1) == 3
+    assert resolve("auto", subset, 1) == 2
     assert resolve(2, ImageDataset(X, pre), 1) == 2
-    monkeypatch.setattr(runtime, "available_cpus", lambda: 1)
-    assert resolve("auto", ImageDataset(paths, pre), 1) == 1
+    for cpus in (1, 2):  # a worker would take a core from the network
+        monkeypatch.setattr(runtime, "available_cpus", lambda cpus=cpus: cpus)
+        assert resolve("auto", ImageDataset(paths, pre), 1) == 0
 
 
 def test_auto_workers_give_the_same_features(paths, monkeypatch):
@@ -329,3 +330,37 @@ def test_compile_keeps_the_networks_own_hooks(eager_compile):
     assert np.abs(expected - tiny().fit(X).transform(X)).max() > 1e-3  # the hook acts
     compiled = CNNFeatureTransformer(compile=True, **params).fit(X)
     assert_allclose(compiled.transform(X), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# batch_size="auto"
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [((3, 224, 224), 8), ((3, 160, 160), 16), ((3, 96, 96), 32), ((3, 48, 48), 128),
+     ((3, 16, 16), 128), ((3, 1024, 1024), 8), ((3, 224, 448), 8)],
+)  # fmt: skip
+def test_auto_batch_size_on_a_cpu_is_about_400k_pixels(shape, expected):
+    assert runtime.auto_batch_size(torch.device("cpu"), shape) == expected
+
+
+def test_auto_batch_size_on_a_gpu_is_larger():
+    assert runtime.auto_batch_size(torch.device("cuda"), (3, 224, 224)) == 64
+
+
+def test_auto_batch_size_gives_the_features_of_any_batch_size(monkeypatch):
+    seen = []
+    plain = runtime.batches
+    monkeypatch.setattr(
+        "sklearn_cnn._base.batches",
+        lambda *a, **kw: seen.append(kw["batch_size"]) or plain(*a, **kw),
+    )
+    expected = tiny(batch_size=1).fit(X).transform(X)
+    seen.clear()
+    out = tiny(batch_size="auto").fit(X).transform(X)
+    assert seen == [128]  # 16 x 16 images: the largest auto batch
+    assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InvalidParameterError, match="batch_size"):
+        tiny(batch_size="large").fit(X)
