@@ -9,6 +9,7 @@ import functools
 import os
 import threading
 import time
+import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -355,12 +356,19 @@ def is_shared(module: nn.Module) -> bool:
 
 def _network_key(est: Any) -> tuple | None:
     """What decides the network a fit builds, or None where that cannot be
-    told safely (a module instance, unseeded random weights, a lambda)."""
+    told safely (a module instance, unseeded random weights, a lambda or a
+    function defined inside another).
+
+    A builder is keyed by the function object itself, not its name: a
+    function redefined in a notebook is a new object and builds anew."""
     model, weights = est.model, est.weights
-    if isinstance(model, functools.partial) and "<" not in model.func.__qualname__:
-        model = (model.func.__module__, model.func.__qualname__, repr(model.args),
-                 repr(sorted(model.keywords.items())))  # fmt: skip
-    elif not isinstance(model, str):
+    func = model.func if isinstance(model, functools.partial) else model
+    if isinstance(model, str):
+        pass
+    elif isinstance(func, types.FunctionType) and "<" not in func.__qualname__:
+        args = (model.args, sorted(model.keywords.items())) if func is not model else ()
+        model = (func, repr(args))
+    else:
         return None
     if weights is None and not isinstance(est.random_state, Integral):
         return None

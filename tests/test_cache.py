@@ -443,6 +443,33 @@ def test_fits_with_memory_share_the_network_within_a_process(tmp_path, monkeypat
     assert unseeded[0].model_ is not unseeded[1].model_
 
 
+def _builder_a():
+    return make_tiny_cnn(0)
+
+
+def test_a_builder_function_is_shared_by_identity(tmp_path, monkeypatch):
+    """A module-level function builds a shared network; a function redefined
+    under the same name (a notebook cell run again) is another object and
+    builds its own."""
+    from collections import OrderedDict
+
+    monkeypatch.setattr("sklearn_cnn._base._SHARED_SIZE", 2)
+    monkeypatch.setattr("sklearn_cnn._base._SHARED", OrderedDict())
+    X = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    params = {"weights": None, "random_state": 0, "memory": tmp_path}
+    a = CNNFeatureTransformer(_builder_a, **params).fit(X)
+    b = CNNFeatureTransformer(_builder_a, layer="stage1", **params).fit(X)
+    assert b.model_ is a.model_
+
+    namespace = {"__name__": __name__, "make_tiny_cnn": make_tiny_cnn}
+    exec("def _builder_a():\n    return make_tiny_cnn(1)\n", namespace)  # noqa: S102
+    redefined = namespace["_builder_a"]
+    assert redefined.__qualname__ == _builder_a.__qualname__
+    c = CNNFeatureTransformer(redefined, **params).fit(X)
+    assert c.model_ is not a.model_
+    assert not np.allclose(c.transform(X), a.transform(X))
+
+
 def test_a_shared_network_is_probed_once_per_layer_and_pooling(tmp_path, monkeypatch):
     from collections import OrderedDict
 
