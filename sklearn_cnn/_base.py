@@ -11,6 +11,7 @@ import threading
 import time
 import types
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from numbers import Integral
@@ -347,11 +348,26 @@ _SHARED_SIZE = 2
 _SHARED_LOCK = threading.Lock()
 
 
+#: What fits computed from a shared network, to reuse (its weights' digest,
+#: its layers' feature widths); dropped with the network.
+_SHARED_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def is_shared(module: nn.Module) -> bool:
     """Whether ``module`` is a network that fits in this process share (and
     so only read: its weights never change)."""
     with _SHARED_LOCK:
         return any(entry[0] is module for entry in _SHARED.values())
+
+
+def shared_memo(module: nn.Module) -> dict:
+    """Where fits keep what they compute from ``module`` if it is shared (it
+    is only read, so what one fit computed holds for the next); otherwise a
+    new dict that nothing else sees."""
+    if not is_shared(module):
+        return {}
+    with _SHARED_LOCK:
+        return _SHARED_MEMO.setdefault(module, {})
 
 
 def _network_key(est: Any) -> tuple | None:

@@ -41,7 +41,6 @@ import tempfile
 import threading
 import uuid
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._base import halve_on_oom, is_shared
+from ._base import halve_on_oom, shared_memo
 from ._images import ArrayLikeImages, image_to_tensor
 from ._layers import Tap, Trace
 from ._runtime import autocast, progress
@@ -679,18 +678,12 @@ def _runtime_parts(est: Any) -> dict[str, Any]:
     return parts
 
 
-#: Digests of the networks that fits share (``_base.is_shared``): they are only
-#: read, so a fit that reuses one does not hash its weights again.
-_SHARED_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _network_digest(model: nn.Module) -> str:
-    if not is_shared(model):
-        return module_digest(model)
-    digest = _SHARED_DIGESTS.get(model)
-    if digest is None:
-        digest = _SHARED_DIGESTS[model] = module_digest(model)
-    return digest
+    """``module_digest`` of ``model``, once per process for a shared network."""
+    memo = shared_memo(model)
+    if "digest" not in memo:
+        memo["digest"] = module_digest(model)
+    return memo["digest"]
 
 
 def network_key_parts(est: Any) -> dict[str, Any]:

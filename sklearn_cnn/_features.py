@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import weakref
 from numbers import Integral
 from typing import Any
 
@@ -13,7 +12,7 @@ from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import NetworkMixin, _network_constraints, is_shared, restore_on_failure
+from ._base import NetworkMixin, _network_constraints, restore_on_failure, shared_memo
 from ._cache import cache_directory, cached_transform, network_key_parts
 from ._images import check_images
 from ._layers import (
@@ -27,9 +26,6 @@ from ._layers import (
     resolve_layers,
 )
 from ._models import seeded
-
-#: Feature widths per shared network (see ``_measure_widths``).
-_WIDTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
@@ -306,8 +302,8 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         fits all see the same input shape: it is probed once per set of taps
         and pooling, not once per fit (a 5 x 5 search: 26 one-image passes).
         """
-        key = (tuple(self._taps), self._pooling, tuple(self.layouts_))
-        known = _WIDTHS.setdefault(self.model_, {}) if is_shared(self.model_) else {}
+        key = ("widths", tuple(self._taps), self._pooling, tuple(self.layouts_))
+        known = shared_memo(self.model_)
         widths = known.get(key)
         if widths is None:
             with torch.inference_mode(), Tapper(self.model_, self._taps) as tapper:
