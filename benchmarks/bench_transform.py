@@ -340,13 +340,14 @@ def bench_model(name: str, X: np.ndarray, paths: list[str], args) -> None:
 
 def hand_best_rate(by_hand: torch.nn.Module, X: np.ndarray, stats: tuple) -> float:
     """Images/s of the best batch size of the hand fp32 loop (after a warm-up)."""
-    rates = []
-    for bs in [b for b in BATCH_SIZES if b <= len(X)]:
-        hand_loop(by_hand, X, bs, stats)
-        start = time.perf_counter()
-        hand_loop(by_hand, X, bs, stats)
-        rates.append(len(X) / (time.perf_counter() - start))
-    return max(rates)
+    loops = {
+        bs: functools.partial(hand_loop, by_hand, X, bs, stats)
+        for bs in BATCH_SIZES
+        if bs <= len(X)
+    }
+    for loop in loops.values():
+        loop()  # warm-up, as before measure() in bench_model
+    return max(len(X) / seconds[0] for seconds in measure(loops, 1).values())
 
 
 def bench_large(name: str, X: np.ndarray, n: int, **params) -> None:
@@ -371,7 +372,8 @@ def bench_large(name: str, X: np.ndarray, n: int, **params) -> None:
     anchor = (before + after) / 2
     eager = ours(model, stats, X, compile=False).transform(X)
     print(
-        f"\n== {name}: the default transform {params or ''} of {n} images at 224 px "
+        f"\n== {name}: the default transform{f' with {params}' if params else ''} "
+        f"of {n} images at 224 px "
         f"({torch.get_num_threads()} threads) ==\n"
         f"  best hand fp32: {before:.1f} images/s before, {after:.1f} after\n"
         f"  ours default: {seconds:.1f} s, {n / seconds:.1f} images/s ({spent}), "
