@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from ._images import ImageDataset, Preprocessing
+from ._inference import InferenceCopy, inference_copy
 from ._inspect import probe_network
 from ._layers import Tap, Tapper, Trace, without_tap_hooks
 from ._models import build_model, resolve_preprocessing
@@ -560,12 +561,11 @@ class NetworkMixin:
         compiled = self._compiled_forward(taps, dtype, reuse_only=auto or not mode)
         if not auto and not mode:
             compiled = None
+        rewritten = self._inference_copy(X)
         began = time.perf_counter()
-        # One autocast region for the whole loop. (Autocast still casts each
-        # weight at every forward: it caches casts only outside inference mode.)
         with (
             torch.inference_mode(),
-            Tapper(self.model_, taps) as tapper,
+            Tapper(rewritten.network(self.model_), rewritten.taps_for(taps)) as tapper,
             autocast(self.device_, dtype),
         ):
 
@@ -593,6 +593,14 @@ class NetworkMixin:
                 bar.update(len(batch))
         bar.close()
         return out
+
+    def _inference_copy(self, X: Any) -> InferenceCopy:
+        """The fitted network with BatchNorms folded and weights in the
+        autocast dtype, for inference (see ``_inference``); checked on the
+        first image of ``X`` when first made."""
+        return inference_copy(
+            self.model_, self._autocast_dtype, lambda: self._example(X)
+        )
 
     def _compiled_forward(
         self, taps: list[Tap], dtype: torch.dtype | None, reuse_only: bool = False

@@ -50,13 +50,13 @@ from torch import nn
 
 from ._base import halve_on_oom, shared_memo
 from ._images import ArrayLikeImages, image_to_tensor
-from ._layers import Tap, Trace
+from ._layers import Tap, Trace, tapped_output
 from ._runtime import autocast, progress
 
 #: The directory inside ``memory``'s location that this library owns.
 CACHE_DIRNAME = "sklearn_cnn"
 #: Bumped whenever what an entry holds for a key changes meaning.
-FORMAT = 1
+FORMAT = 2
 #: A shard holds at most this many bytes of arrays; more images make more shards.
 MAX_SHARD_BYTES = 256 * 2**20
 
@@ -651,8 +651,8 @@ class PooledTapper:
     def _pre(self, tap: Tap, _m: nn.Module, args: tuple) -> None:
         self._keep(tap, args[0] if args else None)
 
-    def _post(self, tap: Tap, _m: nn.Module, _args: tuple, output: Any) -> None:
-        self._keep(tap, output)
+    def _post(self, tap: Tap, m: nn.Module, args: tuple, output: Any) -> None:
+        self._keep(tap, tapped_output(m, args, output))
 
     def __call__(self, x: torch.Tensor) -> dict[Tap, torch.Tensor]:
         """The pooled rows of every tap that ran, for input ``x``."""
@@ -780,8 +780,16 @@ def _fill(
     about: dict[str, Any],
 ) -> np.ndarray:
     """One forward pass over the images ``index``: their requested features,
-    and every fill layer stored in shards as they accumulate."""
+    and every fill layer stored in shards as they accumulate.
+
+    The pass runs on the network transform runs on (see ``_inference``):
+    cached rows are the numbers an uncached transform gives.
+    """
+    rewritten = est._inference_copy(X)
+    network = rewritten.network(est.model_)
     fill = fill_taps(est.trace_, taps, est._pooling)
+    # The same layers as the rewritten network names them (see _inference).
+    tapped = dict(zip(fill, rewritten.taps_for(fill), strict=True))
     out = np.empty((len(index), est.n_features_out_), dtype=np.float32)
     pending: dict[Tap, list[np.ndarray]] = {t: [] for t in fill}
     stored = done = pending_bytes = 0
@@ -805,15 +813,16 @@ def _fill(
             with autocast(est.device_, est._autocast_dtype):
                 parts.append(tapper(images[i : i + k]))
         return {
-            t: torch.cat([p[t] for p in parts])
+            t: torch.cat([p[tapped[t]] for p in parts])
             for t in fill
-            if all(t in p for p in parts)
+            if all(tapped[t] in p for p in parts)
         }
 
-    est.model_.eval()
+    network.eval()
     bar = progress(len(index), "transform (filling the cache)", bool(est.verbose))
     size = est._inference_batch_size()
-    with torch.inference_mode(), PooledTapper(est.model_, fill, pool_fn) as tapper:
+    unique = list(dict.fromkeys(tapped.values()))
+    with torch.inference_mode(), PooledTapper(network, unique, pool_fn) as tapper:
         for batch in est._batches(X, np.asarray(index)):
             # On CUDA out of memory: smaller chunks, as transform does.
             pooled, size = halve_on_oom(

@@ -514,9 +514,17 @@ class _Hub:
         if tap.pre:
             hook = lambda _m, args: deliver(args[0])  # noqa: E731
         else:
-            hook = lambda _m, _args, output: deliver(output)  # noqa: E731
+            hook = lambda m, args, output: deliver(tapped_output(m, args, output))  # noqa: E731
         hook.sklearn_cnn_tap = True  # see without_tap_hooks
         return hook
+
+
+def tapped_output(m: nn.Module, args: tuple, output: Any) -> Any:
+    """What a tap of ``m``'s output reads: the output, unless ``m`` says
+    otherwise (a convolution with a BatchNorm folded in gives its own
+    output, see ``_inference``)."""
+    read = getattr(m, "tapped_output", None)
+    return output if read is None else read(args, output)
 
 
 def without_tap_hooks(module: nn.Module) -> nn.Module:

@@ -265,8 +265,15 @@ def _drop_tap_hooks(module: nn.Module) -> None:
     for m in module.modules():
         for hooks in (m._forward_hooks, m._forward_pre_hooks):
             for key, fn in list(hooks.items()):
-                if getattr(fn, "__qualname__", "").startswith("_Hub.make_hook"):
+                if is_tap_hook(fn):
                     del hooks[key]
+
+
+def is_tap_hook(fn: Any) -> bool:
+    """Whether ``fn`` is a hook this library puts on a network while it taps
+    it (``_layers.Tapper``, ``_cache.PooledTapper``), not one of the network's."""
+    name = getattr(getattr(fn, "func", fn), "__qualname__", "")
+    return name.startswith(("_Hub.make_hook", "PooledTapper."))
 
 
 def _own_code(method: Any) -> Any:
