@@ -557,15 +557,18 @@ class NetworkMixin:
         dtype = self._autocast_dtype
         mode = self.compile
         auto = isinstance(mode, str)  # "auto": compile once it pays, below
+        rewritten = self._inference_copy(X)
+        network, taps = rewritten.network(self.model_), rewritten.taps_for(taps)
         # compile=False still reuses nothing; "auto" reuses a compile it paid.
-        compiled = self._compiled_forward(taps, dtype, reuse_only=auto or not mode)
+        compiled = self._compiled_forward(
+            network, taps, dtype, reuse_only=auto or not mode
+        )
         if not auto and not mode:
             compiled = None
-        rewritten = self._inference_copy(X)
         began = time.perf_counter()
         with (
             torch.inference_mode(),
-            Tapper(rewritten.network(self.model_), rewritten.taps_for(taps)) as tapper,
+            Tapper(network, taps) as tapper,
             autocast(self.device_, dtype),
         ):
 
@@ -584,7 +587,7 @@ class NetworkMixin:
                     and compiled is None
                     and auto_compile_pays(time.perf_counter() - began, start, n - start)
                 ):
-                    compiled = self._compiled_forward(taps, dtype)
+                    compiled = self._compiled_forward(network, taps, dtype)
                 rows, size = halve_on_oom(
                     lambda k, b=batch: in_chunks(rows_of, b, k), size, what=label
                 )
@@ -596,25 +599,30 @@ class NetworkMixin:
 
     def _inference_copy(self, X: Any) -> InferenceCopy:
         """The fitted network with BatchNorms folded and weights in the
-        autocast dtype, for inference (see ``_inference``); checked on the
-        first image of ``X`` when first made."""
+        autocast dtype, for inference (see ``_inference``); made at the
+        first call, from a pass of the first image of ``X``."""
         return inference_copy(
             self.model_, self._autocast_dtype, lambda: self._example(X)
         )
 
     def _compiled_forward(
-        self, taps: list[Tap], dtype: torch.dtype | None, reuse_only: bool = False
+        self,
+        network: nn.Module,
+        taps: list[Tap],
+        dtype: torch.dtype | None,
+        reuse_only: bool = False,
     ) -> CompiledForward | None:
-        """The compiled tapped forward for ``taps`` (see ``compile``), kept
-        across calls while the weights stay the same: the compile time is paid
-        once. With ``reuse_only``, only one already compiled (or None)."""
+        """The compiled tapped forward of ``network`` (the one inference runs
+        on, see ``_inference_copy``) for ``taps`` (see ``compile``), kept
+        across calls while the network stays the same: the compile time is
+        paid once. With ``reuse_only``, only one already compiled (or None)."""
         cached = getattr(self, "_compiled", None)
         key = (tuple(taps), dtype, str(self.device_))
         if reuse_only:
-            fresh = cached is not None and cached.fresh_for(self.model_, key)
+            fresh = cached is not None and cached.fresh_for(network, key)
             return cached if fresh and not cached.failed else None
         self._compiled = compiled_forward(
-            cached, self.model_, taps, key, verbose=bool(self.verbose)
+            cached, network, taps, key, verbose=bool(self.verbose)
         )
         return self._compiled
 

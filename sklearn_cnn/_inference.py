@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import threading
 import weakref
 from collections import OrderedDict
@@ -30,8 +31,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.overrides import TorchFunctionMode
 
 from ._layers import Tap
 from ._runtime import _drop_tap_hooks, autocast, is_tap_hook, uses_channels_last
@@ -42,48 +44,78 @@ _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
-class _Tracer(fx.Tracer):
-    """Convolutions and BatchNorms as leaves, subclasses included (a padding
-    convolution would otherwise trace into ``F.conv2d`` and hide the pair)."""
+class _Readers(TorchFunctionMode):
+    """Counts the torch operations that read each watched tensor, outside
+    BatchNorms' own forwards. A mode is per thread: other threads running
+    networks meanwhile are not seen (``torch.fx`` tracing, which patches
+    ``nn.Module.__call__`` for every thread, would break them)."""
 
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        kinds = (nn.Conv2d, nn.BatchNorm2d)
-        return isinstance(m, kinds) or super().is_leaf_module(m, qualname)
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: dict[int, str] = {}  # id(tensor) -> convolution
+        self.reads: dict[str, int] = {}
+        self.in_bn = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.in_bn:
+            for t in torch.utils._pytree.tree_leaves((args, kwargs or {})):
+                name = self.watched.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if name is not None:
+                    self.reads[name] += 1
+        return func(*args, **(kwargs or {}))
 
 
-def foldable_pairs(module: nn.Module) -> list[tuple[str, str]]:
-    """``(convolution, BatchNorm)`` names where the BatchNorm reads only the
-    convolution's output and nothing else does; each module is called once.
-    None found where the network does not trace with ``torch.fx``."""
-    try:
-        with _hooks_off(module):  # tracing would run them on proxies
-            graph = _Tracer().trace(module)
-    except Exception:  # noqa: BLE001 - untraceable forward: fold nothing
-        return []
+def foldable_pairs(module: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """``(convolution, BatchNorm)`` names where, in a forward pass of
+    ``example``, the BatchNorm's input was the convolution's output and
+    nothing else read it; each module ran once. None where the pass fails.
+    """
     modules = dict(module.named_modules())
-    calls: dict[str, list[fx.Node]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls.setdefault(node.target, []).append(node)
+    readers, outs, inputs = _Readers(), {}, {}
+    calls: dict[str, int] = {}
+
+    def conv_out(name: str, _m: nn.Module, _args: tuple, out: Any) -> None:
+        calls[name] = calls.get(name, 0) + 1
+        outs[name] = out  # kept alive: its id stays its own
+        readers.watched[id(out)] = name
+        readers.reads[name] = 0
+
+    def bn_in(name: str, _m: nn.Module, args: tuple) -> None:
+        calls[name] = calls.get(name, 0) + 1
+        inputs[name] = args[0] if args else None
+        readers.in_bn += 1
+
+    def bn_out(*_: Any) -> None:
+        readers.in_bn -= 1
+
+    with _hooks_off(module):  # the user's hooks are not for this pass
+        for name, m in modules.items():
+            if isinstance(m, nn.Conv2d):
+                m.register_forward_hook(functools.partial(conv_out, name))
+            elif _is_plain_bn(m):
+                m.register_forward_pre_hook(functools.partial(bn_in, name))
+                m.register_forward_hook(bn_out)
+        try:
+            with torch.inference_mode(), readers:
+                out = module(example)
+        except Exception:  # noqa: BLE001 - a network that fails here: no fold
+            return []
+    returned = {id(t) for t in torch.utils._pytree.tree_leaves(out)}
+    by_id = {id(t): name for name, t in outs.items()}
     pairs = []
-    for name, nodes in calls.items():
-        bn = modules.get(name)
-        if not _is_plain_bn(bn) or len(nodes) != 1 or len(nodes[0].args) != 1:
-            continue
-        src = nodes[0].args[0]
-        if not (isinstance(src, fx.Node) and src.op == "call_module"):
-            continue
-        conv = modules.get(src.target)
+    for bn, x in inputs.items():
+        conv = by_id.get(id(x))
         if (
-            not isinstance(conv, nn.Conv2d)
-            or len(calls[src.target]) != 1
-            or len(src.users) != 1
-            or conv.out_channels != bn.num_features
+            conv is None
+            or calls[conv] != 1
+            or calls[bn] != 1
+            or readers.reads[conv] != 0
+            or id(x) in returned
+            or modules[conv].out_channels != modules[bn].num_features
+            or any(next(_user_hooks(modules[n]), None) is not None for n in (conv, bn))
         ):
-            continue
-        if any(_user_hooks(m) for m in (conv, bn)):
-            continue  # a hook of the user's would see other values
-        pairs.append((src.target, name))
+            continue  # read elsewhere, or seen by a hook of the user's
+        pairs.append((conv, bn))
     return pairs
 
 
@@ -103,11 +135,20 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
-def _fold(module: nn.Module, pairs: Sequence[tuple[str, str]]) -> None:
-    for conv, bn in pairs:
-        _set(module, conv, fuse_conv_bn_eval(module.get_submodule(conv),
-                                             module.get_submodule(bn)))  # fmt: skip
-        _set(module, bn, nn.Identity())
+def _fold(net: nn.Module, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Fold each pair in ``net`` whose folded convolution gives what the pair
+    gave, on a made-up input; the pairs folded."""
+    folded = []
+    for conv_name, bn_name in pairs:
+        conv, bn = net.get_submodule(conv_name), net.get_submodule(bn_name)
+        with torch.inference_mode(False):
+            fused = fuse_conv_bn_eval(conv, bn)
+        x = _probe(conv, next(conv.parameters()).device)
+        if _same(fused, nn.Sequential(conv, bn), x, None):
+            _set(net, conv_name, fused)
+            _set(net, bn_name, nn.Identity())
+            folded.append((conv_name, bn_name))
+    return folded
 
 
 class _FoldedConv(nn.Module):
@@ -127,30 +168,30 @@ class _FoldedConv(nn.Module):
         return type(self.raw).forward(self.raw, *args)  # without its hooks
 
 
-def _store_weights(module: nn.Module, dtype: torch.dtype) -> None:
-    """Convolution and linear weights (not shared with another module) in
-    ``dtype``, as autocast would cast them at every forward."""
+def _store_weights(module: nn.Module, dtype: torch.dtype) -> bool:
+    """Store convolution and linear weights (not shared with another module)
+    in ``dtype``, as autocast would cast them at every forward, where that
+    gives the same output under autocast; whether any was."""
     owners: dict[int, int] = {}
     for _, p in module.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
-    for m in module.modules():
+    stored = False
+    for m in list(module.modules()):
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
-        for attr in ("weight", "bias"):
-            p = getattr(m, attr, None)
-            if isinstance(p, nn.Parameter) and owners[id(p)] == 1:
-                setattr(
-                    m, attr, nn.Parameter(p.detach().to(dtype), requires_grad=False)
-                )
-
-
-def _close(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float) -> bool:
-    """Every tensor of ``a`` within ``rtol`` of its largest value in ``b``."""
-    return len(a) == len(b) and all(
-        x.shape == y.shape
-        and bool((x.float() - y.float()).abs().max() <= rtol * y.float().abs().max())
-        for x, y in zip(a, b, strict=True)
-    )
+        params = [getattr(m, a, None) for a in ("weight", "bias")]
+        params = [p for p in params if isinstance(p, nn.Parameter)]
+        if not params or any(owners[id(p)] != 1 for p in params):
+            continue
+        cast = copy.copy(m)  # the same module, its own parameter dict
+        cast._parameters = {
+            name: None if p is None else nn.Parameter(p.detach().to(dtype), False)
+            for name, p in m._parameters.items()
+        }
+        if _same(cast, m, _probe(m, params[0].device), dtype):
+            m._parameters = cast._parameters
+            stored = True
+    return stored
 
 
 @contextlib.contextmanager
@@ -167,18 +208,29 @@ def _hooks_off(module: nn.Module) -> Iterator[None]:
             m._forward_hooks, m._forward_pre_hooks = post, pre
 
 
-def _outputs(
-    module: nn.Module, x: torch.Tensor, dtype: torch.dtype | None
-) -> list[torch.Tensor]:
-    """The floating-point tensors of ``module``'s output for ``x`` (none if
-    its forward fails: a head that wants another image size, say)."""
+def _probe(m: nn.Module, device: torch.device) -> torch.Tensor:
+    """A made-up input for one convolution or linear layer."""
+    g = torch.Generator().manual_seed(0)
+    if isinstance(m, nn.Linear):
+        return torch.randn(2, m.in_features, generator=g).to(device)
+    reach = [(k - 1) * d + 1 for k, d in zip(m.kernel_size, m.dilation, strict=True)]
+    size = [max(16, r + 4 * st) for r, st in zip(reach, m.stride, strict=True)]
+    return torch.randn(1, m.in_channels, *size, generator=g).to(device)
+
+
+def _same(
+    got: nn.Module, want: nn.Module, x: torch.Tensor, dtype: torch.dtype | None
+) -> bool:
+    """Whether ``got`` gives ``want``'s output for ``x`` (up to float rounding;
+    False if either fails on it)."""
     try:
-        with _hooks_off(module), torch.inference_mode(), autocast(x.device, dtype):
-            out = module(x)
-    except Exception:  # noqa: BLE001 - nothing to check against: no rewrite
-        return []
-    leaves = torch.utils._pytree.tree_leaves(out)
-    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        with torch.inference_mode(), autocast(x.device, dtype):
+            # forward, not __call__: a check is not a pass hooks should see
+            a = type(got).forward(got, x).float()
+            b = type(want).forward(want, x).float()
+    except Exception:  # noqa: BLE001 - a layer that wants other inputs
+        return False
+    return a.shape == b.shape and bool((a - b).abs().max() <= 1e-4 * b.abs().max())
 
 
 def _copy(module: nn.Module) -> nn.Module:
@@ -240,23 +292,10 @@ class InferenceCopy:
     ) -> None:
         self.snapshot = _Snapshot(module)
         net = _copy(module)
-        ref = _outputs(net, example, None)
-        pairs = foldable_pairs(net) if ref else []
-        if pairs:  # without an output to check against, nothing is folded
-            with torch.inference_mode(False):
-                _fold(net, pairs)
-            if uses_channels_last(module):
-                net.to(memory_format=torch.channels_last)
-            if not _close(_outputs(net, example, None), ref, 1e-3):
-                net, pairs = _copy(module), []
-        stored = False
-        if ref and dtype is not None:
-            cast = _copy(net)
-            _store_weights(cast, dtype)
-            # Autocast casts these weights to dtype anyway: the same numbers.
-            before = _outputs(net, example, dtype)
-            if _close(_outputs(cast, example, dtype), before, 1e-3):
-                net, stored = cast, True
+        pairs = _fold(net, foldable_pairs(net, example))
+        if pairs and uses_channels_last(module):
+            net.to(memory_format=torch.channels_last)
+        stored = dtype is not None and _store_weights(net, dtype)
         for conv, _ in pairs:
             _set(net, conv, _FoldedConv(net.get_submodule(conv),
                                         module.get_submodule(conv)))  # fmt: skip
@@ -283,7 +322,8 @@ def inference_copy(
     example: Callable[[], torch.Tensor],
 ) -> InferenceCopy:
     """The rewritten copy of ``module`` for ``dtype``: made once per network,
-    device, dtype and weights, and checked on the image ``example()``."""
+    device and dtype (its pairs found in a pass of the image ``example()``),
+    and anew when the network changes."""
     device = next(module.parameters(), torch.empty(0)).device
     key = (str(device), dtype)
     with _LOCK:

@@ -260,7 +260,9 @@ def test_early_layer_stops_the_forward_pass(images):
     expected = est.transform(images)
     assert calls == []
     est.model_.stage2 = Boom()  # would fail if it ran
-    assert_array_equal(est.transform(images), expected)
+    # Equal up to float rounding: a network that no longer traces runs
+    # without its BatchNorms folded (see _inference).
+    assert_allclose(est.transform(images), expected, rtol=1e-5, atol=1e-7)
     # The full network runs for the penultimate features: 3 batches of 5.
     full = tiny(batch_size=5).fit(images)
     full.model_.stage2.register_forward_pre_hook(lambda m, a: calls.append(1))

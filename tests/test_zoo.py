@@ -64,7 +64,18 @@ def build(name: str, size: int | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # inception's init
-        return torchvision.models.get_model(name, weights=None, **kwargs).eval()
+        model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    # BatchNorm statistics as trained ones are, not the identity of a fresh
+    # init: transform folds BatchNorms into convolutions, and a wrong fold
+    # must show.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.3, 2.0)
+                m.weight.uniform_(0.25, 1.75)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
 
 
 def hooked(model, name: str, x: torch.Tensor, pre: bool = False) -> torch.Tensor:
