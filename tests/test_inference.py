@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from conftest import make_tiny_cnn
-from numpy.testing import assert_allclose, assert_array_equal
+from numpy.testing import assert_allclose
 from torch import nn
 
 from sklearn_cnn import CNNFeatureTransformer
@@ -116,30 +116,49 @@ class NoBatchNorm(nn.Module):
         return self.fc(F.relu(self.conv(x)).mean((2, 3)))
 
 
+class ConvBnLinear(NoBatchNorm):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
 @pytest.mark.parametrize(
     "precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)]
 )
 def test_weights_stored_in_the_autocast_dtype_give_autocasts_numbers(precision, dtype):
     torch.manual_seed(0)
-    model = NoBatchNorm().eval()
+    model = pretrained_like(ConvBnLinear())
     X = np.random.default_rng(2).integers(0, 256, (5, 20, 20, 3), dtype=np.uint8)
     est = transformer(model, 20, layer="fc", precision=precision).fit(X)
     out = est.transform(X)
     copy = est._inference_copy(X).module
-    assert copy.conv.weight.dtype == dtype and copy.fc.weight.dtype == dtype
+    assert copy.conv.fused.weight.dtype == dtype and copy.fc.weight.dtype == dtype
     assert est.model_.conv.weight.dtype == torch.float32  # the fitted one unchanged
+    # By hand: torch's own fold, then autocast (which casts the weights).
+    by_hand = ConvBnLinear().eval()
+    by_hand.load_state_dict(model.state_dict())
+    by_hand.conv = torch.nn.utils.fusion.fuse_conv_bn_eval(by_hand.conv, by_hand.bn)
+    by_hand.bn = nn.Identity()
+    by_hand.to(memory_format=torch.channels_last)
+    x = normalized(X).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
-        expected = model(normalized(X)).float().numpy()
-    assert_array_equal(out, expected)
+        expected = by_hand(x).float().numpy()
+    assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_nothing_to_rewrite_keeps_no_copy(images):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nothing_to_fold_keeps_no_copy(images, precision):
     model = NoBatchNorm().eval()
-    est = transformer(model, 16, layer="fc").fit(images)
-    assert est._inference_copy(images).module is None  # fp32, no BatchNorm
-    with torch.no_grad():
-        expected = model(normalized(images)).numpy()
-    assert_allclose(est.transform(images), expected, rtol=1e-5, atol=1e-6)
+    est = transformer(model, 16, layer="fc", precision=precision).fit(images)
+    out = est.transform(images)
+    assert est._inference_copy(images).module is None
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=bool(dtype)):
+        expected = model(normalized(images)).float().numpy()
+    assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
 class StdConv2d(nn.Conv2d):
