@@ -153,21 +153,11 @@ def _fold(net: nn.Module, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, s
     return folded
 
 
-class _FoldedConv(nn.Module):
-    """A convolution with the BatchNorm after it folded in. A tap of its
-    output reads what the fitted convolution ``raw`` gives for the same input
-    (see ``_layers.tapped_output``), as a tap of the fitted network would."""
-
-    def __init__(self, fused: nn.Module, raw: nn.Module) -> None:
-        super().__init__()
-        self.fused = fused
-        self.__dict__["raw"] = raw  # the fitted network's: not a submodule
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fused(x)
-
-    def tapped_output(self, args: tuple, output: Any) -> torch.Tensor:
-        return type(self.raw).forward(self.raw, *args)  # without its hooks
+def _raw_output(raw: nn.Module, args: tuple, output: Any) -> torch.Tensor:
+    """What a tap of a folded convolution's output reads: the fitted
+    convolution ``raw`` run on the same input, as in the fitted network
+    (without its hooks)."""
+    return type(raw).forward(raw, *args)
 
 
 def _store_weights(module: nn.Module, dtype: torch.dtype) -> None:
@@ -298,9 +288,9 @@ class InferenceCopy:
         # the casts alone gain too little for that (1.03x on resnet18).
         if pairs and dtype is not None:
             _store_weights(net, dtype)
-        for conv, _ in pairs:
-            _set(net, conv, _FoldedConv(net.get_submodule(conv),
-                                        module.get_submodule(conv)))  # fmt: skip
+        for conv, _ in pairs:  # see _layers.tapped_output
+            raw = functools.partial(_raw_output, module.get_submodule(conv))
+            net.get_submodule(conv).__dict__["sklearn_cnn_tapped_output"] = raw
         self.module = net if pairs else None
         self.pairs = pairs
         self._bn_to_conv = {bn: conv for conv, bn in pairs}

@@ -523,7 +523,7 @@ def tapped_output(m: nn.Module, args: tuple, output: Any) -> Any:
     """What a tap of ``m``'s output reads: the output, unless ``m`` says
     otherwise (a convolution with a BatchNorm folded in gives its own
     output, see ``_inference``)."""
-    read = getattr(m, "tapped_output", None)
+    read = m.__dict__.get("sklearn_cnn_tapped_output")
     return output if read is None else read(args, output)
 
 

@@ -135,7 +135,7 @@ def test_weights_stored_in_the_autocast_dtype_give_autocasts_numbers(precision, 
     est = transformer(model, 20, layer="fc", precision=precision).fit(X)
     out = est.transform(X)
     copy = est._inference_copy(X).module
-    assert copy.conv.fused.weight.dtype == dtype and copy.fc.weight.dtype == dtype
+    assert copy.conv.weight.dtype == dtype and copy.fc.weight.dtype == dtype
     assert est.model_.conv.weight.dtype == torch.float32  # the fitted one unchanged
     # By hand: torch's own fold, then autocast (which casts the weights).
     by_hand = ConvBnLinear().eval()
@@ -161,6 +161,13 @@ def test_nothing_to_fold_keeps_no_copy(images, precision):
     assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
+def conv_bn_relu_pool(conv: nn.Conv2d) -> nn.Sequential:
+    """``conv`` -> BatchNorm -> ReLU -> average pooling."""
+    bn = nn.BatchNorm2d(conv.out_channels)
+    pool = [nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return pretrained_like(nn.Sequential(conv, bn, *pool))
+
+
 class StdConv2d(nn.Conv2d):
     """Weight standardization (as timm's ResNetV2 has): a BatchNorm's scale
     folded into these weights would be standardized away."""
@@ -175,15 +182,7 @@ class StdConv2d(nn.Conv2d):
 
 def test_a_fold_that_changes_the_output_is_undone(images):
     torch.manual_seed(0)
-    model = pretrained_like(
-        nn.Sequential(
-            StdConv2d(3, 8, 3),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )  # fmt: skip
-    )
+    model = conv_bn_relu_pool(StdConv2d(3, 8, 3))
     x = torch.randn(1, 3, 16, 16)
     assert foldable_pairs(model, x) == [("0", "1")]  # the dataflow alone would
     est = transformer(model, 16, layer="2").fit(images)
@@ -259,3 +258,32 @@ def test_changes_to_the_fitted_network_are_followed(images):
     est.model_.stage2.register_forward_hook(lambda m, a, out: seen.append(len(out)))
     est.set_params(batch_size=5).transform(images)
     assert seen == [5, 5, 2]
+
+
+class PaddedConv(nn.Conv2d):
+    """A convolution with its padding as a submodule (EfficientNet-Lite's
+    "same" padding): the layers inside a folded convolution can be tapped."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pad = nn.ZeroPad2d(1)
+
+    def forward(self, x):
+        return F.conv2d(self.pad(x), self.weight, self.bias, self.stride)
+
+
+def test_layers_inside_a_folded_convolution_can_be_tapped(images, tmp_path):
+    torch.manual_seed(0)
+    model = conv_bn_relu_pool(PaddedConv(3, 6, 3))
+    est = transformer(model, 16, layer=["0.pad", "0", "1", "2"], layout="NCHW")
+    est.fit(images)
+    out = est.transform(images)
+    assert est._inference_copy(images).pairs == [("0", "1")]
+    x = normalized(images)
+    for i, name in enumerate(["0.pad", "0", "1", "2"]):
+        expected = hooked_mean(model, name, x)
+        got = out[:, sum(w for w in (3, 6, 6, 6)[:i]) :][:, : expected.shape[1]]
+        assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    # Through the cache of memory= (its pass stores every layer): the same.
+    cached = est.set_params(memory=str(tmp_path)).fit(images)
+    assert_allclose(cached.transform(images), out, rtol=1e-6, atol=1e-7)
