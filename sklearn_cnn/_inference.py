@@ -1,6 +1,8 @@
 """The network inference runs: a private copy of the fitted one with each
 BatchNorm folded into the convolution before it, and the convolution and
-linear weights stored in the autocast dtype.
+linear weights stored in the autocast dtype. A network with nothing to fold
+runs as fitted, without a copy (the casts alone gain too little for the
+memory: 1.03x on resnet18).
 
 Both rewrites are what ``torch.compile(..., options={"freezing": True})``
 does, without the compile: a BatchNorm in eval mode is an affine map per
@@ -284,8 +286,6 @@ class InferenceCopy:
         pairs = _fold(net, foldable_pairs(net, example))
         if pairs and uses_channels_last(module):
             net.to(memory_format=torch.channels_last)
-        # Only a network with folds gets a copy (its memory is the weights'):
-        # the casts alone gain too little for that (1.03x on resnet18).
         if pairs and dtype is not None:
             _store_weights(net, dtype)
         for conv, _ in pairs:  # see _layers.tapped_output
