@@ -629,9 +629,11 @@ class PooledTapper:
             m = modules[tap.module]
             if tap.pre:
                 hook = functools.partial(self._pre, tap)
+                hook.sklearn_cnn_tap = True  # see _layers.is_tap_hook
                 self._handles.append(m.register_forward_pre_hook(hook))
             else:
                 hook = functools.partial(self._post, tap)
+                hook.sklearn_cnn_tap = True
                 self._handles.append(m.register_forward_hook(hook))
         return self
 

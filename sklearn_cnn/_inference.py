@@ -40,8 +40,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.overrides import TorchFunctionMode
 
-from ._layers import Tap
-from ._runtime import _drop_tap_hooks, autocast, is_tap_hook, uses_channels_last
+from ._layers import Tap, drop_tap_hooks, is_tap_hook
+from ._runtime import autocast, uses_channels_last
 
 #: The copies made so far, one per network, device and autocast dtype.
 _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -235,7 +235,7 @@ def _copy(module: nn.Module) -> nn.Module:
     }
     with torch.inference_mode(False):  # a copy of ordinary tensors
         net = copy.deepcopy(module, memo).eval()
-    _drop_tap_hooks(net)
+    drop_tap_hooks(net)
     return net
 
 

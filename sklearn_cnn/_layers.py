@@ -515,7 +515,7 @@ class _Hub:
             hook = lambda _m, args: deliver(args[0])  # noqa: E731
         else:
             hook = lambda m, args, output: deliver(tapped_output(m, args, output))  # noqa: E731
-        hook.sklearn_cnn_tap = True  # see without_tap_hooks
+        hook.sklearn_cnn_tap = True  # see is_tap_hook
         return hook
 
 
@@ -527,26 +527,39 @@ def tapped_output(m: nn.Module, args: tuple, output: Any) -> Any:
     return output if read is None else read(args, output)
 
 
-def without_tap_hooks(module: nn.Module) -> nn.Module:
-    """``module`` itself, or a copy without the tap hooks of calls in flight
-    in other threads (closures, which do not pickle): what pickling takes."""
-    tapped = [
-        (m, hooks)
-        for m in module.modules()
-        for hooks in (m._forward_hooks, m._forward_pre_hooks)
-        if any(getattr(h, "sklearn_cnn_tap", False) for h in list(hooks.values()))
-    ]
-    if not tapped:
-        return module
-    copy = deepcopy(module)
-    for m in copy.modules():
+def is_tap_hook(fn: Any) -> bool:
+    """Whether ``fn`` is a hook this library puts on a network while it taps
+    it (``Tapper``, ``_cache.PooledTapper``), not one of the network's own."""
+    return getattr(fn, "sklearn_cnn_tap", False)
+
+
+def drop_tap_hooks(module: nn.Module) -> None:
+    """Remove from ``module`` (a copy) the tap hooks it inherited from calls
+    in flight at the time: they would hand its tensors to the original's
+    taps, and closures do not pickle. The network's own hooks stay."""
+    for m in module.modules():
         for hooks in (m._forward_hooks, m._forward_pre_hooks):
             for key, hook in list(hooks.items()):
-                if getattr(hook, "sklearn_cnn_tap", False):
+                if is_tap_hook(hook):
                     del hooks[key]
                     m._forward_hooks_with_kwargs.pop(key, None)
                     m._forward_hooks_always_called.pop(key, None)
                     m._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def without_tap_hooks(module: nn.Module) -> nn.Module:
+    """``module`` itself, or a copy without the tap hooks of calls in flight
+    in other threads: what pickling takes."""
+    tapped = any(
+        is_tap_hook(h)
+        for m in module.modules()
+        for hooks in (m._forward_hooks, m._forward_pre_hooks)
+        for h in list(hooks.values())
+    )
+    if not tapped:
+        return module
+    copy = deepcopy(module)
+    drop_tap_hooks(copy)
     return copy
 
 

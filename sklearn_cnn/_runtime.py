@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._images import collate_batch, raise_worker_failure
+from ._layers import drop_tap_hooks
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -258,24 +259,6 @@ COMPILE_KWARGS: dict[str, Any] = {"options": {"freezing": True}, "dynamic": Fals
 AUTO_COMPILE_AFTER_S = 300.0
 
 
-def _drop_tap_hooks(module: nn.Module) -> None:
-    """Remove the tap hooks a copy inherited from a network being tapped at
-    the time (they would hand its tensors to the original's taps). The
-    network's own hooks stay."""
-    for m in module.modules():
-        for hooks in (m._forward_hooks, m._forward_pre_hooks):
-            for key, fn in list(hooks.items()):
-                if is_tap_hook(fn):
-                    del hooks[key]
-
-
-def is_tap_hook(fn: Any) -> bool:
-    """Whether ``fn`` is a hook this library puts on a network while it taps
-    it (``_layers.Tapper``, ``_cache.PooledTapper``), not one of the network's."""
-    name = getattr(getattr(fn, "func", fn), "__qualname__", "")
-    return name.startswith(("_Hub.make_hook", "PooledTapper."))
-
-
 def _own_code(method: Any) -> Any:
     """``method`` with a code object of its own.
 
@@ -331,7 +314,7 @@ class CompiledForward:
         self._lock = threading.Lock()  # the tapper's store is per copy
         with torch.inference_mode(False):  # a copy of ordinary tensors
             private = copy.deepcopy(module).eval()
-        _drop_tap_hooks(private)
+        drop_tap_hooks(private)
         self._tapper = Tapper(private, taps).__enter__()
         try:
             self._fn = torch.compile(_own_code(self._tapper.__call__), **COMPILE_KWARGS)
