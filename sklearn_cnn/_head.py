@@ -93,10 +93,8 @@ def install_head(
     name = tr.head
     if name is not None:
         old = model.get_submodule(name)
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         device = old.weight.device
-        setattr(parent, attr, nn.Linear(old.in_features, n_classes).to(device))
+        model.set_submodule(name, nn.Linear(old.in_features, n_classes).to(device))
         return name, False
     with torch.inference_mode():
         width = pool(logits(model(example)), "avg").shape[1]

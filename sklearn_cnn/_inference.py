@@ -134,11 +134,6 @@ def _is_plain_bn(m: Any) -> bool:
     )
 
 
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
-
-
 def _fold(net: nn.Module, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """Fold each pair in ``net`` whose folded convolution gives what the pair
     gave, on a made-up input; the pairs folded."""
@@ -149,8 +144,8 @@ def _fold(net: nn.Module, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, s
             fused = fuse_conv_bn_eval(conv, bn)
         x = _probe(conv, next(conv.parameters()).device)
         if _same(fused, nn.Sequential(conv, bn), x, None):
-            _set(net, conv_name, fused)
-            _set(net, bn_name, nn.Identity())
+            net.set_submodule(conv_name, fused)
+            net.set_submodule(bn_name, nn.Identity())
             folded.append((conv_name, bn_name))
     return folded
 
@@ -279,11 +274,16 @@ class InferenceCopy:
     network is used as it is)."""
 
     def __init__(
-        self, module: nn.Module, dtype: torch.dtype | None, example: torch.Tensor
+        self,
+        module: nn.Module,
+        dtype: torch.dtype | None,
+        example: Callable[[], torch.Tensor],
     ) -> None:
         self.snapshot = _Snapshot(module)
-        net = _copy(module)
-        pairs = _fold(net, foldable_pairs(net, example))
+        net, pairs = None, []
+        if any(_is_plain_bn(m) for m in module.modules()):  # else nothing to copy
+            net = _copy(module)
+            pairs = _fold(net, foldable_pairs(net, example()))
         if pairs and uses_channels_last(module):
             net.to(memory_format=torch.channels_last)
         if pairs and dtype is not None:
@@ -322,5 +322,5 @@ def inference_copy(
         copies = _COPIES.setdefault(module, {})
         made = copies.get(key)
         if made is None or made.snapshot != _Snapshot(module):
-            made = copies[key] = InferenceCopy(module, dtype, example())
+            made = copies[key] = InferenceCopy(module, dtype, example)
     return made
