@@ -1,0 +1,304 @@
+"""Class activation maps of a network: Grad-CAM and the exact linear CAM.
+
+Everything here works on a network (module, preprocessing, device, trace),
+never on an estimator: :mod:`sklearn_cnn.inspection` finds those parts in a
+fitted estimator and calls these functions.
+
+A map is computed at the resolution of the layer it reads, as (N, h, w)
+float64 on the CPU; :func:`upsample` brings it to the network's input
+resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._images import ImageDataset, Preprocessing
+from ._layers import Tap, Tapper, Trace, first_tensor, layout_kind, pool
+from ._runtime import uses_channels_last
+
+#: Layouts whose outputs have positions in the image (2-D grids or tokens).
+SPATIAL = ("NCHW", "NHWC", "NLD")
+
+
+@dataclass
+class Network:
+    """What a map needs of a fitted estimator's network."""
+
+    module: nn.Module
+    preprocessing: Preprocessing
+    device: torch.device
+    trace: Trace
+
+
+def input_batches(net: Network, X: Any, batch_size: int) -> Iterator[torch.Tensor]:
+    """Preprocessed float32 batches of ``X`` on the network's device."""
+    dataset = ImageDataset(X, net.preprocessing)
+    fmt = (
+        torch.channels_last
+        if uses_channels_last(net.module)
+        else torch.contiguous_format
+    )
+    for start in range(0, len(dataset), batch_size):
+        idx = list(range(start, min(start + batch_size, len(dataset))))
+        batch = dataset.__getitems__(idx)
+        yield batch.to(net.device).contiguous(memory_format=fmt)
+
+
+def unnormalize(net: Network, batch: torch.Tensor) -> np.ndarray:
+    """Network inputs back to (N, H, W, 3) floats in [0, 1], for display."""
+    pre = net.preprocessing
+    mean = torch.tensor(pre.mean, device=batch.device).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std, device=batch.device).view(1, -1, 1, 1)
+    images = (batch.float() * std + mean).clamp(0, 1)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+# -- layers and layouts ---------------------------------------------------------
+
+
+def _positions(shape: tuple[int, ...] | None, layout: str | None, prefix: int) -> int:
+    """Number of positions in an output of ``shape`` (no batch axis)."""
+    if shape is None or layout not in SPATIAL:
+        return 0
+    if layout == "NCHW":
+        return shape[1] * shape[2]
+    if layout == "NHWC":
+        return shape[0] * shape[1]
+    return shape[0] - prefix
+
+
+def is_spatial(tr: Trace, tap: Tap) -> bool:
+    """Whether ``tap`` reads a map (or tokens) with more than one position."""
+    return _positions(tr.shape_of(tap), tr.layout_of(tap), tr.prefix_tokens) > 1
+
+
+def default_layer(tr: Trace) -> str:
+    """The layer Grad-CAM reads by default: the last one, in forward order,
+    whose output is a map with more than one position (or patch tokens).
+
+    With a class token, the tokens after the last attention reach the head
+    only through the class token: their gradients are zero at every patch.
+    The default is then the last token output *before* the last attention
+    (the input norm of the last block: what pytorch-grad-cam's documentation
+    recommends for ViTs, found here from the trace).
+    """
+    layers = tr.layers
+    last_attention = None
+    if tr.prefix_tokens:
+        for i, name in enumerate(tr.calls):
+            kind = tr.types[name]
+            if issubclass(kind, nn.MultiheadAttention) or "attention" in (
+                kind.__name__.lower()
+            ):
+                last_attention = i
+    first_call = {}
+    for i, name in enumerate(tr.calls):
+        first_call.setdefault(name, i)
+    found = None
+    for layer in layers:
+        if not is_spatial(tr, Tap(layer.name)):
+            continue
+        if (
+            last_attention is not None
+            and layer.layout == "NLD"
+            and first_call[layer.name] > last_attention
+        ):
+            continue
+        found = layer.name
+    if found is None:
+        raise ValueError(
+            "The network has no layer whose output is a map or patch tokens "
+            "(each layer gives one vector per image), so there is nothing to "
+            "place in the image."
+        )
+    return found
+
+
+def map_before_head(tr: Trace) -> Tap | None:
+    """For ``layer=None`` (the input of the last ``nn.Linear``): the last map
+    before the head, which that vector may be the average of (resnet's
+    ``avgpool`` input, EfficientNet's). Whether it is, is checked on the
+    data by the caller."""
+    head = tr.head
+    if head is None:
+        return None
+    end = len(tr.calls) - 1 - tr.calls[::-1].index(head)
+    counts = tr.counts
+    for name in reversed(tr.calls[:end]):
+        if counts[name] != 1 or head.startswith(name + "."):
+            continue
+        if name in tr.shapes and is_spatial(tr, Tap(name)):
+            return Tap(name)
+        if is_spatial(tr, Tap(name, pre=True)):
+            return Tap(name, pre=True)
+    return None
+
+
+def to_grid(
+    t: torch.Tensor, layout: str, prefix: int, image_hw: tuple[int, int]
+) -> torch.Tensor:
+    """A tapped output as (N, C, h, w) maps.
+
+    Tokens (``"NLD"``) lose their ``prefix`` class and register tokens, and
+    the patch tokens are laid on the grid of the image's aspect ratio
+    (row-major, as ViT and Swin order patches).
+    """
+    if layout == "NCHW":
+        return t
+    if layout == "NHWC":
+        return t.permute(0, 3, 1, 2)
+    if layout != "NLD":
+        raise ValueError(f"A {layout} output has no positions in the image.")
+    tokens = t[:, prefix:]
+    n = tokens.shape[1]
+    height, width = image_hw
+    h = max(1, round(math.sqrt(n * height / width)))
+    w = n // h
+    if h * w != n:
+        raise ValueError(
+            f"{n} patch tokens do not form a grid of the input's aspect ratio "
+            f"({height} x {width} px); the map cannot be placed in the image."
+        )
+    return tokens.reshape(len(t), h, w, -1).permute(0, 3, 1, 2)
+
+
+def check_spatial(name: str, tr: Trace, tap: Tap, layout: str | None) -> None:
+    """Refuse, with the fix, a layer whose output cannot be placed in the image."""
+    shape = tr.shape_of(tap)
+    if layout is None:
+        raise ValueError(
+            f"The layout of layer {name!r}'s output (shape {shape}) is unknown, "
+            "so its positions cannot be placed in the image. Choose a layer "
+            "that sklearn_cnn.list_layers shows with a layout."
+        )
+    if (
+        _positions(shape, layout, tr.prefix_tokens) <= 1
+        or layout_kind(layout) == "vector"
+    ):
+        raise ValueError(
+            f"Layer {name!r} gives {layout} outputs of shape {shape}: one "
+            "position per image, so no map. Choose an earlier layer whose "
+            "output is a map (NCHW, NHWC) or tokens (NLD); "
+            "sklearn_cnn.list_layers shows them."
+        )
+
+
+# -- Grad-CAM ---------------------------------------------------------------------
+
+
+def grad_cam(
+    net: Network,
+    batch: torch.Tensor,
+    layer: str,
+    layout: str,
+    choose: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM (Selvaraju et al. 2017) of one batch at ``layer``.
+
+    ``choose(logits)`` gives the output index to explain for each image.
+    Returns the maps before the ReLU, (N, h, w) float64, and the logits.
+
+    The layer's output is detached and made a leaf that requires a gradient,
+    so that only the part of the network after it is differentiated, and the
+    network's parameters are neither touched nor given gradients; a clone of
+    it flows on, so that in-place operations after the layer (ResNet's
+    ``out += identity``) do not change the activations read.
+    """
+    module = net.module.get_submodule(layer)
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_m: nn.Module, _args: tuple, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"Layer {layer!r} returns a {type(output).__name__}.")
+        leaf = output.detach().float().requires_grad_(True)
+        store["a"] = leaf
+        return leaf.clone().to(output.dtype)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            out = net.module(batch)
+    finally:
+        handle.remove()
+    logits = _logits(out).float()
+    index = choose(logits.detach())
+    score = logits.gather(1, index.view(-1, 1).to(logits.device)).sum()
+    (grad,) = torch.autograd.grad(score, store["a"])
+    hw = tuple(batch.shape[-2:])
+    prefix = net.trace.prefix_tokens
+    a = to_grid(store["a"].detach(), layout, prefix, hw).double()
+    g = to_grid(grad, layout, prefix, hw).double()
+    weights = g.mean(dim=(2, 3), keepdim=True)  # alpha_c: pooled gradients
+    return (weights * a).sum(1).cpu(), logits.detach().cpu()
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """A network's logits: its output, or its first tensor (aux-logit tuples)."""
+    if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+        return out.logits
+    t = first_tensor(out)
+    if t is None:
+        raise TypeError(f"The network returned a {type(out).__name__}, not logits.")
+    return t
+
+
+# -- the exact CAM of a linear model on average-pooled maps ----------------------
+
+
+def tapped_maps(
+    net: Network, batch: torch.Tensor, taps: list[Tap]
+) -> list[torch.Tensor]:
+    """The float32 outputs of ``taps`` for one batch (the forward stops
+    after the last of them)."""
+    with torch.inference_mode(), Tapper(net.module, taps) as tapper:
+        return [t.float() for t in tapper(batch)]
+
+
+def linear_cam(
+    maps: list[torch.Tensor],
+    layouts: list[str],
+    prefix: int,
+    image_hw: tuple[int, int],
+    weights: np.ndarray,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``sum_c weights[c] * A_c(h, w)`` for each tapped map, before the ReLU.
+
+    ``weights`` (N, F) holds each image's coefficients over the features the
+    maps pool to, in their order (several layers: concatenated). Returns one
+    (N, h, w) float64 map per layer and the (N, F) float64 average-pooled
+    features (what the pipeline's transformer gives), so that the caller can
+    check the maps against the model's own scores.
+    """
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    out, pooled, start = [], [], 0
+    for t, layout in zip(maps, layouts, strict=True):
+        grid = to_grid(t, layout, prefix, image_hw).double().cpu()
+        c = grid.shape[1]
+        out.append(torch.einsum("nc,nchw->nhw", w[:, start : start + c], grid))
+        pooled.append(pool(t, "avg", layout, prefix).double().cpu())
+        start += c
+    if start != w.shape[1]:
+        raise ValueError(
+            f"The tapped layers give {start} features but the linear model has "
+            f"{w.shape[1]} coefficients."
+        )
+    return out, torch.cat(pooled, dim=1)
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) maps to (N, *size), bilinearly (corners not aligned, as
+    the grid cells' centres sit)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(
+        maps[:, None], size=size, mode="bilinear", align_corners=False
+    )[:, 0]
