@@ -7,10 +7,14 @@ import stat
 import sys
 import warnings
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageFile
 from torchvision.datasets.folder import make_dataset
+
+from ._images import image_to_tensor
+from ._runtime import available_cpus
 
 #: Photo formats that PIL reads only with a plugin (pillow-heif, rawpy...):
 #: skipping them is worth a warning.
@@ -89,8 +93,27 @@ class _Skipped:
         print("\n".join(lines), file=sys.stderr, flush=True)
 
 
+def _unreadable(paths: list[str], root: str) -> dict[str, str]:
+    """The files among ``paths`` that do not decode, with the reason.
+
+    Each file is decoded as the estimators decode it (the same checks, the whole
+    image), on a few threads: PIL releases the GIL while it decodes.
+    """
+
+    def problem(path: str) -> str | None:
+        try:
+            image_to_tensor(path, 0)
+        except ValueError as exc:
+            return str(exc).replace(f"X[0] ({path!r})", os.path.relpath(path, root))
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(8, available_cpus())) as pool:
+        problems = list(pool.map(problem, paths))
+    return {p: why for p, why in zip(paths, problems, strict=True) if why}
+
+
 def load_image_folder(
-    path: str | os.PathLike, *, verbose: int = 0
+    path: str | os.PathLike, *, verify: bool = False, verbose: int = 0
 ) -> tuple[list[str], np.ndarray]:
     """Image paths and labels from a folder with one subfolder per class.
 
@@ -107,10 +130,20 @@ def load_image_folder(
     files lying directly in ``path``. A class folder with no image left is
     dropped with a warning.
 
+    A truncated or corrupt file is listed like any other, and fails the batch
+    that reads it, possibly hours into a run. ``verify=True`` decodes every
+    file once, as the estimators will, and leaves out (with a warning naming
+    them and why) those that do not decode: worth it for a scraped or copied
+    folder, before a long fit.
+
     Parameters
     ----------
     path : str or path-like
         The root folder.
+    verify : bool, default=False
+        Decode every image and leave out the unreadable ones (truncated,
+        corrupt, not an image despite the suffix, too large to decode safely).
+        Costs one full decode per file.
     verbose : int, default=0
         ``1``: print (to stderr) how many entries were skipped and why, naming
         a few of each kind; ``2``: name all of them.
@@ -136,6 +169,17 @@ def load_image_folder(
     >>> paths, labels = load_image_folder(root)
     >>> labels.tolist()
     ['cat', 'dog']
+
+    A broken file is found before any training with ``verify=True``:
+
+    >>> (root / "dog" / "b.jpg").write_bytes(b"not a JPEG")
+    10
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     paths, labels = load_image_folder(root, verify=True)
+    >>> len(paths), "dog/b.jpg" in str(caught[0].message)
+    (2, True)
     """
     root = os.fspath(path)
     if not os.path.isdir(root):
@@ -179,11 +223,34 @@ def load_image_folder(
         if classes
         else []
     )
+    if verify and samples:
+        bad = _unreadable([file for file, _ in samples], root)
+        for file in bad:
+            skipped.add("unreadable", file)
+        if bad:
+            shown = list(bad.values())[:3]
+            more = (
+                f"\n  ... and {len(bad) - 3} more (verbose=2 lists them all)"
+                if len(bad) > 3
+                else ""
+            )
+            warnings.warn(
+                f"{len(bad)} of {len(samples)} image files under {root!r} do not "
+                "decode and are left out:\n  " + "\n  ".join(shown) + more,
+                UserWarning,
+                stacklevel=2,
+            )
+        samples = [(file, i) for file, i in samples if file not in bad]
     found = {classes[i] for _, i in samples}
     empty = [c for c in classes if c not in found]
     for cls in empty:
         skipped.add("class folder with no image", os.path.join(root, cls))
     if not samples:
+        if skipped.by_reason.get("unreadable"):
+            raise ValueError(
+                f"None of the image files under {root!r} decode (see the warning "
+                "above): they are truncated, corrupt or not images."
+            )
         raise ValueError(
             f"No image files found under {root!r}: expected one subfolder per "
             "class holding images (path/<class>/<image>)."

@@ -13,6 +13,7 @@ import copy
 import difflib
 import math
 import os
+import socket
 from collections.abc import Iterator
 from numbers import Integral
 from typing import Any
@@ -30,6 +31,74 @@ from ._images import Preprocessing
 # for a user's own module when neither the weights nor the user say otherwise.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+#: Environment variable: seconds a weight download waits for the server to
+#: answer (each connection attempt and each read), ``0`` for no limit.
+DOWNLOAD_TIMEOUT_ENV = "SKLEARN_CNN_DOWNLOAD_TIMEOUT"
+#: Without the variable: long enough for a slow link, short enough that a
+#: connection which is accepted and then stays silent (a stalled proxy or
+#: firewall) fails instead of hanging for ever.
+DEFAULT_DOWNLOAD_TIMEOUT = 30.0
+
+
+def download_timeout() -> float | None:
+    """Seconds a download may wait for an answer (None: no limit), from
+    ``SKLEARN_CNN_DOWNLOAD_TIMEOUT``, else ``DEFAULT_DOWNLOAD_TIMEOUT``."""
+    value = os.environ.get(DOWNLOAD_TIMEOUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_DOWNLOAD_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(
+            f"{DOWNLOAD_TIMEOUT_ENV}={value!r} is not a number of seconds (use "
+            "e.g. 120, or 0 to wait without limit)."
+        ) from None
+    return seconds if seconds > 0 else None
+
+
+@contextlib.contextmanager
+def bounded_downloads() -> Iterator[float | None]:
+    """Give sockets opened inside the block a timeout of ``download_timeout()``.
+
+    torch.hub's downloads (torchvision's weights, timm's URL checkpoints) open
+    their connections without a timeout, so a server that accepts and never
+    answers would block ``fit`` for ever. The timeout is set as the socket
+    default for the duration of the download, and only when the program has
+    not set one itself. Yields the timeout that applies.
+    """
+    previous = socket.getdefaulttimeout()
+    timeout = download_timeout() if previous is None else previous
+    if previous is not None or timeout is None:
+        yield timeout
+        return
+    socket.setdefaulttimeout(timeout)
+    try:
+        yield timeout
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a download failed on a timeout (urllib wraps it in URLError)."""
+    reason = getattr(exc, "reason", None)
+    return isinstance(exc, TimeoutError) or isinstance(reason, TimeoutError)
+
+
+def _download_failure(what: str, url: str, exc: BaseException, timeout) -> str:
+    """The message of a failed weight download: the URL, why, and what to do."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    why = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if _timed_out(exc) and timeout is not None:
+        why = (
+            f"no answer within {timeout:g} s; set {DOWNLOAD_TIMEOUT_ENV} to wait longer"
+        )
+    return (
+        f"Could not download {what} from {url} ({why}). Without internet access, "
+        "download the file on another machine and pass its path as weights= "
+        "(a state-dict file, loaded offline)."
+    )
 
 
 def _close(name: str, options: list[str], n: int = 5) -> str:
@@ -142,13 +211,13 @@ def _build_torchvision(name: str, weights: Any) -> tuple[nn.Module, WeightsEnum 
             f"(valid: {', '.join(valid) or 'none'}) nor an existing file."
         )
     try:
-        module = torchvision.models.get_model(name, weights=enum_member)
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        with bounded_downloads() as timeout:
+            module = torchvision.models.get_model(name, weights=enum_member)
+    except (OSError, RuntimeError) as exc:  # URLError and timeouts are OSErrors
         raise RuntimeError(
-            f"Could not download the weights {enum_member} for {name!r} "
-            f"({type(exc).__name__}: {exc}). Without internet access, download "
-            f"them on another machine ({enum_member.url}) and pass the file's "
-            "path as weights=."
+            _download_failure(
+                f"the weights {enum_member} for {name!r}", enum_member.url, exc, timeout
+            )
         ) from None
     return module, enum_member
 
@@ -180,17 +249,36 @@ def _build_timm(name: str, weights: Any) -> nn.Module:
         )
     pretrained = isinstance(weights, str) and weights == "DEFAULT"
     try:
-        module = timm.create_model(name, pretrained=pretrained)
+        # Checkpoints on the Hugging Face Hub go through huggingface_hub, whose
+        # own timeouts and retries apply (HF_HUB_ETAG_TIMEOUT,
+        # HF_HUB_DOWNLOAD_TIMEOUT); URL checkpoints go through torch.hub.
+        with bounded_downloads() as timeout:
+            module = timm.create_model(name, pretrained=pretrained)
     except (OSError, RuntimeError) as exc:  # no network, no such checkpoint
         raise RuntimeError(
-            f"Could not load timm's pretrained weights for {name!r} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})."
-            " Without internet access, save a state dict on another machine and "
-            "pass its path as weights=, or use weights=None."
+            _download_failure(
+                f"timm's pretrained weights for {name!r}", _timm_url(name), exc, timeout
+            )
+            + " Or use weights=None (random weights)."
         ) from None
     if _is_weights_file(weights):
         load_state_dict_file(module, weights)
     return module
+
+
+def _timm_url(name: str) -> str:
+    """Where timm fetches the pretrained weights of ``name`` (best effort)."""
+    try:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # an unknown tag, an older timm
+        cfg = None
+    if cfg is not None and getattr(cfg, "hf_hub_id", None):
+        return f"https://huggingface.co/{cfg.hf_hub_id}"
+    if cfg is not None and getattr(cfg, "url", None):
+        return cfg.url
+    return f"the Hugging Face Hub (timm/{name})"
 
 
 @contextlib.contextmanager

@@ -291,6 +291,13 @@ def _estimator_classes() -> dict[str, type]:
     return {c.__name__: c for c in (CNNFeatureTransformer, FineTuneClassifier)}
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save(estimator: Any, path: str | os.PathLike) -> None:
     """Write a fitted estimator to ``path``; see :func:`sklearn_cnn.load`."""
     name = type(estimator).__name__
@@ -347,6 +354,15 @@ def save(estimator: Any, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     st = _safetensors()
+    if st is None and path.lower().endswith(".safetensors"):
+        # Without safetensors the file is a torch zip: under this suffix, other
+        # safetensors readers would fail on it with an obscure message.
+        raise ImportError(
+            f"Cannot save to {path!r}: the .safetensors format needs the "
+            "safetensors package (pip install safetensors, or the 'persist' "
+            "extra). Install it, or save under another suffix (such as .pt) to "
+            "write torch's format, which sklearn_cnn.load reads as well."
+        )
     try:
         if st is not None:
             st.save_file(
@@ -356,6 +372,9 @@ def save(estimator: Any, path: str | os.PathLike) -> None:
             torch.save(
                 {_META_KEY: header, _DIGEST_KEY: digest, "tensors": tensors}, tmp
             )
+        # safetensors creates its file readable by the owner only; a saved
+        # model gets the permissions of any other new file (the umask's).
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)  # never a half-written file at ``path``
     finally:
         if os.path.exists(tmp):

@@ -161,10 +161,14 @@ def batches(
 
 
 def progress(total: int, label: str, enabled: bool) -> tqdm:
-    """A tqdm progress bar on stderr for ``verbose > 0`` (images per second)."""
+    """A tqdm progress bar on stderr for ``verbose > 0`` (images per second).
+
+    No bar for no images (a step with nothing to do, such as calibrating
+    without a validation split): an empty bar only adds noise to the log.
+    """
     return tqdm(
-        total=total, desc=label, unit="img", disable=not enabled, leave=True,
-        dynamic_ncols=True,
+        total=total, desc=label, unit="img", disable=not enabled or total == 0,
+        leave=True, dynamic_ncols=True,
     )  # fmt: skip
 
 

@@ -1,0 +1,25 @@
+"""Doctests write into a temporary folder that is removed after each one.
+
+The docstrings' examples call ``tempfile.mkdtemp()`` as a reader would; under
+pytest those folders (a saved network weighs tens of megabytes) go into one
+``TemporaryDirectory`` per doctest instead of piling up in the system's
+temporary directory.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+from _pytest.doctest import DoctestItem
+
+
+@pytest.fixture(autouse=True)
+def _doctest_temporary_folder(request, monkeypatch):
+    if not isinstance(request.node, DoctestItem):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="sklearn_cnn_doctest_") as folder:
+        monkeypatch.setattr(tempfile, "tempdir", folder)
+        yield
+        monkeypatch.undo()  # before the folder goes
