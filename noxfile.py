@@ -171,7 +171,9 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(reuse_venv=True)
 def lint(session: nox.Session) -> None:
-    """Check code style and formatting with ruff."""
-    session.install("-c", str(CONSTRAINTS), "ruff")
+    """Check code style and formatting with ruff, and that imports point down
+    the package's layers (import-linter, contract in pyproject.toml)."""
+    session.install("-c", str(CONSTRAINTS), "ruff", "import-linter")
     session.run("ruff", "check", *LINT_PATHS, "docs/conf.py")
     session.run("ruff", "format", "--check", *LINT_PATHS, "docs/conf.py")
+    session.run("lint-imports")

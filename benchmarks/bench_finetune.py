@@ -193,7 +193,7 @@ def speed(n_images: int, rounds: int, batch_size: int) -> None:
     ours = {
         p: FineTuneClassifier(**common, precision=p).fit(X, y) for p in ("fp32", "auto")
     }
-    auto_dtype = ours["auto"]._autocast_dtype
+    auto_dtype = ours["auto"]._network.dtype
 
     # The references: the classifier's own network (same weights, same frozen
     # modules), trained by hand.

@@ -38,8 +38,7 @@ from ._finetune import FineTuneClassifier
 from ._folder import load_image_folder
 from ._inspect import list_layers
 from ._persistence import load
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "CNNFeatureTransformer",

@@ -38,7 +38,6 @@ import os
 import shutil
 import struct
 import tempfile
-import threading
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
@@ -48,10 +47,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._base import halve_on_oom, shared_memo
 from ._images import ArrayLikeImages, image_to_tensor
-from ._layers import Tap, Trace, tapped_output
-from ._runtime import autocast, progress
+from ._layers import Tap, Trace
+from ._network import Network
+from ._version import __version__
 
 #: The directory inside ``memory``'s location that this library owns.
 CACHE_DIRNAME = "sklearn_cnn"
@@ -600,75 +599,12 @@ def fill_taps(trace: Trace, taps: Sequence[Tap], pooling: str) -> list[Tap]:
     return list(dict.fromkeys([*taps, *extra]))
 
 
-class PooledTapper:
-    """Hooks that pool each tapped tensor as soon as it is computed.
-
-    Unlike :class:`~sklearn_cnn._layers.Tapper` the forward pass runs to its
-    end and nothing is cloned: each activation is reduced to its pooled rows
-    in its hook, before any in-place operation can change it. A tap that
-    ``pool_fn`` refuses (a layer whose layout is unknown) is left out. Hooks
-    act only on the thread that entered, so other threads may run the same
-    network meanwhile.
-    """
-
-    def __init__(
-        self,
-        module: nn.Module,
-        taps: Sequence[Tap],
-        pool_fn: Callable[[Tap, Any], torch.Tensor],
-    ) -> None:
-        self.module, self.taps, self.pool_fn = module, list(taps), pool_fn
-        self._rows: dict[Tap, torch.Tensor] = {}
-        self._handles: list = []
-        self._thread = threading.get_ident()
-
-    def __enter__(self) -> PooledTapper:
-        self._thread = threading.get_ident()
-        modules = dict(self.module.named_modules())
-        for tap in self.taps:
-            m = modules[tap.module]
-            if tap.pre:
-                hook = functools.partial(self._pre, tap)
-                hook.sklearn_cnn_tap = True  # see _layers.is_tap_hook
-                self._handles.append(m.register_forward_pre_hook(hook))
-            else:
-                hook = functools.partial(self._post, tap)
-                hook.sklearn_cnn_tap = True
-                self._handles.append(m.register_forward_hook(hook))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _keep(self, tap: Tap, value: Any) -> None:
-        if threading.get_ident() != self._thread:
-            return
-        try:
-            self._rows[tap] = self.pool_fn(tap, value)
-        except (ValueError, TypeError, AttributeError, RuntimeError):
-            self._rows.pop(tap, None)  # not poolable: not stored
-
-    def _pre(self, tap: Tap, _m: nn.Module, args: tuple) -> None:
-        self._keep(tap, args[0] if args else None)
-
-    def _post(self, tap: Tap, m: nn.Module, args: tuple, output: Any) -> None:
-        self._keep(tap, tapped_output(m, args, output))
-
-    def __call__(self, x: torch.Tensor) -> dict[Tap, torch.Tensor]:
-        """The pooled rows of every tap that ran, for input ``x``."""
-        self._rows = {}
-        self.module(x)
-        return self._rows
-
-
-def _runtime_parts(est: Any) -> dict[str, Any]:
+def _runtime_parts(network: Network) -> dict[str, Any]:
     """What decides the numbers besides the network: where and how it runs."""
-    device = est.device_
+    device = network.device
     parts = {
         "device": device.type,
-        "autocast": str(est._autocast_dtype),
+        "autocast": str(network.dtype),
         "matmul_precision": torch.get_float32_matmul_precision(),
     }
     if device.type == "cuda":
@@ -680,79 +616,69 @@ def _runtime_parts(est: Any) -> dict[str, Any]:
     return parts
 
 
-def _network_digest(model: nn.Module) -> str:
-    """``module_digest`` of ``model``, once per process for a shared network."""
-    memo = shared_memo(model)
-    if "digest" not in memo:
-        memo["digest"] = module_digest(model)
-    return memo["digest"]
-
-
-def network_key_parts(est: Any) -> dict[str, Any]:
-    """The part of the key fit decides: network, weights, preprocessing, pooling.
-
-    Computed once per fit (hashing the weights is the cost), and once per
-    process for a network that fits share.
-    """
-    from . import __version__
-
+def _about(net: Network, **parts: Any) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "sklearn_cnn": __version__,
         "torch": torch.__version__,
-        "network": _network_digest(est.model_),
-        "preprocessing": repr(est.preprocessing_),
-        "pooling": est._pooling,
-        # A user's layout hint decides how a layer of unknown layout is pooled.
-        "layout": repr(getattr(est, "_fitted_params", {}).get("layout")),
+        "preprocessing": repr(net.preprocessing),
+        **parts,
     }
 
 
-def fine_tune_key(est: Any) -> tuple[str, dict[str, Any]]:
+def network_key_parts(network: Network, pooling: str, layout: Any) -> dict[str, Any]:
+    """The part of a transformer's key that fit decides: network, weights,
+    preprocessing, pooling. The weights are hashed once while they stay
+    unchanged (``Network.memo``), so once per process for a shared network.
+    """
+    memo = network.memo()
+    if "digest" not in memo:
+        memo["digest"] = module_digest(network.module)
+    # A user's layout hint decides how a layer of unknown layout is pooled.
+    return _about(
+        network, network=memo["digest"], pooling=pooling, layout=repr(layout)
+    )
+
+
+def fine_tune_key(network: Network, head: str) -> tuple[str, dict[str, Any]]:
     """The key of what a fine-tuner stores: the inputs of its trainable part
     (a frozen prefix's outputs, the head's input), which the network computes
     as it is now, its head aside (their values do not depend on it)."""
-    from . import __version__
-
     about = {
-        "format": FORMAT,
-        "sklearn_cnn": __version__,
-        "torch": torch.__version__,
-        "use": "fine-tune",
-        "network": module_digest(est.model_, skip=est.head_),
-        "preprocessing": repr(est.preprocessing_),
-        **_runtime_parts(est),
+        **_about(
+            network, use="fine-tune", network=module_digest(network.module, skip=head)
+        ),
+        **_runtime_parts(network),
     }
-    return key_of(about), about
-
-
-def transform_key(est: Any) -> tuple[str, dict[str, Any]]:
-    """The fitted estimator's key and its description."""
-    parts = getattr(est, "_cache_parts", None)
-    if parts is None:  # memory set after fit, or a loaded estimator
-        parts = est._cache_parts = network_key_parts(est)
-    about = {**parts, **_runtime_parts(est)}
     return key_of(about), about
 
 
 def cached_transform(
-    est: Any,
+    directory: str,
+    network: Network,
+    parts: dict[str, Any],
     X: Any,
+    taps: list[Tap],
+    n_columns: int,
     pool_fn: Callable[[Tap, Any], torch.Tensor],
     check_widths: Callable[[list[int]], None],
+    pooling: str,
+    **stream: Any,
 ) -> np.ndarray:
-    """``est.transform(X)`` through the cache in ``est.memory``.
+    """A transformer's features of ``X`` through the cache in ``directory``.
 
-    Images already cached for every tapped layer are read; each other image
-    (once, even if ``X`` repeats it) goes through one full forward pass that
-    stores every layer :func:`fill_taps` names.
+    ``parts`` is the key fit decided (:func:`network_key_parts`). Images
+    already cached for every tapped layer are read; each other image (once,
+    even if ``X`` repeats it) goes through one full forward pass that stores
+    every layer :func:`fill_taps` names. ``stream`` goes to ``Network.stream``.
     """
-    cache = ActivationCache(cache_directory(est.memory))
-    key, about = transform_key(est)
+    cache = ActivationCache(directory)
+    about = {**parts, **_runtime_parts(network)}
+    key = key_of(about)
     digests = image_digests(X)
-    taps = list(est._taps) or [Tap("")]
+    taps = list(taps) or [Tap("")]
     names = [entry_name(t) for t in taps]
-    out = np.empty((len(digests), est.n_features_out_), dtype=np.float32)
+    out = np.empty((len(digests), n_columns), dtype=np.float32)
     found, rows = cache.fetch(key, digests, names)
     if found.any():
         check_widths([rows[n].shape[1] for n in names])
@@ -762,38 +688,36 @@ def cached_transform(
         first: dict[bytes, int] = {}
         for i in missing:
             first.setdefault(digests[i], int(i))
-        computed = _fill(est, X, list(first.values()), list(first), taps, pool_fn,
-                         check_widths, cache, key, about)  # fmt: skip
+        fill = fill_taps(network.trace, taps, pooling)
+        computed = _fill(network, X, list(first.values()), list(first), taps, fill,
+                         pool_fn, check_widths, cache, key, about, stream)  # fmt: skip
         where = {d: k for k, d in enumerate(first)}
         out[missing] = computed[[where[digests[i]] for i in missing]]
     return out
 
 
 def _fill(
-    est: Any,
+    network: Network,
     X: Any,
     index: list[int],
     digests: list[bytes],
     taps: list[Tap],
+    fill: list[Tap],
     pool_fn: Callable[[Tap, Any], torch.Tensor],
     check_widths: Callable[[list[int]], None],
     cache: ActivationCache,
     key: str,
     about: dict[str, Any],
+    stream: dict[str, Any],
 ) -> np.ndarray:
-    """One forward pass over the images ``index``: their requested features,
-    and every fill layer stored in shards as they accumulate.
-
-    The pass runs on the network transform runs on (see ``_inference``):
-    cached rows are the numbers an uncached transform gives.
-    """
-    rewritten = est._inference_copy(X)
-    network = rewritten.network(est.model_)
-    fill = fill_taps(est.trace_, taps, est._pooling)
-    # The same layers as the rewritten network names them (see _inference).
-    tapped = dict(zip(fill, rewritten.taps_for(fill), strict=True))
-    out = np.empty((len(index), est.n_features_out_), dtype=np.float32)
+    """One forward pass over the images ``index`` (``Network.stream`` with
+    pooling in the hooks): their requested features, and every ``fill``
+    layer stored in shards as they accumulate. The pass runs on the network
+    transform runs on: cached rows are the numbers an uncached transform
+    gives."""
+    widths: list[int] = []
     pending: dict[Tap, list[np.ndarray]] = {t: [] for t in fill}
+    parts_out: list[np.ndarray] = []
     stored = done = pending_bytes = 0
 
     def flush() -> None:
@@ -808,42 +732,30 @@ def _fill(
             parts.clear()
         stored, pending_bytes = done, 0
 
-    def run(images: torch.Tensor, k: int) -> dict[Tap, torch.Tensor]:
-        """The pooled rows of ``images``, in chunks of at most ``k``."""
-        parts = []
-        for i in range(0, len(images), k):
-            with autocast(est.device_, est._autocast_dtype):
-                parts.append(tapper(images[i : i + k]))
-        return {
-            t: torch.cat([p[tapped[t]] for p in parts])
-            for t in fill
-            if all(tapped[t] in p for p in parts)
-        }
-
-    network.eval()
-    bar = progress(len(index), "transform (filling the cache)", bool(est.verbose))
-    size = est._inference_batch_size()
-    unique = list(dict.fromkeys(tapped.values()))
-    with torch.inference_mode(), PooledTapper(network, unique, pool_fn) as tapper:
-        for batch in est._batches(X, np.asarray(index)):
-            # On CUDA out of memory: smaller chunks, as transform does.
-            pooled, size = halve_on_oom(
-                functools.partial(run, batch), size, what="transform"
-            )
-            absent = [t.module or "<output>" for t in taps if t not in pooled]
-            if absent:
-                raise RuntimeError(f"Layers {absent} did not run in the forward pass.")
-            parts = [pooled[t] for t in taps]
-            check_widths([p.shape[1] for p in parts])
-            out[done : done + len(batch)] = torch.cat(parts, dim=1).cpu().numpy()
-            for t, rows in pooled.items():
-                pending[t].append(rows.cpu().numpy())
-                pending_bytes += rows.numel() * 4
-            done += len(batch)
-            bar.update(len(batch))
-            if pending_bytes >= MAX_SHARD_BYTES:
-                flush()
-    bar.close()
+    for pooled in network.stream(
+        X, fill, _same_rows, label="transform (filling the cache)",
+        index=np.asarray(index), pool=pool_fn, **stream,
+    ):  # fmt: skip
+        absent = [t.module or "<output>" for t in taps if t not in pooled]
+        if absent:
+            raise RuntimeError(f"Layers {absent} did not run in the forward pass.")
+        parts = [pooled[t] for t in taps]
+        widths = [p.shape[1] for p in parts]
+        check_widths(widths)
+        parts_out.append(torch.cat(parts, dim=1).float().cpu().numpy())
+        n = len(parts[0])
+        for t, rows in pooled.items():
+            pending[t].append(rows.float().cpu().numpy())
+            pending_bytes += rows.numel() * 4
+        done += n
+        if pending_bytes >= MAX_SHARD_BYTES:
+            flush()
     if done > stored:
         flush()
-    return out
+    if not parts_out:
+        return np.empty((0, sum(widths)), np.float32)
+    return np.concatenate(parts_out)
+
+
+def _same_rows(rows: dict[Tap, torch.Tensor]) -> dict[Tap, torch.Tensor]:
+    return rows

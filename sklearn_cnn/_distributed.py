@@ -3,8 +3,9 @@
 ``fit_ddp`` starts one process per device with ``torch.multiprocessing``; each
 runs the estimator's own ``fit`` on the same data with the same seed, so every
 process takes the same decisions (validation split, probe, permutation of each
-epoch, early stopping). Three hooks, installed only inside those processes,
-make it data-parallel:
+epoch, early stopping). The training loop's extension point
+(``_training.DATA_PARALLEL``), set only inside those processes, makes it
+data-parallel:
 
 * every global batch of ``batch_size`` images (the same permutation as on one
   device) is split among the processes, each loading and augmenting only its
@@ -36,8 +37,8 @@ import torch.distributed as dist
 from sklearn.base import clone
 from sklearn.utils import check_random_state
 
-from . import _training
-from ._runtime import available_cpus, resolve_device
+from ._runtime import available_cpus, batches, resolve_device
+from ._training import DATA_PARALLEL
 
 # ---------------------------------------------------------------------------
 # Splitting batches among processes
@@ -63,67 +64,17 @@ def _shard(
     return out
 
 
-class _Hooks:
-    """What each process changes in the training loop; installed by ``install``."""
+class _DataParallel:
+    """This process's part in the training loop (``_training.DataParallel``)."""
 
     def __init__(self, rank: int, world: int, device: torch.device) -> None:
         self.rank, self.world, self.device = rank, world, device
 
-    def install(self) -> None:
-        for owner, name in (
-            (_training, "batches"),
-            (_training.FeatureSource, "batches"),
-            (_training.EpochLoop, "run"),
-            (_training.EpochLoop, "evaluate"),
-        ):
-            if not hasattr(owner, name):  # pragma: no cover - a refactoring
-                raise RuntimeError(
-                    f"sklearn_cnn's training loop has no {name!r} any more: "
-                    "sklearn_cnn._distributed must be updated with it."
-                )
-        plain_batches = _training.batches
-        plain_run = _training.EpochLoop.run
-        plain_evaluate = _training.EpochLoop.evaluate
-        hooks = self
+    def shard(self, order: list[int], batch_size: int) -> list[list[int]]:
+        return _shard(order, batch_size, self.rank, self.world, False)
 
-        def image_batches(dataset, *, batch_size, shuffle=False, generator=None,
-                          drop_last=False, **kwargs) -> Iterator[Any]:  # fmt: skip
-            if not shuffle:  # inference: every process sees every image
-                return plain_batches(dataset, batch_size=batch_size, **kwargs)
-            return hooks._image_shards(
-                plain_batches, dataset, batch_size, generator, drop_last, kwargs
-            )
-
-        def feature_batches(source, batch_size, generator):
-            n = len(source.y)
-            order = torch.randperm(n, generator=generator).tolist()
-            for rows in _shard(order, batch_size, hooks.rank, hooks.world, False):
-                rows = torch.as_tensor(rows, device=source.y.device)
-                yield source.features[rows], source.y[rows], source.w[rows]
-
-        def run(loop, *args, **kwargs):
-            plain = loop.forward
-            loop.forward = hooks.wrap(plain)
-            try:
-                return plain_run(loop, *args, **kwargs)
-            finally:
-                loop.forward = plain
-
-        def evaluate(loop):
-            wrapped = loop.forward
-            loop.forward = getattr(wrapped, "module", wrapped)
-            try:
-                return plain_evaluate(loop)
-            finally:
-                loop.forward = wrapped
-
-        _training.batches = image_batches
-        _training.FeatureSource.batches = feature_batches
-        _training.EpochLoop.run = run
-        _training.EpochLoop.evaluate = evaluate
-
-    def _image_shards(self, plain_batches, dataset, batch_size, generator,
-                      drop_last, kwargs) -> Iterator[Any]:  # fmt: skip
+    def image_batches(self, dataset, batch_size, generator, drop_last,
+                      loader) -> Iterator[Any]:  # fmt: skip
         # The order a shuffling DataLoader draws from ``generator`` (its base
         # seed first, then its RandomSampler, to the end), so that the global
         # batches, this epoch and the next, are those of a fit on one device.
@@ -136,7 +87,7 @@ class _Hooks:
         subset = torch.utils.data.Subset(dataset, mine)
         # Consecutive parts of ``mine`` are this process's batches: load them
         # in order, and regroup them by the sizes of the parts.
-        stream = plain_batches(subset, batch_size=max(sizes, default=1), **kwargs)
+        stream = batches(subset, batch_size=max(sizes, default=1), **loader)
         return _regroup(stream, sizes)
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -189,7 +140,7 @@ def _process(
         backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        _Hooks(rank, world, torch.device(device)).install()
+        DATA_PARALLEL.set(_DataParallel(rank, world, torch.device(device)))
         estimator.set_params(device=device)
         if rank != 0:
             estimator.set_params(verbose=0)

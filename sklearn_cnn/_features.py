@@ -12,7 +12,7 @@ from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import NetworkMixin, _network_constraints, restore_on_failure, shared_memo
+from ._base import NetworkMixin, _network_constraints, restore_on_failure
 from ._cache import cache_directory, cached_transform, network_key_parts
 from ._images import check_images
 from ._layers import (
@@ -26,8 +26,10 @@ from ._layers import (
     resolve_layers,
 )
 from ._models import seeded
+from ._persistence import register
 
 
+@register
 class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
     """Activations of a pretrained CNN's layer, pooled, as a feature matrix.
 
@@ -288,11 +290,10 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
             self.layers_, self._taps = resolve_layers(self.layer, self.trace_)
             self.layouts_ = self._resolve_layouts()
             self._measure_widths(self._example(X))
-            self._cache_parts = None
             directory = cache_directory(self.memory)
             if directory is not None:
                 os.makedirs(directory, exist_ok=True)  # a clear error now if not
-                self._cache_parts = network_key_parts(self)  # weights hashed once
+                self._key_parts()  # weights hashed now, once while unchanged
         return self
 
     def _measure_widths(self, example: torch.Tensor) -> None:
@@ -303,7 +304,7 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         and pooling, not once per fit (a 5 x 5 search: 26 one-image passes).
         """
         key = ("widths", tuple(self._taps), self._pooling, tuple(self.layouts_))
-        known = shared_memo(self.model_)
+        known = self._network.memo()
         widths = known.get(key)
         if widths is None:
             with torch.inference_mode(), Tapper(self.model_, self._taps) as tapper:
@@ -315,6 +316,11 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
             ]
         self._widths = list(widths)
         self.n_features_out_ = int(sum(widths))
+
+    def _key_parts(self) -> dict[str, Any]:
+        return network_key_parts(
+            self._network, self._pooling, self._fitted_params.get("layout")
+        )
 
     @property
     def _pooling(self) -> str:
@@ -374,9 +380,17 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X = check_images(X)
-        if cache_directory(self.memory) is not None:
+        directory = cache_directory(self.memory)
+        if directory is not None:
             self._check_params_unchanged()
-            return cached_transform(self, X, self._pool_tap, self._check_widths)
+            # The weights' digest is memoised while they stay unchanged: a
+            # network edited in place after fit gets a new key.
+            return cached_transform(
+                directory, self._network, self._key_parts(), X, self._taps,
+                self.n_features_out_, self._pool_tap, self._check_widths,
+                self._pooling, batch_size=self.batch_size,
+                num_workers=self.num_workers, verbose=self.verbose,
+            )  # fmt: skip
         return self._run(
             X, self._taps, self._pool_all, self.n_features_out_, "transform"
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -30,6 +31,7 @@ from ._base import (
     ImageClassifierMixin,
     NetworkMixin,
     _network_constraints,
+    _same,
     restore_on_failure,
 )
 from ._freezing import (
@@ -51,6 +53,7 @@ from ._head import (
 from ._images import check_images
 from ._layers import trace
 from ._optim import SCHEDULES, make_optimizer, make_schedule, param_groups
+from ._persistence import register
 from ._runtime import resolve_device
 from ._sources import Sources
 from ._targets import (
@@ -62,12 +65,16 @@ from ._targets import (
 )
 from ._training import (
     EpochLoop,
+    Guard,
     Loss,
     PrefixSkip,
     Selection,
+    chance_accuracy,
+    chance_loss,
 )
 
 
+@register
 class FineTuneClassifier(
     ImageClassifierMixin, ClassifierMixin, NetworkMixin, BaseEstimator
 ):
@@ -188,8 +195,10 @@ class FineTuneClassifier(
         bring no improvement over the best trained epoch, and keep the weights
         of the best epoch (highest validation accuracy, ties broken by the
         lower loss). The start (epoch 0, the probe head) is a candidate too;
-        when it wins, the probe is refitted on all the training images, so that
-        the result is the linear probe itself. Without a validation split
+        when it wins with ``calibrate=False``, the probe is refitted on all the
+        training images, so that the result is the linear probe itself (with
+        ``calibrate=True`` it stays the head that the temperature was fitted
+        for). Without a validation split
         every epoch runs and the last weights are kept.
     n_iter_no_change : int, default=3
         Epochs without improvement before early stopping.
@@ -234,12 +243,19 @@ class FineTuneClassifier(
         When fitted already, continue training the current network for
         ``epochs`` more epochs (new optimizer and schedule; ``freeze`` is
         applied anew; no probe) instead of starting from the pretrained one.
+        The network keeps the ``model``, ``weights``, ``image_size``, ``mean``,
+        ``std`` and ``precision`` it was built with: a warm start after one of
+        them changed raises a ValueError.
     calibrate : bool, default=True
         With a validation split: fit a temperature on the validation images
         after training (temperature scaling), so that ``predict_proba`` is
         calibrated without the k refits of
-        :class:`~sklearn.calibration.CalibratedClassifierCV`. It never changes
-        ``predict``. Without a validation split the temperature is 1.
+        :class:`~sklearn.calibration.CalibratedClassifierCV`. The temperature
+        never changes ``predict``; but a winning probe head is then kept as
+        fitted on the training part, not refitted on all the images (see
+        ``early_stopping``), so that ``temperature_`` and ``calibration_``
+        describe the head that predicts. Without a validation split the
+        temperature is 1.
     tta : {None, "flip"}, default=None
         Test-time augmentation in ``predict``, ``predict_proba`` and
         ``decision_function``: "flip" averages the logits of each image and of
@@ -282,8 +298,8 @@ class FineTuneClassifier(
         (network, probe).
     best_epoch_ : int
         The epoch whose weights the classifier holds: with a validation split
-        and ``early_stopping`` the best one (0: the probe head won, and was
-        refitted on all the images), otherwise the last one trained.
+        and ``early_stopping`` the best one (0: the probe head won; see
+        ``early_stopping``), otherwise the last one trained.
     n_iter_ : int
         Epochs trained, over all warm-started fits.
     backbone_lr_ : float
@@ -461,6 +477,8 @@ class FineTuneClassifier(
                 f"fitted classifier has {self.classes_.tolist()}. Fit with the same "
                 "classes, or set warm_start=False to start over."
             )
+        if resume:
+            self._check_warm_start()
         seed = int(check_random_state(self.random_state).randint(2**31 - 1))
         train_idx, val_idx = validation_split(
             y_enc, len(classes), self.validation_fraction, seed
@@ -489,6 +507,22 @@ class FineTuneClassifier(
         if interrupted:
             raise KeyboardInterrupt
         return self
+
+    def _check_warm_start(self) -> None:
+        """A warm start trains the fitted network as fit built it: refuse the
+        parameters that would need it built anew."""
+        fitted = self._fitted_params
+        changed = [n for n, v in fitted.items() if not _same(getattr(self, n), v)]
+        if changed:
+            what = ", ".join(
+                f"{n}={getattr(self, n)!r} (fitted with {fitted[n]!r})" for n in changed
+            )
+            raise ValueError(
+                f"warm_start=True continues training the fitted network, which "
+                f"keeps the {', '.join(changed)} it was built with, but {what}. "
+                "Set them back to go on training, or set warm_start=False to fit "
+                "anew with the new value(s)."
+            )
 
     def _setup(self, X: Any, classes: np.ndarray) -> None:
         self._build_network(X)
@@ -532,15 +566,18 @@ class FineTuneClassifier(
         )
         self.frozen_, self.frozen_fraction_ = frozen_summary(model, self.head_, frozen)
         sources = Sources(self, X, y, w, train_idx, val_idx)
-        selects = len(val_idx) > 0 and self.early_stopping
+        has_val = len(val_idx) > 0
+        selects = has_val and self.early_stopping
         self.backbone_lr_ = self._backbone_lr(selects)
         probe = not resume and self.head_init == "probe"
+        loss = Loss(cw, self.label_smoothing, self.device_)
+        start_loss = None
         if probe:
             features = sources.head_inputs("train", frozen)
             self._fit_probe(features, y, weights, train_idx, seed)
-        loss = Loss(cw, self.label_smoothing, self.device_)
+            start_loss = self._head_loss(features, y[train_idx], w[train_idx], loss)
         generator = torch.Generator().manual_seed(seed)
-        selection, status, loop = None, "done", None
+        selection, status, loop, guard = None, "done", None, None
         thawed = _frozen_modules(model, self.trace_, self.head_, self.stages_, 0)
         for epochs, frozen_now in phases(
             frozen, thawed, self.epochs, self.unfreeze_at, self.n_iter_
@@ -557,45 +594,114 @@ class FineTuneClassifier(
                 if selection is None:
                     val_loss, val_acc = loop.evaluate()
                     if not self.history_:
+                        # The start's training loss when known (the probe's),
+                        # never a NaN.
+                        known = {} if start_loss is None else {"train_loss": start_loss}
                         loop.log(
-                            epoch=0, train_loss=math.nan, valid_loss=val_loss,
+                            epoch=0, **known, valid_loss=val_loss,
                             valid_accuracy=val_acc, time=time.perf_counter() - start,
                         )  # fmt: skip
                     last = self.history_[-1]["epoch"]
                     selection = Selection(
                         last, val_acc, val_loss, model, len(val_idx) > 0
                     )
-                selection.new_phase()
+                    guard = self._guard(loop, loss, start_loss)
                 self.n_trainable_params_ = sum(
                     p.numel() for p in model.parameters() if p.requires_grad
                 )
-                optimizer = make_optimizer(self.optimizer, self._param_groups())
-                schedule = make_schedule(
-                    optimizer, self.schedule, loop.train.n_batches(bs) * epochs,
-                    self.warmup_fraction,
-                )  # fmt: skip
-                done = len(self.history_)
-                patience = self.n_iter_no_change if self.early_stopping else None
-                status = loop.run(
-                    epochs, optimizer, schedule, selection, generator,
-                    patience if len(val_idx) else None,
-                )  # fmt: skip
-                self.n_iter_ += len(self.history_) - done
-            if status != "done":
+                trains_backbone = self.n_trainable_params_ > sum(
+                    p.numel() for p in model.get_submodule(self.head_).parameters()
+                )
+                loop.guard = guard if trains_backbone else None
+                loop.backbone_lr = self.backbone_lr_ if trains_backbone else None
+                status = self._run_phase(loop, epochs, selection, generator, has_val)
+            if status not in ("done", "restored"):
                 break
-        has_val = len(val_idx) > 0
-        if status != "done" or (has_val and self.early_stopping):
+        if status == "restored":  # the last epoch wrecked the network
+            self.best_epoch_ = selection.epoch
+        elif status != "done" or selects:
             self.best_epoch_ = selection.restore()
         else:
             self.best_epoch_ = self.history_[-1]["epoch"]
         self._calibrate(sources.valid_logits(loop), y[val_idx])
-        if probe and self.best_epoch_ == 0 and has_val:
+        if probe and self.best_epoch_ == 0 and has_val and not self.calibrate:
             # The probe head won: the validation images were only needed to
             # tell, so refit it on all the training images, as a probe would be.
+            # Calibrated, it stays the head whose validation logits fitted the
+            # temperature (a refit would leave nothing held out to fit it on).
             both = torch.cat([features, sources.head_inputs("valid", set())])
             self._fit_probe(both, y, weights, np.r_[train_idx, val_idx], seed)
         model.eval().requires_grad_(False)
         return status == "interrupted"
+
+    def _run_phase(
+        self, loop: EpochLoop, epochs: int, selection: Selection,
+        generator: torch.Generator, has_val: bool,
+    ) -> str:  # fmt: skip
+        """Train one phase of ``epochs`` epochs; when an epoch wrecks the
+        network (``loop.guard``), go back to the best weights and train the
+        epochs left at a tenth of the backbone's rate (at most
+        ``MAX_RECOVERIES`` times a fit). Returns ``loop.run``'s status, or
+        "restored" when the last epoch wrecked the network and was undone."""
+        patience = self.n_iter_no_change if self.early_stopping and has_val else None
+        while True:
+            selection.new_phase()
+            optimizer = make_optimizer(self.optimizer, self._param_groups())
+            schedule = make_schedule(
+                optimizer, self.schedule, loop.train.n_batches(self.batch_size) * epochs,
+                self.warmup_fraction,
+            )  # fmt: skip
+            done = len(self.history_)
+            status = loop.run(
+                epochs, optimizer, schedule, selection, generator, patience
+            )
+            trained = len(self.history_) - done
+            self.n_iter_ += trained
+            epochs -= trained
+            if status != "wrecked":
+                return status
+            back_to = selection.restore()
+            loop.guard.left -= 1
+            self.backbone_lr_ /= 10
+            loop.backbone_lr = self.backbone_lr_
+            what = (
+                f"Epoch {self.history_[-1]['epoch']} wrecked the pretrained network "
+                f"({loop.wreck}): back to the weights of epoch {back_to}, the "
+                f"backbone now trains at {self.backbone_lr_:.0e}"
+            )
+            if self.verbose:
+                print(what, file=sys.stderr, flush=True)
+            if self.backbone_lr is not None:
+                # The caller chose the rate: say that it was too high.
+                warnings.warn(
+                    f"{what}. Set a lower backbone_lr (None chooses).",
+                    UserWarning,
+                    stacklevel=5,
+                )
+            if epochs == 0:
+                return "restored"
+
+    def _guard(self, loop: EpochLoop, loss: Loss, start_loss: float | None) -> Guard:
+        """What tells a wrecked network in this fit (see ``Guard``)."""
+        n_classes = len(self.classes_)
+        return Guard(
+            chance_loss=chance_loss(*loop.train.targets, loss, n_classes),
+            start_loss=start_loss,
+            chance_accuracy=chance_accuracy(*loop.valid.targets, loss, n_classes),
+        )
+
+    def _head_loss(
+        self, features: torch.Tensor, y: np.ndarray, w: np.ndarray, loss: Loss
+    ) -> float:
+        """The head's training loss on the frozen network's ``features``."""
+        head = self.model_.get_submodule(self.head_)
+        param = next(head.parameters())
+        with torch.inference_mode():
+            z = head(features.to(param.device, param.dtype)).float()
+            total, weight = loss(
+                z, torch.from_numpy(y).to(z.device), torch.from_numpy(w).to(z.device)
+            )
+        return float(total / weight)
 
     def _fit_probe(
         self, features: torch.Tensor, y: np.ndarray, weights: np.ndarray | None,

@@ -18,10 +18,11 @@ one its consumer expects. What stays unknown is reported, never guessed.
 from __future__ import annotations
 
 import difflib
+import functools
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -484,7 +485,8 @@ class _Stop(BaseException):
     """Raised from a hook once every tapped tensor is in: ends the forward.
 
     A BaseException, like KeyboardInterrupt, so that a forward that catches
-    ``Exception`` cannot swallow it.
+    ``Exception`` cannot swallow it. Raised only while no module is in
+    training mode (see ``Tapper``).
     """
 
 
@@ -574,10 +576,11 @@ class _TapCall:
         self.taps = list(taps)
         self.wanted = set(self.taps)
         self.store: dict[Tap, torch.Tensor] = {}
+        self.stop = True  # end the forward once every tap is in
 
     def collect(self, tap: Tap, value: torch.Tensor) -> None:
         self.store[tap] = value
-        if len(self.store) == len(self.wanted):
+        if self.stop and len(self.store) == len(self.wanted):
             raise _Stop
         # The forward goes on, and in-place ops after this layer (resnet's
         # ReLU(inplace=True), ``out += identity``) would overwrite the tensor.
@@ -590,6 +593,18 @@ class Tapper:
     Thread-safe: several threads may each enter a Tapper on one module (a
     fitted estimator's ``transform`` called from a thread pool); each sees
     only its own tensors. An empty ``taps`` returns the network's output.
+
+    With every module in eval mode the forward ends at the last tap (``_Stop``)
+    and the modules after it do not run. In training mode modules change
+    state as they run (BatchNorm's running statistics, dropout's draws from
+    the random generator), and a forward cut short would leave the layers
+    before the tap updated and those after it not: there the forward runs to
+    its end, and leaves the module as ``module(x)`` would. What the early end
+    cannot keep whole is a forward of one's own that changes the module's
+    attributes in eval mode (a call counter, a cache) after the tap inside
+    the same forward: that part does not run. torch's and torchvision's layers
+    keep no such state in eval mode, and the estimators tap only networks in
+    eval mode.
     """
 
     def __init__(self, module: nn.Module, taps: Sequence[Tap]) -> None:
@@ -640,6 +655,7 @@ class Tapper:
         """The tapped tensors for input ``x``, in the order of ``taps``."""
         call = self._call
         call.store.clear()
+        call.stop = not any(m.training for m in self.module.modules())
         try:
             out = self.module(x)
         except _Stop:
@@ -647,7 +663,9 @@ class Tapper:
         if not self.taps:
             return [out]
         missing = [t.module for t in self.taps if t not in call.store]
-        raise RuntimeError(f"Layers {missing} did not run in the forward pass.")
+        if missing:
+            raise RuntimeError(f"Layers {missing} did not run in the forward pass.")
+        return [call.store[t] for t in self.taps]
 
 
 # -- pooling -----------------------------------------------------------------------
@@ -757,3 +775,66 @@ def check_pooling(
                 f"pooling='cls' but the model has no class token before layer "
                 f"{name!r}'s tokens. Use pooling='avg' (the mean of the tokens)."
             )
+
+
+class PooledTapper:
+    """Hooks that pool each tapped tensor as soon as it is computed.
+
+    Unlike :class:`~sklearn_cnn._layers.Tapper` the forward pass runs to its
+    end and nothing is cloned: each activation is reduced to its pooled rows
+    in its hook, before any in-place operation can change it. A tap that
+    ``pool_fn`` refuses (a layer whose layout is unknown) is left out. Hooks
+    act only on the thread that entered, so other threads may run the same
+    network meanwhile.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        taps: Sequence[Tap],
+        pool_fn: Callable[[Tap, Any], torch.Tensor],
+    ) -> None:
+        self.module, self.taps, self.pool_fn = module, list(taps), pool_fn
+        self._rows: dict[Tap, torch.Tensor] = {}
+        self._handles: list = []
+        self._thread = threading.get_ident()
+
+    def __enter__(self) -> PooledTapper:
+        self._thread = threading.get_ident()
+        modules = dict(self.module.named_modules())
+        for tap in self.taps:
+            m = modules[tap.module]
+            if tap.pre:
+                hook = functools.partial(self._pre, tap)
+                hook.sklearn_cnn_tap = True  # see _layers.is_tap_hook
+                self._handles.append(m.register_forward_pre_hook(hook))
+            else:
+                hook = functools.partial(self._post, tap)
+                hook.sklearn_cnn_tap = True
+                self._handles.append(m.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _keep(self, tap: Tap, value: Any) -> None:
+        if threading.get_ident() != self._thread:
+            return
+        try:
+            self._rows[tap] = self.pool_fn(tap, value)
+        except (ValueError, TypeError, AttributeError, RuntimeError):
+            self._rows.pop(tap, None)  # not poolable: not stored
+
+    def _pre(self, tap: Tap, _m: nn.Module, args: tuple) -> None:
+        self._keep(tap, args[0] if args else None)
+
+    def _post(self, tap: Tap, m: nn.Module, args: tuple, output: Any) -> None:
+        self._keep(tap, tapped_output(m, args, output))
+
+    def __call__(self, x: torch.Tensor) -> dict[Tap, torch.Tensor]:
+        """The pooled rows of every tap that ran, for input ``x``."""
+        self._rows = {}
+        self.module(x)
+        return self._rows

@@ -83,7 +83,11 @@ def bounded_downloads() -> Iterator[float | None]:
 def _timed_out(exc: BaseException) -> bool:
     """Whether a download failed on a timeout (urllib wraps it in URLError)."""
     reason = getattr(exc, "reason", None)
-    return isinstance(exc, TimeoutError) or isinstance(reason, TimeoutError)
+    return (
+        isinstance(exc, TimeoutError)
+        or isinstance(reason, TimeoutError)
+        or type(exc).__name__.endswith("Timeout")  # httpx's ReadTimeout, ...
+    )
 
 
 def _download_failure(what: str, url: str, exc: BaseException, timeout) -> str:
@@ -160,6 +164,23 @@ def load_state_dict_file(module: nn.Module, path: str | os.PathLike) -> None:
             "dict. Save it with torch.save(model.state_dict(), path)."
         )
     expected = module.state_dict()
+    # A list or number where a tensor belongs would reach load_state_dict's
+    # RuntimeError; extra state that is no tensor in the model may be anything.
+    not_tensors = [
+        f"{k!r} ({type(state[k]).__name__})"
+        for k, v in expected.items()
+        if isinstance(v, torch.Tensor)
+        and k in state
+        and not isinstance(state[k], torch.Tensor)
+    ]
+    if not_tensors:
+        more = f" (+{len(not_tensors) - 3} more)" if len(not_tensors) > 3 else ""
+        raise ValueError(
+            f"Weights file {path!r} holds no tensor at {', '.join(not_tensors[:3])}"
+            f"{more}, where the model {type(module).__name__} has one. Save the "
+            "file with torch.save(model.state_dict(), path), or convert those "
+            "values with torch.as_tensor before saving."
+        )
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
@@ -185,6 +206,29 @@ def load_state_dict_file(module: nn.Module, path: str | os.PathLike) -> None:
             "from, or the matching weights file."
         )
     module.load_state_dict(state, strict=True)
+
+
+def offline_builder_kwargs(name: str, weights: WeightsEnum) -> dict[str, Any]:
+    """The arguments torchvision's builder ``name`` derives from ``weights``.
+
+    ``get_model(name, weights=None, **offline_builder_kwargs(name, weights))``
+    builds the architecture that ``get_model(name, weights=weights)`` builds,
+    without downloading the weights (rules of torchvision's builders, 0.19 to
+    0.29): the number of classes; inception's and googlenet's input
+    transform, without their auxiliary heads; the image size of ViTs and
+    MaxViT.
+    """
+    meta = weights.meta
+    kwargs: dict[str, Any] = {}
+    if meta.get("categories"):
+        kwargs["num_classes"] = len(meta["categories"])
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(transform_input=True, aux_logits=False, init_weights=False)
+    elif name.startswith("vit_"):
+        kwargs["image_size"] = meta["min_size"][0]
+    elif name.startswith("maxvit_"):
+        kwargs["input_size"] = meta["min_size"]
+    return kwargs
 
 
 def _build_torchvision(name: str, weights: Any) -> tuple[nn.Module, WeightsEnum | None]:
@@ -248,19 +292,15 @@ def _build_timm(name: str, weights: Any) -> nn.Module:
             + (" (No such file exists.)" if isinstance(weights, str) else "")
         )
     pretrained = isinstance(weights, str) and weights == "DEFAULT"
-    try:
-        # Checkpoints on the Hugging Face Hub go through huggingface_hub, whose
-        # own timeouts and retries apply (HF_HUB_ETAG_TIMEOUT,
-        # HF_HUB_DOWNLOAD_TIMEOUT); URL checkpoints go through torch.hub.
-        with bounded_downloads() as timeout:
+    # Checkpoints on the Hugging Face Hub go through huggingface_hub (asked
+    # once quickly first, below), URL checkpoints through torch.hub.
+    with bounded_downloads() as timeout:
+        if pretrained:
+            _check_hub_answers(name, timeout)
+        try:
             module = timm.create_model(name, pretrained=pretrained)
-    except (OSError, RuntimeError) as exc:  # no network, no such checkpoint
-        raise RuntimeError(
-            _download_failure(
-                f"timm's pretrained weights for {name!r}", _timm_url(name), exc, timeout
-            )
-            + " Or use weights=None (random weights)."
-        ) from None
+        except (OSError, RuntimeError) as exc:  # no network, no such checkpoint
+            raise RuntimeError(_timm_failure(name, exc, timeout)) from None
     if _is_weights_file(weights):
         load_state_dict_file(module, weights)
     return module
@@ -279,6 +319,46 @@ def _timm_url(name: str) -> str:
     if cfg is not None and getattr(cfg, "url", None):
         return cfg.url
     return f"the Hugging Face Hub (timm/{name})"
+
+
+def _check_hub_answers(name: str, timeout: float | None) -> None:
+    """Fail within ``timeout`` when timm's weights must come from a Hugging Face
+    Hub that does not answer.
+
+    huggingface_hub retries a silent connection for minutes (timeouts of up to
+    60 s, six tries per file, two files), so one quick request to the Hub comes
+    first; nothing is asked when the weights are in the local cache, when
+    ``HF_HUB_OFFLINE`` is set or when they come from a URL (torch.hub, bounded
+    by the socket timeout).
+    """
+    if timeout is None:
+        return
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+        from huggingface_hub.utils import get_session
+        from timm.models import get_pretrained_cfg
+
+        repo = getattr(get_pretrained_cfg(name), "hf_hub_id", None)
+    except Exception:  # an older huggingface_hub or timm: their own timeouts
+        return
+    if not repo or constants.HF_HUB_OFFLINE:
+        return
+    repo_id, _, revision = repo.partition("@")
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        if isinstance(try_to_load_from_cache(repo_id, filename, revision or None), str):
+            return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as exc:  # httpx's errors are not OSErrors
+        raise RuntimeError(_timm_failure(name, exc, timeout)) from None
+
+
+def _timm_failure(name: str, exc: BaseException, timeout: float | None) -> str:
+    what = f"timm's pretrained weights for {name!r}"
+    return (
+        _download_failure(what, _timm_url(name), exc, timeout)
+        + " Or use weights=None (random weights)."
+    )
 
 
 @contextlib.contextmanager
@@ -328,6 +408,22 @@ def build_model(model: Any, weights: Any) -> tuple[nn.Module, WeightsEnum | None
         f"weights={weights!r} cannot be used with a module of your own: pass the "
         "path of a state-dict file, or None/'DEFAULT' to keep the module's weights."
         + ("" if not isinstance(weights, str) else " (No such file exists.)")
+    )
+
+
+def check_image_size(value: Any) -> None:
+    """The one check of a user's ``image_size``: None, "native", a positive
+    int or a (height, width) pair of them."""
+
+    def side(v: Any) -> bool:
+        return isinstance(v, Integral) and not isinstance(v, bool) and v > 0
+
+    if value is None or (isinstance(value, str) and value == "native") or side(value):
+        return
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(map(side, value)):
+        return
+    raise ValueError(
+        f"image_size must be an int, (height, width) or 'native'; got {value!r}."
     )
 
 
@@ -393,6 +489,7 @@ def resolve_preprocessing(
     architecture's default weights (a static table, nothing is downloaded). A
     timm model (by name or as a module) uses its ``pretrained_cfg``.
     """
+    check_image_size(image_size)
     meta = None
     cfg = getattr(module, "pretrained_cfg", None)
     if weights_enum is not None:

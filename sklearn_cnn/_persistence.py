@@ -16,6 +16,7 @@ lists it in ``trusted``, as skops does for types it does not know.
 
 from __future__ import annotations
 
+import copy
 import enum
 import functools
 import hashlib
@@ -23,10 +24,7 @@ import importlib
 import io
 import json
 import os
-import sys
-import threading
 from collections.abc import Iterable
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -37,7 +35,6 @@ from torch import nn
 from torchvision.models import WeightsEnum
 from torchvision.transforms import InterpolationMode
 
-from ._base import _snapshot_value
 from ._images import Preprocessing
 from ._inspect import probe_network
 from ._layers import Tap
@@ -46,8 +43,11 @@ from ._models import (
     _build_timm,
     _is_weights_file,
     _resolve_torchvision_weights,
+    offline_builder_kwargs,
 )
+from ._network import Network
 from ._runtime import place, resolve_device
+from ._version import __version__
 
 FORMAT = "sklearn_cnn"
 FORMAT_VERSION = 1
@@ -58,15 +58,20 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format
 #: needed (compiled code, the activation cache key).
 _REBUILT = frozenset(
     {
-        "model_",
-        "device_",
-        "trace_",
+        "_network",
         "_taps",
         "_fitted_params",
         "_compiled",
         "_cache_parts",
     }
 )
+
+
+def snapshot_value(value: Any) -> Any:
+    """A copy of a container parameter, so that changing it in place shows."""
+    if isinstance(value, (list, dict, np.ndarray)):
+        return copy.copy(value)
+    return value
 
 
 class _Unsaveable(TypeError):
@@ -284,11 +289,24 @@ def _safetensors():
 # ---------------------------------------------------------------------------
 
 
-def _estimator_classes() -> dict[str, type]:
-    from ._features import CNNFeatureTransformer
-    from ._finetune import FineTuneClassifier
+#: The estimator classes that save() stores and load() rebuilds, by name;
+#: each registers itself where it is defined (``register``).
+_ESTIMATORS: dict[str, type] = {}
 
-    return {c.__name__: c for c in (CNNFeatureTransformer, FineTuneClassifier)}
+
+def register(cls: type) -> type:
+    """Class decorator: ``cls`` can be saved and loaded."""
+    _ESTIMATORS[cls.__name__] = cls
+    return cls
+
+
+def _estimator_classes() -> dict[str, type]:
+    return dict(_ESTIMATORS)
+
+
+#: What save() stores of the fitted network besides its tensors: what
+#: ``_rebuild`` needs to build it again.
+_NETWORK_FIELDS = ("preprocessing_", "_example_shape")
 
 
 def _umask() -> int:
@@ -303,7 +321,7 @@ def save(estimator: Any, path: str | os.PathLike) -> None:
     name = type(estimator).__name__
     if _estimator_classes().get(name) is not type(estimator):
         raise TypeError(
-            f"save() stores CNNFeatureTransformer and FineTuneClassifier, not "
+            f"save() stores {' and '.join(sorted(_ESTIMATORS))}, not "
             f"{name} (a subclass would be loaded as its base class)."
         )
     check_is_fitted(estimator)
@@ -328,17 +346,20 @@ def save(estimator: Any, path: str | os.PathLike) -> None:
         f"Cannot save {name} with {{key}}={{value!r}}: it is {{why}}. save() "
         "stores no code.",
     )
+    network = estimator._network
     fitted = encode_all(
         {
-            k: v
-            for k, v in estimator.__dict__.items()
-            if k not in params and k not in _REBUILT
+            **{
+                k: v
+                for k, v in estimator.__dict__.items()
+                if k not in params and k not in _REBUILT
+            },
+            "preprocessing_": network.preprocessing,
+            "_example_shape": network.example_shape,
         },
         f"Cannot save {name}: its attribute {{key!r}} is {{why}}, which save() "
         "cannot store.",
     )
-    from . import __version__
-
     header = json.dumps(
         {
             "format": FORMAT,
@@ -514,8 +535,9 @@ def load(
             f"trusted={needed!r}."
         )
     unknown = set(params) - set(cls().get_params())
+    network_fields = {k: fitted.pop(k, None) for k in _NETWORK_FIELDS}
     odd = [k for k in fitted if k.startswith("__") or hasattr(cls, k)]
-    if unknown or odd or "_example_shape" not in fitted:
+    if unknown or odd or None in network_fields.values():
         raise _corrupt(
             path,
             f"parameters {sorted(unknown)} unknown to this version of {cls.__name__}"
@@ -529,7 +551,13 @@ def load(
         estimator.set_params(device=device)
     for key, value in fitted.items():
         setattr(estimator, key, _decode(value, trusted))
-    _rebuild(estimator, tensors, path)
+    _rebuild(
+        estimator,
+        _decode(network_fields["preprocessing_"], trusted),
+        tuple(_decode(network_fields["_example_shape"], trusted)),
+        tensors,
+        path,
+    )
     return estimator
 
 
@@ -538,54 +566,23 @@ def load(
 # ---------------------------------------------------------------------------
 
 
-#: One offline build at a time: the replacement lives on the shared enum member.
-_NO_DOWNLOAD_LOCK = threading.Lock()
-
-
-@contextmanager
-def _no_download(weights: WeightsEnum):
-    """While torchvision builds with ``weights``, give the builder the model's
-    own state dict instead of downloading the pretrained one (in this thread
-    only): the saved tensors are loaded next.
+def _architecture(model: Any, weights: Any) -> nn.Module:
+    """The network ``model`` names, with any weights: the file's come next.
 
     torchvision builds some architectures differently when given weights
-    (inception's ``transform_input``, vit_h_14's image size), so building
-    with ``weights=None`` would not be the network that was fitted.
+    (inception's ``transform_input``, vit_h_14's image size): the builder gets
+    the arguments those weights imply (``offline_builder_kwargs``) instead of
+    the weights, so nothing is downloaded.
     """
-    owner = threading.get_ident()
-    original = type(weights).get_state_dict.__get__(weights)
-
-    def own_state_dict(*args: Any, **kwargs: Any) -> dict:
-        if threading.get_ident() != owner:
-            return original(*args, **kwargs)
-        model = sys._getframe(1).f_locals.get("model")
-        if not isinstance(model, nn.Module):
-            raise RuntimeError(
-                f"Cannot rebuild the architecture of {weights} without "
-                "downloading its weights."
-            )
-        return model.state_dict()
-
-    with _NO_DOWNLOAD_LOCK:
-        weights.get_state_dict = own_state_dict
-        try:
-            yield
-        finally:
-            del weights.get_state_dict
-
-
-def _architecture(model: Any, weights: Any) -> nn.Module:
-    """The network ``model`` names, with any weights: the file's come next."""
     if isinstance(model, str) and model.startswith(TIMM_PREFIX):
         return _build_timm(model[len(TIMM_PREFIX) :], None)
     if isinstance(model, str):
-        enum_member = None
+        kwargs = {}
         if not (weights is None or _is_weights_file(weights)):
             enum_member = _resolve_torchvision_weights(model, weights)
-        if enum_member is None:
-            return torchvision.models.get_model(model, weights=None)
-        with _no_download(enum_member):
-            return torchvision.models.get_model(model, weights=enum_member)
+            if enum_member is not None:
+                kwargs = offline_builder_kwargs(model, enum_member)
+        return torchvision.models.get_model(model, weights=None, **kwargs)
     module = model()
     if not isinstance(module, nn.Module):
         raise TypeError(
@@ -595,8 +592,14 @@ def _architecture(model: Any, weights: Any) -> nn.Module:
     return module
 
 
-def _rebuild(estimator: Any, tensors: dict[str, torch.Tensor], path: str) -> None:
-    """Rebuild ``model_`` and what fit derived from it, then load the tensors.
+def _rebuild(
+    estimator: Any,
+    preprocessing: Preprocessing,
+    example_shape: tuple[int, ...],
+    tensors: dict[str, torch.Tensor],
+    path: str,
+) -> None:
+    """Rebuild the network and what fit derived from it, then load the tensors.
 
     The network is built from the parameters and traced on a blank image of
     the size fit saw; then the estimator's ``_rebuild_for_load(example)``
@@ -604,18 +607,21 @@ def _rebuild(estimator: Any, tensors: dict[str, torch.Tensor], path: str) -> Non
     the saved tensors are loaded strictly.
     """
     estimator._fitted_params = {
-        name: _snapshot_value(getattr(estimator, name))
+        name: snapshot_value(getattr(estimator, name))
         for name in estimator._inference_params
     }
-    module = _architecture(estimator.model, estimator.weights)
-    estimator.device_ = resolve_device(estimator.device)
-    estimator.model_ = place(module.eval(), estimator.device_)
-    example = torch.zeros((1, *estimator._example_shape), device=estimator.device_)
+    device = resolve_device(estimator.device)
+    module = place(_architecture(estimator.model, estimator.weights).eval(), device)
+    example = torch.zeros((1, *example_shape), device=device)
     # As fit probes it: a network that needs contiguous tensors goes back to
     # the contiguous format here too.
-    estimator.trace_ = probe_network(estimator.model_, example)
+    trace = probe_network(module, example)
+    estimator._network = Network(
+        module, preprocessing, device, estimator.precision, trace, example_shape
+    )
     estimator._rebuild_for_load(example)
-    expected = estimator.model_.state_dict()
+    module = estimator._network.module
+    expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     shapes = [
@@ -629,5 +635,5 @@ def _rebuild(estimator: Any, tensors: dict[str, torch.Tensor], path: str) -> Non
             "saved."
         )
     with torch.no_grad():
-        estimator.model_.load_state_dict(tensors, strict=True)
-    place(estimator.model_.eval(), estimator.device_)
+        module.load_state_dict(tensors, strict=True)
+    place(module.eval(), device)

@@ -12,8 +12,9 @@ import time
 import types
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -281,7 +282,7 @@ def _own_code(method: Any) -> Any:
     return types.MethodType(own, method.__self__)
 
 
-def _weights_version(module: nn.Module) -> tuple[int, ...]:
+def weights_version(module: nn.Module) -> tuple[int, ...]:
     """Changes whenever a parameter or buffer is written in place (training,
     ``load_state_dict``), so a compiled copy can tell it is stale."""
     return tuple(t._version for t in [*module.parameters(), *module.buffers()])
@@ -310,7 +311,7 @@ class CompiledForward:
 
         self.key = key
         self.source = weakref.ref(module)  # not id(): ids are reused
-        self.version = _weights_version(module)
+        self.version = weights_version(module)
         self.shape: tuple[int, ...] | None = None
         self.failed = False
         self.compile_seconds: float | None = None
@@ -331,7 +332,7 @@ class CompiledForward:
         return (
             self.source() is module
             and key == self.key
-            and _weights_version(module) == self.version
+            and weights_version(module) == self.version
         )
 
     def _fail(self, exc: BaseException) -> None:
@@ -400,3 +401,83 @@ def auto_compile_pays(
     if images_done == 0:
         return False
     return seconds_so_far / images_done * images_left > AUTO_COMPILE_AFTER_S
+
+
+# ---------------------------------------------------------------------------
+# CUDA out of memory: halve the batch and retry
+# ---------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _free_device_memory() -> None:
+    if torch.cuda.is_initialized():  # never initialise CUDA just to free it
+        torch.cuda.empty_cache()
+
+
+def halve_on_oom(run: Callable[[int], T], size: int, *, what: str) -> tuple[T, int]:
+    """``run(size)``; on CUDA out of memory, halve ``size`` and run again.
+
+    ``run(k)`` must process a whole batch in chunks of at most ``k`` images and
+    be safe to repeat (a training step zeroes its gradients first). Each
+    halving warns; one image that still does not fit raises
+    ``torch.OutOfMemoryError`` with advice. Returns the result and the size
+    that worked, which the caller passes to the next batch so that the retries
+    happen once, not at every batch.
+
+    Examples
+    --------
+    >>> def run(k):
+    ...     if k > 2:
+    ...         raise torch.OutOfMemoryError("CUDA out of memory")
+    ...     return k
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     halve_on_oom(run, 8, what="predict")
+    (2, 2)
+    """
+    while True:
+        failed = False
+        try:
+            return run(size), size
+        except torch.OutOfMemoryError as exc:
+            if size <= 1:
+                raise torch.OutOfMemoryError(
+                    f"The device ran out of memory in {what} with one image per "
+                    "batch. Use a smaller image_size, precision='bf16' or "
+                    f"'fp16', or device='cpu'. ({str(exc).splitlines()[0]})"
+                ) from exc
+            failed = True
+        # Outside the except block, so that the traceback (and the tensors its
+        # frames hold) is released before the cache is emptied.
+        if failed:
+            _free_device_memory()
+            smaller = size // 2
+            warnings.warn(
+                f"The device ran out of memory in {what} with {size} images per "
+                f"batch; retrying with {smaller}. Set batch_size={smaller} (or "
+                "lower) to avoid the retries.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            size = smaller
+
+
+def in_chunks(
+    fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, size: int
+) -> torch.Tensor:
+    """``fn`` of ``batch``, applied to chunks of at most ``size`` rows."""
+    if len(batch) <= size:
+        return fn(batch)
+    return torch.cat([fn(batch[i : i + size]) for i in range(0, len(batch), size)])
+
+
+def cpu_state(model: nn.Module) -> OrderedDict:
+    """A copy of the state dict on the CPU, tensor by tensor (never a second
+    copy on a GPU), with its ``_metadata`` (module versions, which MNASNet's
+    loader needs)."""
+    state = model.state_dict()
+    out = OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in state.items())
+    out._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+    return out

@@ -122,7 +122,7 @@ class Sources:
         outputs = [np.empty((len(index), *shape), np.float32) for shape in shapes]
         names = [entry_name(t) for t in taps]
         if directory is not None:
-            cache, (key, about) = ActivationCache(directory), fine_tune_key(est)
+            cache, (key, about) = ActivationCache(directory), fine_tune_key(est._network, est.head_)
             if self.digests is None:
                 self.digests = image_digests(self.X)
             digests = [self.digests[i] for i in index]

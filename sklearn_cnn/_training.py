@@ -5,13 +5,15 @@ selection and early stopping."""
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -19,10 +21,45 @@ from torch import nn
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from ._base import cpu_state, halve_on_oom, in_chunks
 from ._head import logits as _logits
 from ._images import ImageDataset, Preprocessing
-from ._runtime import autocast, batches, progress
+from ._runtime import autocast, batches, cpu_state, halve_on_oom, in_chunks, progress
+
+# ---------------------------------------------------------------------------
+# The extension point for data-parallel training
+# ---------------------------------------------------------------------------
+
+
+class DataParallel(Protocol):
+    """How a process of a data-parallel fit takes part in the training loop.
+
+    ``sklearn_cnn.distributed`` gives each of its processes one, through
+    :data:`DATA_PARALLEL`; without one the loop trains on one device.
+    Validation, the probe and calibration never go through it.
+    """
+
+    def image_batches(
+        self, dataset: Any, batch_size: int, generator: torch.Generator,
+        drop_last: bool, loader: dict[str, Any],
+    ) -> Iterator[tuple[torch.Tensor, ...]]:  # fmt: skip
+        """This process's part of each shuffled training batch of ``dataset``
+        (``loader``: the arguments of ``_runtime.batches``)."""
+        ...
+
+    def shard(self, order: list[int], batch_size: int) -> list[list[int]]:
+        """This process's part of each global batch of ``order``."""
+        ...
+
+    def wrap(self, forward: nn.Module) -> nn.Module:
+        """The module that training steps run (gradients averaged)."""
+        ...
+
+
+#: The data-parallel role of the fits run in this context (None: one device).
+DATA_PARALLEL: ContextVar[DataParallel | None] = ContextVar(
+    "sklearn_cnn_data_parallel", default=None
+)
+
 
 # ---------------------------------------------------------------------------
 # Data: labelled batches of a subset of X, augmentation
@@ -214,16 +251,21 @@ class ImageSource:
     def batches(
         self, batch_size: int, generator: torch.Generator
     ) -> Iterator[tuple[torch.Tensor, ...]]:
+        loader = {
+            "num_workers": self.num_workers,
+            "device": self.device,
+            "channels_last": self.channels_last,
+        }
+        drop_last = self._drop_last(batch_size)
+        parallel = DATA_PARALLEL.get()
+        if parallel is not None:
+            return parallel.image_batches(
+                self.dataset, batch_size, generator, drop_last, loader
+            )
         return batches(
-            self.dataset,
-            batch_size=batch_size,
-            num_workers=self.num_workers,
-            device=self.device,
-            channels_last=self.channels_last,
-            shuffle=True,
-            generator=generator,
-            drop_last=self._drop_last(batch_size),
-        )
+            self.dataset, batch_size=batch_size, shuffle=True, generator=generator,
+            drop_last=drop_last, **loader,
+        )  # fmt: skip
 
     def logits(self, forward: nn.Module, batch_size: int, dtype) -> torch.Tensor:
         return torch.from_numpy(self.predict())
@@ -269,8 +311,15 @@ class FeatureSource:
         # seed, then the permutation), so that both paths see the same order.
         torch.empty((), dtype=torch.int64).random_(generator=generator)
         order = torch.randperm(n, generator=generator).to(self.y.device)
-        for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
+        parallel = DATA_PARALLEL.get()
+        if parallel is None:
+            groups = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        else:
+            groups = [
+                torch.as_tensor(rows, device=order.device)
+                for rows in parallel.shard(order.tolist(), batch_size)
+            ]
+        for rows in groups:
             yield self.features[rows], self.y[rows], self.w[rows]
 
     def logits(self, forward: nn.Module, batch_size: int, dtype) -> torch.Tensor:
@@ -291,6 +340,88 @@ class FeatureSource:
     @property
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.y.cpu(), self.w.cpu()
+
+
+def _on_loss_device(loss: Loss, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    cw = loss.class_weights
+    return [t if cw is None else t.to(cw.device) for t in tensors]
+
+
+def _shares(y: torch.Tensor, w: torch.Tensor, loss: Loss, n_classes: int):
+    weights = loss.weights(y, w).double()
+    share = torch.zeros(n_classes, dtype=torch.float64, device=y.device)
+    share.index_add_(0, y, weights)
+    return share / share.sum()
+
+
+def chance_loss(y: torch.Tensor, w: torch.Tensor, loss: Loss, n_classes: int) -> float:
+    """The loss of the best constant prediction (the weighted class shares as
+    probabilities): what a network that learned nothing scores."""
+    if len(y) == 0:
+        return math.nan
+    y, w = _on_loss_device(loss, y, w)
+    share = _shares(y, w, loss, n_classes)
+    logits = share.clamp(min=1e-12).log().float().expand(len(y), -1)
+    total, weight = loss(logits, y, w)
+    return float(total / weight)
+
+
+def chance_accuracy(
+    y: torch.Tensor, w: torch.Tensor, loss: Loss, n_classes: int
+) -> float:
+    """The weighted share of the largest class: the accuracy of always
+    predicting it (NaN without images)."""
+    if len(y) == 0:
+        return math.nan
+    y, w = _on_loss_device(loss, y, w)
+    return float(_shares(y, w, loss, n_classes).max())
+
+
+#: A trained epoch wrecked the network when it gave back more than this share
+#: of what the start (training loss) or the best epoch (validation accuracy)
+#: had over a network that learned nothing.
+WRECK_SHARE = 0.5
+#: Recoveries per fit, each at a tenth of the backbone's rate before it.
+MAX_RECOVERIES = 2
+
+
+@dataclass
+class Guard:
+    """Tells a wrecked network from the dip of a first epoch.
+
+    An epoch wrecked the network when its training loss went back more than ``WRECK_SHARE`` of the way from the start's training
+    loss (``start_loss``, the probe head's; None when unknown) to the loss of
+    a network that learned nothing (``chance_loss``), or when its validation
+    accuracy lost more than that share of the best epoch's lead over the
+    largest class (``chance_accuracy``). A dip that keeps half of the lead is
+    left to selection: such dips recover within the epochs that follow.
+    """
+
+    chance_loss: float
+    start_loss: float | None
+    chance_accuracy: float
+    left: int = MAX_RECOVERIES
+
+    def wrecked(self, train_loss: float, val_acc: float, best_acc: float) -> str:
+        """Why the epoch wrecked the network ("" when it did not)."""
+        if self.left <= 0:
+            return ""
+        start, chance = self.start_loss, self.chance_loss
+        if start is not None and start < chance:
+            limit = start + WRECK_SHARE * (chance - start)
+            if train_loss > limit:
+                return (
+                    f"training loss {train_loss:.3f}, start {start:.3f}, "
+                    f"learning nothing {chance:.3f}"
+                )
+        floor = self.chance_accuracy
+        if math.isfinite(val_acc) and best_acc > floor:
+            if val_acc < best_acc - WRECK_SHARE * (best_acc - floor):
+                return (
+                    f"validation accuracy {val_acc:.3f}, best {best_acc:.3f}, "
+                    f"largest class {floor:.3f}"
+                )
+        return ""
 
 
 def validation_metrics(
@@ -348,6 +479,14 @@ class EpochLoop:
     verbose: int = 0
     max_grad_norm: float | None = None
     chunk: int | None = None  # images per forward once CUDA ran out of memory
+    #: Stops ``run`` at an epoch that wrecked the network (None: never).
+    guard: Guard | None = None
+    #: The peak rate of the pretrained layers, recorded in each trained row.
+    backbone_lr: float | None = None
+    #: Why ``run`` returned "wrecked".
+    wreck: str = ""
+    #: What training steps run: ``forward``, or its data-parallel wrapper.
+    stepped: nn.Module | None = None
 
     def step(
         self,
@@ -370,7 +509,8 @@ class EpochLoop:
             loss_sum = torch.zeros((), device=self.device)
             for i in range(0, len(yb), k):
                 with autocast(self.device, self.dtype):
-                    out = _logits(_train_forward(self.forward, xb[i : i + k]))
+                    forward = self.forward if self.stepped is None else self.stepped
+                    out = _logits(_train_forward(forward, xb[i : i + k]))
                 part, _ = self.loss(out, yb[i : i + k], wb[i : i + k])
                 scaler.scale(part / norm).backward()
                 loss_sum += part.detach()
@@ -389,12 +529,23 @@ class EpochLoop:
         return validation_metrics(z, *self.valid.targets, self.loss)
 
     def log(self, **row: float) -> None:
+        """Append ``row`` to the history; with ``verbose``, print the values it
+        has (a fit without a validation split prints no validation column)."""
         self.history.append(row)
         if self.verbose:
+            names = {
+                "train_loss": ("train loss", ".4f"),
+                "valid_loss": ("valid loss", ".4f"),
+                "valid_accuracy": ("valid accuracy", ".4f"),
+                "backbone_lr": ("backbone lr", ".0e"),
+            }
+            parts = [
+                f"{label} {row[key]:{fmt}}"
+                for key, (label, fmt) in names.items()
+                if key in row and math.isfinite(row[key])
+            ]
             print(
-                f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, valid "
-                f"loss {row['valid_loss']:.4f}, valid accuracy "
-                f"{row['valid_accuracy']:.4f} ({row['time']:.1f} s)",
+                f"epoch {row['epoch']}: {', '.join(parts)} ({row['time']:.1f} s)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -410,12 +561,17 @@ class EpochLoop:
     ) -> str:
         """Train ``epochs`` epochs (fewer when ``patience`` epochs in a row do not
         improve). Return "done", "interrupted" (Ctrl-C: the caller restores the
-        best weights and re-raises) or "diverged" (a non-finite training loss:
-        the caller restores the best weights)."""
+        best weights and re-raises), "wrecked" (``guard`` judged that the last
+        epoch wrecked the network, ``wreck`` says why: it is not offered to
+        ``selection``, whose weights the caller restores before going on at a
+        lower rate) or "diverged" (a non-finite training loss: the caller
+        restores the best weights)."""
         scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.dtype == torch.float16
         )
         params = [p for g in optimizer.param_groups for p in g["params"]]
+        parallel = DATA_PARALLEL.get()
+        self.stepped = None if parallel is None else parallel.wrap(self.forward)
         first = self.history[-1]["epoch"] + 1
         last = first + epochs - 1
         for epoch in range(first, last + 1):
@@ -454,9 +610,10 @@ class EpochLoop:
                 )
                 return "interrupted"
             train_loss = float(total / weight.clamp(min=1e-12))
+            rate = {} if self.backbone_lr is None else {"backbone_lr": self.backbone_lr}
             self.log(
                 epoch=epoch, train_loss=train_loss, valid_loss=val_loss,
-                valid_accuracy=val_acc, time=time.perf_counter() - tic,
+                valid_accuracy=val_acc, **rate, time=time.perf_counter() - tic,
             )  # fmt: skip
             if not math.isfinite(train_loss):
                 warnings.warn(
@@ -467,6 +624,11 @@ class EpochLoop:
                     stacklevel=4,
                 )
                 return "diverged"
+            if self.guard is not None:
+                best = selection.score[0] if selection.has_val else math.nan
+                self.wreck = self.guard.wrecked(train_loss, val_acc, best)
+                if self.wreck:
+                    return "wrecked"
             selection.update(epoch, val_acc, val_loss)
             if patience is not None and selection.stall >= patience:
                 break
@@ -478,44 +640,87 @@ class EpochLoop:
 # ---------------------------------------------------------------------------
 
 
-def _identity(x: Any, *args: Any, **kwargs: Any) -> Any:
-    return x
+class _PassThrough(nn.Module):
+    """Stands for a skipped stage: returns its input."""
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        return x
+
+
+class _Replay(nn.Module):
+    """Stands for the cut stage: returns the stored batch of its outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: torch.Tensor | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        return self.value
+
+
+def _view(
+    root: nn.Module, replacements: dict[str, nn.Module]
+) -> tuple[nn.Module, list[tuple[nn.Module, nn.Module]]]:
+    """A view of ``root`` with the submodules ``replacements`` names swapped.
+
+    The modules on the paths to the swapped ones are shallow copies with
+    their own table of children; everything else (every parameter, buffer
+    and other submodule) is ``root``'s own, so training the view trains
+    ``root``. Returns the view and the (copy, original) pairs.
+    """
+
+    def own(m: nn.Module) -> nn.Module:
+        c = copy.copy(m)
+        c._modules = dict(m._modules)
+        pairs.append((c, m))
+        return c
+
+    pairs: list[tuple[nn.Module, nn.Module]] = []
+    copies = {"": own(root)}
+    for name, new in replacements.items():
+        *path, last = name.split(".")
+        parent = ""
+        for i, part in enumerate(path):
+            child = ".".join(path[: i + 1])
+            if child not in copies:
+                copies[child] = own(root.get_submodule(child))
+                copies[parent]._modules[part] = copies[child]
+            parent = child
+        copies[parent]._modules[last] = new
+    return copies[""], pairs
 
 
 class PrefixSkip(nn.Module):
     """The network from the output of stage ``cut`` on, given that output.
 
-    While entered (a context manager), the frozen stages before ``cut`` pass
-    their input through and ``cut`` returns the stored batch of its outputs
-    (their ``forward`` is shadowed on the instance: the modules, and so the
-    state dict, stay as they are); the network runs on a blank input of the
-    images' shape, so that parameter-free operations before the cut still see
-    the shapes they expect.
+    It runs a view of ``model`` (see ``_view``) in which the frozen stages
+    before ``cut`` pass their input through and ``cut`` returns the stored
+    batch of its outputs; ``model`` itself is not changed, and the view
+    shares its weights. The view runs on a blank input of the images' shape,
+    so that parameter-free operations before the cut still see the shapes
+    they expect. A context manager: leaving it drops the stored batch.
     """
 
     def __init__(
         self, model: nn.Module, skipped: list[str], cut: str, image_shape: tuple
     ) -> None:
         super().__init__()
-        self.model, self.skipped, self.cut = model, skipped, cut
         self.image_shape = tuple(image_shape)
-        self._value: torch.Tensor | None = None
-
-    def _replay(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._value
+        self._replay = _Replay()
+        swapped = {name: _PassThrough() for name in skipped}
+        view, pairs = _view(model, {**swapped, cut: self._replay})
+        self.model = view
+        self._pairs = pairs  # a plain list: not registered as submodules
 
     def __enter__(self) -> PrefixSkip:
-        for name in self.skipped:
-            self.model.get_submodule(name).forward = _identity
-        self.model.get_submodule(self.cut).forward = self._replay
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for name in [*self.skipped, self.cut]:
-            vars(self.model.get_submodule(name)).pop("forward", None)
-        self._value = None
+        self._replay.value = None
 
     def forward(self, outputs: torch.Tensor) -> Any:
-        self._value = outputs
+        for view, original in self._pairs:  # train/eval as the model is
+            view.training = original.training
+        self._replay.value = outputs
         blank = outputs.new_zeros((len(outputs), *self.image_shape))
         return self.model(blank)

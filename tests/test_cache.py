@@ -39,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def unshared(monkeypatch):
     """Fits with memory= share their network within a process (tested at the
     end); the counts below are of fits that each build their own."""
-    monkeypatch.setattr("sklearn_cnn._base._SHARED_SIZE", 0)
+    monkeypatch.setattr("sklearn_cnn._network.SHARED.size", 0)
 
 
 LAYERS = ["stem", "stage1", "stage1.0", "stage2", None]
@@ -426,7 +426,7 @@ def test_threads_filling_at_once_get_their_own_features(X, tmp_path):
 
 
 def test_fits_with_memory_share_the_network_within_a_process(tmp_path, monkeypatch):
-    monkeypatch.setattr("sklearn_cnn._base._SHARED_SIZE", 2)
+    monkeypatch.setattr("sklearn_cnn._network.SHARED.size", 2)
     X = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
 
     def fit(**params):
@@ -453,8 +453,8 @@ def test_a_builder_function_is_shared_by_identity(tmp_path, monkeypatch):
     builds its own."""
     from collections import OrderedDict
 
-    monkeypatch.setattr("sklearn_cnn._base._SHARED_SIZE", 2)
-    monkeypatch.setattr("sklearn_cnn._base._SHARED", OrderedDict())
+    monkeypatch.setattr("sklearn_cnn._network.SHARED.size", 2)
+    monkeypatch.setattr("sklearn_cnn._network.SHARED._entries", OrderedDict())
     X = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     params = {"weights": None, "random_state": 0, "memory": tmp_path}
     a = CNNFeatureTransformer(_builder_a, **params).fit(X)
@@ -473,8 +473,9 @@ def test_a_builder_function_is_shared_by_identity(tmp_path, monkeypatch):
 def test_a_shared_network_is_probed_once_per_layer_and_pooling(tmp_path, monkeypatch):
     from collections import OrderedDict
 
-    monkeypatch.setattr("sklearn_cnn._base._SHARED_SIZE", 2)
-    monkeypatch.setattr("sklearn_cnn._base._SHARED", OrderedDict())  # ours alone
+    monkeypatch.setattr("sklearn_cnn._network.SHARED.size", 2)
+    # Ours alone:
+    monkeypatch.setattr("sklearn_cnn._network.SHARED._entries", OrderedDict())
     X = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
     params = {"weights": None, "random_state": 0, "memory": tmp_path}
     first = CNNFeatureTransformer("resnet18", layer="layer2", **params).fit(X)
@@ -497,7 +498,7 @@ def test_a_shared_network_is_probed_once_per_layer_and_pooling(tmp_path, monkeyp
 def test_a_shared_network_is_hashed_once(tmp_path, monkeypatch):
     import sklearn_cnn._cache as cache
 
-    monkeypatch.setattr("sklearn_cnn._base._SHARED_SIZE", 2)
+    monkeypatch.setattr("sklearn_cnn._network.SHARED.size", 2)
     hashed = []
     digest = cache.module_digest
     monkeypatch.setattr(

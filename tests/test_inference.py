@@ -82,7 +82,7 @@ def test_folded_features_are_the_fitted_networks(name, layer, conv):
     x = normalized(X)
     est = transformer(model, 48, layer=[layer, conv]).fit(X)
     out = est.transform(X)
-    copy = est._inference_copy(X)
+    copy = est._network.inference_copy(X)
     assert conv in {c for c, _ in copy.pairs}  # the fold this test is about
     mid, raw = hooked_mean(model, layer, x), hooked_mean(model, conv, x)
     # float32 rounding, folded or not, relative to each layer's largest value
@@ -103,7 +103,7 @@ def test_bf16_folded_features_are_close_to_autocast_by_hand():
     expected = hooked_mean(model, "layer3", normalized(X), dtype=torch.bfloat16)
     cos = (out * expected).sum(1) / np.linalg.norm(out, axis=1)
     assert (cos / np.linalg.norm(expected, axis=1)).min() > 0.999
-    assert len(est._inference_copy(X).pairs) == 20  # every pair of resnet18
+    assert len(est._network.inference_copy(X).pairs) == 20  # every pair of resnet18
 
 
 class NoBatchNorm(nn.Module):
@@ -134,7 +134,7 @@ def test_weights_stored_in_the_autocast_dtype_give_autocasts_numbers(precision, 
     X = np.random.default_rng(2).integers(0, 256, (5, 20, 20, 3), dtype=np.uint8)
     est = transformer(model, 20, layer="fc", precision=precision).fit(X)
     out = est.transform(X)
-    copy = est._inference_copy(X).module
+    copy = est._network.inference_copy(X).module
     assert copy.conv.weight.dtype == dtype and copy.fc.weight.dtype == dtype
     assert est.model_.conv.weight.dtype == torch.float32  # the fitted one unchanged
     # By hand: torch's own fold, then autocast (which casts the weights).
@@ -154,7 +154,7 @@ def test_nothing_to_fold_keeps_no_copy(images, precision):
     model = NoBatchNorm().eval()
     est = transformer(model, 16, layer="fc", precision=precision).fit(images)
     out = est.transform(images)
-    assert est._inference_copy(images).module is None
+    assert est._network.inference_copy(images).module is None
     dtype = torch.bfloat16 if precision == "bf16" else None
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=bool(dtype)):
         expected = model(normalized(images)).float().numpy()
@@ -187,7 +187,7 @@ def test_a_fold_that_changes_the_output_is_undone(images):
     assert foldable_pairs(model, x) == [("0", "1")]  # the dataflow alone would
     est = transformer(model, 16, layer="2").fit(images)
     out = est.transform(images)
-    assert est._inference_copy(images).pairs == []
+    assert est._network.inference_copy(images).pairs == []
     assert_allclose(
         out, hooked_mean(model, "2", normalized(images)), rtol=1e-5, atol=1e-6
     )
@@ -230,7 +230,7 @@ def test_only_pairs_where_the_batchnorm_alone_reads_the_convolution():
 
 def test_batchnorm_input_tap_reads_the_convolution_output(images):
     est = transformer(functools.partial(make_tiny_cnn, 0), 16, layer="stem").fit(images)
-    copy = est._inference_copy(images)
+    copy = est._network.inference_copy(images)
     assert ("stem.0", "stem.1") in copy.pairs
     assert copy.taps_for([Tap("stem.1", pre=True), Tap("stem.1"), Tap("stem.0")]) == [
         Tap("stem.0"), Tap("stem.1"), Tap("stem.0")
@@ -278,7 +278,7 @@ def test_layers_inside_a_folded_convolution_can_be_tapped(images, tmp_path):
     est = transformer(model, 16, layer=["0.pad", "0", "1", "2"], layout="NCHW")
     est.fit(images)
     out = est.transform(images)
-    assert est._inference_copy(images).pairs == [("0", "1")]
+    assert est._network.inference_copy(images).pairs == [("0", "1")]
     x = normalized(images)
     for i, name in enumerate(["0.pad", "0", "1", "2"]):
         expected = hooked_mean(model, name, x)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import TinyCNN, in_threads, make_tiny_cnn
 from numpy.testing import assert_array_equal
 from sklearn.exceptions import NotFittedError
 from torchvision.models import WeightsEnum
 
 import sklearn_cnn
 import sklearn_cnn._persistence as persistence
+from conftest import TinyCNN, in_threads, make_tiny_cnn, tiny
 from sklearn_cnn import CNNFeatureTransformer, load
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,20 +25,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TRUSTED = ["conftest:make_tiny_cnn"]
 
 
-def tiny(**params) -> CNNFeatureTransformer:
-    params = {
-        "model": functools.partial(make_tiny_cnn, 0),
-        "precision": "fp32",
-        "device": "cpu",
-        **params,
-    }
-    return CNNFeatureTransformer(**params)
+tiny = functools.partial(tiny, device="cpu")
 
 
 def fitted_attributes(est) -> list:
     """Everything fit set, but the module (compared tensor by tensor)."""
-    skip = {"model_", "_compiled", "_cache_parts", *est.get_params()}
-    return sorted((k, repr(v)) for k, v in vars(est).items() if k not in skip)
+    skip = {"_network", *est.get_params()}
+    network = [
+        ("preprocessing_", repr(est.preprocessing_)),
+        ("example_shape", est._network.example_shape),
+    ]
+    return network + sorted((k, repr(v)) for k, v in vars(est).items() if k not in skip)
 
 
 def assert_same_estimator(loaded, est, images) -> None:

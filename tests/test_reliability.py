@@ -10,23 +10,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_cnn
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.exceptions import NotFittedError
 
 import sklearn_cnn._base as base
+import sklearn_cnn._network as network
+import sklearn_cnn._runtime as runtime
+from conftest import make_tiny_cnn, tiny
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny(**params) -> CNNFeatureTransformer:
-    params = {
-        "model": functools.partial(make_tiny_cnn, 0),
-        "precision": "fp32",
-        **params,
-    }
-    return CNNFeatureTransformer(**params)
 
 
 def tiny_classifier(**params) -> FineTuneClassifier:
@@ -179,7 +172,7 @@ def test_failed_fit_keeps_the_previous_fit(failure, images, tmp_path, monkeypatc
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(base, "resolve_device", interrupted)
+        monkeypatch.setattr(network, "resolve_device", interrupted)
         est.set_params(pooling="max")
         error = KeyboardInterrupt
     with pytest.raises(error):
@@ -340,11 +333,11 @@ def test_halve_on_oom_does_not_touch_cuda_on_the_cpu(monkeypatch):
         return k * 10
 
     with pytest.warns(RuntimeWarning, match="retrying with 3"):
-        assert base.halve_on_oom(run, 7, what="fit") == (30, 3)
+        assert runtime.halve_on_oom(run, 7, what="fit") == (30, 3)
     assert calls == []
     # Other errors are not retried.
     with pytest.raises(ValueError):
-        base.halve_on_oom(
+        runtime.halve_on_oom(
             lambda k: (_ for _ in ()).throw(ValueError("bad")), 4, what="fit"
         )
 
@@ -373,11 +366,11 @@ def test_pickling_copies_tensors_to_the_cpu_one_by_one(images, monkeypatch):
             return _original(self, memo)
 
         monkeypatch.setattr(cls, "__deepcopy__", spy)
-    monkeypatch.setattr(base, "_off_cpu", lambda module: True)
+    monkeypatch.setattr(network, "_off_cpu", lambda module: True)
 
-    state = est.__getstate__()
+    state = est._network.__getstate__()
     assert copied_on_device == []
-    copy_ = state["model_"]
+    copy_ = state["module"]
     assert copy_ is not est.model_
     for (name, a), b in zip(
         copy_.state_dict().items(), est.model_.state_dict().values(), strict=True
@@ -397,7 +390,7 @@ def test_pickling_copies_tensors_to_the_cpu_one_by_one(images, monkeypatch):
 def test_cpu_copy_keeps_tied_weights_tied():
     module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     module[1].weight = module[0].weight
-    copy_ = base.cpu_copy(module)
+    copy_ = network.cpu_copy(module)
     assert copy_[1].weight is copy_[0].weight
     assert copy_[0].weight is not module[0].weight
 

@@ -4,7 +4,6 @@ pickling, feature names, set_output, tags and the data-free common checks."""
 from __future__ import annotations
 
 import copy
-import functools
 import pickle
 import warnings
 
@@ -12,7 +11,6 @@ import joblib
 import numpy as np
 import pytest
 import torch
-from conftest import colour_images, make_tiny_cnn
 from numpy.testing import assert_array_equal
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
@@ -24,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils import estimator_checks
 from sklearn.utils._param_validation import InvalidParameterError
 
+from conftest import colour_images, make_tiny_cnn, tiny
 from sklearn_cnn import CNNFeatureTransformer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,15 +45,6 @@ PARAMS = [
     "random_state",
     "verbose",
 ]
-
-
-def tiny(**params) -> CNNFeatureTransformer:
-    params = {
-        "model": functools.partial(make_tiny_cnn, 0),
-        "precision": "fp32",
-        **params,
-    }
-    return CNNFeatureTransformer(**params)
 
 
 # ---------------------------------------------------------------------------
@@ -360,13 +350,12 @@ def test_pickle_moves_the_module_to_the_cpu(images, monkeypatch):
     """
     est = tiny().fit(images)
     expected = est.transform(images)
-    monkeypatch.setattr("sklearn_cnn._base._off_cpu", lambda module: True)
+    monkeypatch.setattr("sklearn_cnn._network._off_cpu", lambda module: True)
 
-    state = est.__getstate__()
-    assert state["model_"] is not est.model_
-    tensors = state["model_"].state_dict().values()
+    state = est._network.__getstate__()
+    assert state["module"] is not est.model_
+    tensors = state["module"].state_dict().values()
     assert all(t.device.type == "cpu" for t in tensors)
-    assert "device_" not in state
     # The live estimator is left alone.
     assert est.device_ == torch.device("cpu")
 

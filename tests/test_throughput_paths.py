@@ -11,12 +11,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_cnn
 from numpy.testing import assert_allclose, assert_array_equal
 from PIL import Image
 from sklearn.utils._param_validation import InvalidParameterError
 
 import sklearn_cnn._runtime as runtime
+from conftest import make_tiny_cnn, tiny
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier
 from sklearn_cnn._images import ImageDataset, Preprocessing, array_to_tensor
 
@@ -26,15 +26,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 X = np.random.default_rng(3).integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
 
 
-def tiny(**params) -> CNNFeatureTransformer:
-    params = {
-        "model": functools.partial(make_tiny_cnn, 0),
-        "precision": "fp32",
-        "device": "cpu",
-        "batch_size": 8,
-        **params,
-    }
-    return CNNFeatureTransformer(**params)
+tiny = functools.partial(tiny, device="cpu", batch_size=8)
 
 
 def by_hand(images: np.ndarray, layer: str | None = None) -> np.ndarray:
@@ -139,8 +131,8 @@ def test_compile_matches_uncompiled_with_inductor():
     expected = tiny().fit(X).transform(X)
     est = tiny(compile=True).fit(X)
     assert_allclose(est.transform(X), expected, rtol=1e-4, atol=1e-5)
-    assert est._compiled.compile_seconds is not None
-    assert not est._compiled.failed
+    assert est._network.compiled.compile_seconds is not None
+    assert not est._network.compiled.failed
 
 
 @pytest.mark.parametrize("layer", [None, "stem", ["stem", "stage2"]])
@@ -150,7 +142,7 @@ def test_compile_gives_the_same_features(layer, precision, eager_compile):
     expected = tiny(layer=layer, precision=precision).fit(X).transform(X)
     est = tiny(layer=layer, precision=precision, compile=True).fit(X)
     assert_allclose(est.transform(X), expected, rtol=1e-5, atol=1e-6)
-    assert est._compiled.shape == (8, 3, 16, 16)
+    assert est._network.compiled.shape == (8, 3, 16, 16)
 
 
 def test_compile_stops_early_at_the_tapped_layer(eager_compile):
@@ -158,7 +150,7 @@ def test_compile_stops_early_at_the_tapped_layer(eager_compile):
     est = tiny(layer="stem", compile=True).fit(X)
     ran = []
     est.transform(X)
-    copy = est._compiled._tapper.module
+    copy = est._network.compiled._tapper.module
     copy.stage2.register_forward_hook(lambda *_: ran.append(True))
     est.transform(X)
     assert ran == []
@@ -167,14 +159,14 @@ def test_compile_stops_early_at_the_tapped_layer(eager_compile):
 def test_compiled_network_is_reused_then_refreshed(eager_compile):
     est = tiny(compile=True).fit(X)
     first = est.transform(X)
-    compiled = est._compiled
+    compiled = est._network.compiled
     assert_array_equal(est.transform(X), first)
-    assert est._compiled is compiled  # compiled once, reused
+    assert est._network.compiled is compiled  # compiled once, reused
     with torch.no_grad():  # the fitted weights change (as training does)
         est.model_.fc.weight.mul_(2.0)
         est.model_.stage2[0].weight.mul_(0.5)
     changed = est.transform(X)
-    assert est._compiled is not compiled
+    assert est._network.compiled is not compiled
     assert np.abs(changed - first).max() > 1e-3
     uncompiled = est.set_params(compile=False).transform(X)
     assert_allclose(changed, uncompiled, rtol=1e-5, atol=1e-6)
@@ -223,17 +215,18 @@ def test_failure_at_the_first_compiled_call_falls_back(monkeypatch):
     with pytest.warns(RuntimeWarning, match="running it uncompiled"):
         out = est.transform(X)
     assert_array_equal(out, expected)
-    assert est._compiled.failed
+    assert est._network.compiled.failed
 
 
 def test_auto_compiles_only_when_it_pays(monkeypatch, eager_compile):
     expected = tiny().fit(X).transform(X)
     est = tiny(compile="auto").fit(X)
     assert_array_equal(est.transform(X), expected)  # 20 images: never pays
-    assert getattr(est, "_compiled", None) is None
+    assert est._network.compiled is None
     monkeypatch.setattr(runtime, "AUTO_COMPILE_AFTER_S", 0.0)
     assert_allclose(est.transform(X), expected, rtol=1e-5, atol=1e-6)
-    assert est._compiled is not None and est._compiled.shape == (8, 3, 16, 16)
+    compiled = est._network.compiled
+    assert compiled is not None and compiled.shape == (8, 3, 16, 16)
 
 
 def test_auto_compile_rule():
@@ -246,7 +239,7 @@ def test_compiled_estimator_pickles(eager_compile):
     est = tiny(compile=True).fit(X)
     expected = est.transform(X)
     loaded = pickle.loads(pickle.dumps(est))
-    assert getattr(loaded, "_compiled", None) is None
+    assert loaded._network.compiled is None
     assert_allclose(loaded.transform(X), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -354,7 +347,7 @@ def test_auto_batch_size_gives_the_features_of_any_batch_size(monkeypatch):
     seen = []
     plain = runtime.batches
     monkeypatch.setattr(
-        "sklearn_cnn._base.batches",
+        "sklearn_cnn._network.batches",
         lambda *a, **kw: seen.append(kw["batch_size"]) or plain(*a, **kw),
     )
     expected = tiny(batch_size=1).fit(X).transform(X)
