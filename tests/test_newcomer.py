@@ -66,22 +66,34 @@ def silent_proxy():
         connection.close()
 
 
+@pytest.mark.parametrize(
+    ("model", "url"),
+    [
+        ("resnet18", "https://download.pytorch.org/models/resnet18-"),
+        ("timm/resnet18", "https://huggingface.co/timm/resnet18."),
+    ],
+)
 def test_weight_download_fails_in_bounded_time_naming_url_and_offline_way(
-    silent_proxy, tmp_path
+    model, url, silent_proxy, tmp_path
 ):
+    if model.startswith("timm/"):
+        pytest.importorskip("timm")
     proxy, accepted = silent_proxy
     env = {
         **os.environ,
         **{k: proxy for k in ("https_proxy", "HTTPS_PROXY", "http_proxy")},
         "no_proxy": "",
         "NO_PROXY": "",
-        "TORCH_HOME": str(tmp_path),  # nothing cached: it must download
+        # Nothing cached: it must download.
+        "TORCH_HOME": str(tmp_path),
+        "HF_HOME": str(tmp_path),
+        "HF_HUB_OFFLINE": "0",
         _models.DOWNLOAD_TIMEOUT_ENV: "2",
     }
     code = (
         "from sklearn_cnn import CNNFeatureTransformer\n"
         "import numpy as np\n"
-        "CNNFeatureTransformer('resnet18', weights='DEFAULT')"
+        f"CNNFeatureTransformer({model!r}, weights='DEFAULT')"
         ".fit(np.zeros((1, 32, 32, 3), np.uint8))\n"
     )
     start = time.perf_counter()
@@ -94,7 +106,7 @@ def test_weight_download_fails_in_bounded_time_naming_url_and_offline_way(
     assert accepted, "the download never reached the silent proxy"
     message = run.stderr.strip().splitlines()[-1]
     assert message.startswith("RuntimeError: Could not download")
-    assert "https://download.pytorch.org/models/resnet18-" in message
+    assert url in message
     assert "no answer within 2 s" in message
     assert _models.DOWNLOAD_TIMEOUT_ENV in message
     assert "pass its path as weights=" in message
@@ -138,6 +150,7 @@ def test_timm_download_failure_names_the_url_and_offline_way(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(_models, "_check_hub_answers", lambda name, timeout: None)
     with pytest.raises(RuntimeError) as info:
         _models.build_model("timm/resnet18", "DEFAULT")
     message = str(info.value)
