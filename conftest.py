@@ -23,3 +23,15 @@ def _doctest_temporary_folder(request, monkeypatch):
         monkeypatch.setattr(tempfile, "tempdir", folder)
         yield
         monkeypatch.undo()  # before the folder goes
+
+
+#: Doctests that start processes (DDP, a Dask cluster): integration, marked
+#: ``slow`` like the tests of the same kind, so ``-m "not slow"`` leaves them out.
+SLOW_DOCTESTS = ("sklearn_cnn._distributed.fit_ddp", "sklearn_cnn.dask.")
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if isinstance(item, DoctestItem) and item.name.startswith(SLOW_DOCTESTS):
+            item.add_marker(pytest.mark.slow)

@@ -145,7 +145,9 @@ def _fold(net: nn.Module, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, s
         x = _probe(conv, next(conv.parameters()).device)
         if _same(fused, nn.Sequential(conv, bn), x, None):
             net.set_submodule(conv_name, fused)
-            net.set_submodule(bn_name, nn.Identity())
+            # In eval mode like the rest of the copy (a Tapper runs a network
+            # with any module in training mode to its end).
+            net.set_submodule(bn_name, nn.Identity().eval())
             folded.append((conv_name, bn_name))
     return folded
 

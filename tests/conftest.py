@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from sklearn_cnn import CNNFeatureTransformer
+
 
 class TinyCNN(nn.Module):
     """conv-bn-relu stem, two stages, pooled head: the shape of a real CNN."""
@@ -51,6 +53,13 @@ def make_tiny_cnn(seed: int = 0) -> TinyCNN:
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     return model
+
+
+def tiny(model: Any = None, **params: Any) -> CNNFeatureTransformer:
+    """A CNNFeatureTransformer of ``model`` (default: the seeded TinyCNN) in
+    exact float32; ``params`` set or override the others."""
+    model = functools.partial(make_tiny_cnn, 0) if model is None else model
+    return CNNFeatureTransformer(model, **{"precision": "fp32", **params})
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import dask  # noqa: E402
 import dask.array as da  # noqa: E402
 import joblib  # noqa: E402
 import torch  # noqa: E402
-from conftest import TinyCNN, colour_images, make_tiny_cnn  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.base import clone  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
@@ -28,6 +27,7 @@ from sklearn.model_selection import GridSearchCV  # noqa: E402
 from sklearn.pipeline import Pipeline  # noqa: E402
 
 import sklearn_cnn.dask as skdask  # noqa: E402
+from conftest import TinyCNN, colour_images, make_tiny_cnn, tiny  # noqa: E402
 from sklearn_cnn import CNNFeatureTransformer  # noqa: E402
 from sklearn_cnn.dask import featurize, local_cluster  # noqa: E402
 
@@ -80,15 +80,10 @@ def make_slow_cnn(seconds: float) -> torch.nn.Module:
     return net
 
 
-def tiny(model=None, **params) -> CNNFeatureTransformer:
-    params = {
-        "weights": None,
-        "image_size": 16,
-        "precision": "fp32",
-        "device": "cpu",
-        **params,
-    }
-    return CNNFeatureTransformer(model or functools.partial(make_tiny_cnn, 0), **params)
+# Integration: a local Dask cluster of worker processes.
+pytestmark = pytest.mark.slow
+
+tiny = functools.partial(tiny, weights=None, image_size=16, device="cpu")
 
 
 @pytest.fixture(scope="module")

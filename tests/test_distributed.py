@@ -8,11 +8,11 @@ import functools
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_cnn
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
+from conftest import make_tiny_cnn
 from sklearn_cnn import FineTuneClassifier
 from sklearn_cnn._distributed import _regroup, _shard
 from sklearn_cnn.distributed import fit_ddp
@@ -63,6 +63,7 @@ def digits(n_train: int, n_test: int):
     )
 
 
+@pytest.mark.slow  # two processes
 def test_ddp_on_two_processes_trains_like_one(one_torch_thread):
     # 256 training and 64 validation digits, global batches of 32: each
     # process gets 16 images of each step, and the averaged gradient is the

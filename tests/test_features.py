@@ -8,22 +8,17 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import make_tiny_cnn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose, assert_array_equal
 from PIL import Image
 
+from conftest import tiny
 from sklearn_cnn import CNNFeatureTransformer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs no CUDA")
-
-
-def tiny(**params) -> CNNFeatureTransformer:
-    params = {"precision": "fp32", **params}
-    return CNNFeatureTransformer(functools.partial(make_tiny_cnn, 0), **params)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

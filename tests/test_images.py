@@ -10,20 +10,17 @@ import pathlib
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_cnn
 from numpy.testing import assert_allclose, assert_array_equal
 from PIL import Image
 
-from sklearn_cnn import CNNFeatureTransformer
+from conftest import make_tiny_cnn, tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny(**params) -> CNNFeatureTransformer:
-    """TinyCNN, exact float32; ``stem.0`` flattened is a linear function of
-    every pixel of every channel, so any input difference shows."""
-    params = {"layer": "stem.0", "pooling": "flatten", "precision": "fp32", **params}
-    return CNNFeatureTransformer(functools.partial(make_tiny_cnn, 0), **params)
+# ``stem.0`` flattened is a linear function of every pixel of every channel,
+# so any input difference shows.
+tiny = functools.partial(tiny, layer="stem.0", pooling="flatten")
 
 
 def features(X, **params) -> np.ndarray:

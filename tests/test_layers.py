@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import TinyCNN, in_threads, make_tiny_cnn
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.utils._param_validation import InvalidParameterError
 from torch import nn
 
+from conftest import TinyCNN, in_threads, make_tiny_cnn, tiny
 from sklearn_cnn import CNNFeatureTransformer, list_layers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,11 +38,6 @@ TINY_LAYERS = [
     ("pool", (32, 1, 1)),
     ("fc", (10,)),
 ]
-
-
-def tiny(model=None, **params) -> CNNFeatureTransformer:
-    model = functools.partial(make_tiny_cnn, 0) if model is None else model
-    return CNNFeatureTransformer(model, precision="fp32", **params)
 
 
 def normalized(images: np.ndarray) -> torch.Tensor:
@@ -414,6 +409,7 @@ def test_unknown_pooling(images):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_imagenet_predictions():
     """Lite0's ImageNet logits through the layer API on sklearn's samples."""
     efficientnet = pytest.importorskip("efficientnet_lite_pytorch")

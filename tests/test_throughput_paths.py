@@ -126,6 +126,7 @@ def test_features_at_the_target_size_match_plain_torch(layer):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compile_matches_uncompiled_with_inductor():
     """The real thing, once: inductor with frozen weights, on the CPU."""
     expected = tiny().fit(X).transform(X)

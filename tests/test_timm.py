@@ -21,7 +21,8 @@ from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier, list_layers
 
 timm = pytest.importorskip("timm")
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# Integration: real timm architectures.
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]

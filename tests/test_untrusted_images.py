@@ -17,9 +17,9 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_cnn
 from PIL import Image
 
+from conftest import make_tiny_cnn, tiny
 from sklearn_cnn import CNNFeatureTransformer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,9 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 U8 = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
 
 
-def tiny(**params) -> CNNFeatureTransformer:
-    params = {"layer": "stem.0", "pooling": "avg", "precision": "fp32", **params}
-    return CNNFeatureTransformer(functools.partial(make_tiny_cnn, 0), **params)
+tiny = functools.partial(tiny, layer="stem.0", pooling="avg")
 
 
 def save(images: np.ndarray, folder: pathlib.Path) -> list[str]:

@@ -44,23 +44,65 @@ HEAVY = (
 )  # fmt: skip
 
 
-def _alt_model(name: str, size: int):
-    """The same architecture built for another input size, and that size."""
+# ---------------------------------------------------------------------------
+# Reference computations, independent of the library (tests/test_zoo.py uses
+# them too): hooks of our own, pooling by hand, the channel axis found from a
+# second input size.
+# ---------------------------------------------------------------------------
+
+
+def build(name: str, size: int | None = None):
+    """``name`` with seeded random weights, built for input ``size`` where the
+    architecture fixes it (ViTs, MaxViT), in eval mode.
+
+    BatchNorm statistics are made like trained ones, not the identity of a
+    fresh init: transform folds BatchNorms into convolutions, and a wrong
+    fold must show.
+    """
+    import torch
     import torchvision
 
+    kwargs = {}
+    if size is not None and name.startswith("vit_"):
+        kwargs["image_size"] = size
+    if size is not None and name.startswith("maxvit"):
+        kwargs["input_size"] = (size, size)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # inception's init
+        model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.3, 2.0)
+                m.weight.uniform_(0.25, 1.75)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def second_size(name: str, size: int) -> int:
+    """Another input size the model accepts: two more ViT patches, twice the
+    size for MaxViT (windows of 7 at every stage), else 32 px more."""
     if name.startswith("vit_"):
-        patch = int(re.search(r"_(\d+)$", name).group(1))
-        return torchvision.models.get_model(name, image_size=size + 2 * patch), (
-            size + 2 * patch
-        )
+        return size + 2 * int(re.search(r"_(\d+)$", name).group(1))
     if name.startswith("maxvit"):
-        return torchvision.models.get_model(name, input_size=(2 * size, 2 * size)), (
-            2 * size
-        )
-    return None, size + 32
+        return 2 * size
+    return size + 32
 
 
-def _hook(model, name: str, x, pre: bool = False):
+def alt_model(name: str, model, size: int):
+    """The model to run at ``second_size``, and that size: ``model`` itself,
+    or the same architecture rebuilt where it fixes its input size."""
+    size2 = second_size(name, size)
+    if name.startswith(("vit_", "maxvit")):
+        return build(name, size2), size2
+    return model, size2
+
+
+def hooked(model, name: str, x, pre: bool = False):
+    """The output (the input with ``pre``) of ``model``'s module ``name`` for
+    input ``x``, by a hook of our own, as float64."""
     import torch
 
     seen = []
@@ -81,14 +123,62 @@ def _hook(model, name: str, x, pre: bool = False):
     return seen[0].detach().double()
 
 
+def atol(expected) -> float:
+    """Random weights without pretrained statistics give activations up to
+    1e7 (inception): a tolerance relative to the largest."""
+    return 1e-4 * max(1.0, float(expected.abs().max()))
+
+
+def normalized(X):
+    """uint8 images (N, H, W, 3) as the network's input, ImageNet-normalized."""
+    import torch
+
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    x = torch.from_numpy(X).permute(0, 3, 1, 2).float() / 255
+    return ((x - mean) / std).contiguous()
+
+
+def expected_penultimate(model, head: str | None, x):
+    """The classifier's input (the network's output without a Linear head,
+    as squeezenet's convolutional classifier), flattened."""
+    import torch
+
+    if head is None:
+        with torch.no_grad():
+            return model.eval()(x).double()
+    return hooked(model, head, x, pre=True).flatten(1)
+
+
+def expected_mid(name: str, model, layer: str, x, size: int):
+    """``layer``'s output averaged by hand over every axis but the channel
+    axis: the one axis whose length does not change at ``second_size`` (ViT
+    tokens without their class token)."""
+    import torch
+
+    t = hooked(model, layer, x)
+    other, size2 = alt_model(name, model, size)
+    t2 = hooked(other, layer, torch.zeros(1, 3, size2, size2))
+    same = [i for i in range(1, t.ndim) if t.shape[i] == t2.shape[i]]
+    if name.startswith("maxvit") and len(same) == 2:
+        # (N, windows, tokens per window, C): 7 x 7 tokens at any size.
+        same = [i for i in same if t.shape[i] != model.partition_size**2]
+    if len(same) != 1:
+        raise AssertionError(f"channel axis not unique: {t.shape} vs {t2.shape}")
+    axis = same[0]
+    if name.startswith("vit_") and t.ndim == 3:  # tokens: class token out
+        t = t.narrow(3 - axis, TOKENS_PREFIX, t.shape[3 - axis] - TOKENS_PREFIX)
+    return t.mean(tuple(i for i in range(1, t.ndim) if i != axis))
+
+
 def _all_layers(name: str, module, layers, size: int) -> str:
     """Of the layers whose output scales with the input, how many pool to the
     length of the axis that does not (the channel or embedding axis)."""
     from sklearn_cnn import list_layers
     from sklearn_cnn._layers import pooled_width
 
-    alt, size2 = _alt_model(name, size)
-    other = {la.name: la for la in list_layers(alt or module, image_size=size2)}
+    alt, size2 = alt_model(name, module, size)
+    other = {la.name: la for la in list_layers(alt, image_size=size2)}
     window = getattr(module, "partition_size", 0) ** 2
     good = checked = 0
     for layer in layers:
@@ -103,21 +193,6 @@ def _all_layers(name: str, module, layers, size: int) -> str:
         if len(same) == 1 and pooled_width(a, "avg", layer.layout) == a[same[0]]:
             good += 1
     return f"{good}/{checked}"
-
-
-def _atol(expected) -> float:
-    """Random weights without pretrained statistics can give activations of
-    1e7 (inception): tolerance relative to the largest."""
-    return 1e-4 * max(1.0, float(expected.abs().max()))
-
-
-def _normalized(X, size: int):
-    import torch
-
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    x = torch.from_numpy(X).permute(0, 3, 1, 2).float() / 255
-    return ((x - mean) / std).contiguous()
 
 
 def _size_for(module, X_of) -> int:
@@ -139,8 +214,6 @@ def _size_for(module, X_of) -> int:
 
 def run_one(name: str) -> dict:
     import numpy as np
-    import torch
-    import torchvision
     from numpy.testing import assert_allclose
 
     from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier, list_layers
@@ -155,8 +228,7 @@ def run_one(name: str) -> dict:
     start = time.perf_counter()
     # Built once (seeded); the estimators copy it. Only the penultimate run
     # builds from the name, as a user would.
-    torch.manual_seed(0)
-    module = torchvision.models.get_model(name, weights=None).eval()
+    module = build(name)
     try:
         size = _size_for(module, X_of)
     except Exception as exc:  # noqa: BLE001 - reported in the table
@@ -164,7 +236,7 @@ def run_one(name: str) -> dict:
         return row
     row["size"] = size
     X = X_of(size)
-    x = _normalized(X, size)
+    x = normalized(X)
 
     # list_layers
     try:
@@ -182,13 +254,8 @@ def run_one(name: str) -> dict:
             name, weights=None, image_size=size, precision="fp32", random_state=0
         ).fit(X)
         out = est.transform(X)
-        head = est.trace_.head
-        if head is None:  # squeezenet: no Linear, its output is the features
-            with torch.no_grad():
-                expected = est.model_(x).double()
-        else:
-            expected = _hook(est.model_, head, x, pre=True).flatten(1)
-        assert_allclose(out, expected.numpy(), rtol=1e-3, atol=_atol(expected))
+        expected = expected_penultimate(est.model_, est.trace_.head, x)
+        assert_allclose(out, expected.numpy(), rtol=1e-3, atol=atol(expected))
         row["penultimate"] = out.shape[1]
     except Exception as exc:  # noqa: BLE001
         row["penultimate"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
@@ -205,24 +272,9 @@ def run_one(name: str) -> dict:
             module, image_size=size, layer=mid.name, precision="fp32"
         ).fit(X)
         out = est.transform(X)
-        t = _hook(est.model_, mid.name, x)
-        alt, size2 = _alt_model(name, size)
-        if alt is None:
-            alt = est.model_
-        t2 = _hook(alt, mid.name, torch.zeros(1, 3, size2, size2))
-        same = [i for i in range(1, t.ndim) if t.shape[i] == t2.shape[i]]
-        if name.startswith("maxvit") and len(same) == 2:
-            # (N, windows, tokens per window, C): 7 x 7 tokens at any size.
-            same = [i for i in same if t.shape[i] != est.model_.partition_size**2]
-        if len(same) != 1:
-            raise AssertionError(f"channel axis not unique: {t.shape} vs {t2.shape}")
-        axis = same[0]
-        if name.startswith("vit_") and t.ndim == 3:  # tokens: class token out
-            t = t.narrow(3 - axis, TOKENS_PREFIX, t.shape[3 - axis] - TOKENS_PREFIX)
-        dims = tuple(i for i in range(1, t.ndim) if i != axis)
-        expected = t.mean(dims)
-        assert out.shape[1] == t.shape[axis], (out.shape, t.shape, axis)
-        assert_allclose(out, expected.numpy(), rtol=1e-3, atol=_atol(expected))
+        expected = expected_mid(name, est.model_, mid.name, x, size)
+        assert out.shape == expected.shape, (out.shape, expected.shape)
+        assert_allclose(out, expected.numpy(), rtol=1e-3, atol=atol(expected))
         row["mid_width"] = out.shape[1]
     except Exception as exc:  # noqa: BLE001
         row["mid_width"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
@@ -234,7 +286,7 @@ def run_one(name: str) -> dict:
         except Exception as exc:  # noqa: BLE001
             row["all_layers"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
 
-    est = alt = t = t2 = None
+    est = expected = None
     gc.collect()
 
     # fine-tuning
