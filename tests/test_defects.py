@@ -1,5 +1,7 @@
-"""Edge cases where an earlier version gave a wrong or unhelpful result: each
-test states the behaviour that holds now."""
+"""Edge cases with a wrong or unhelpful result to avoid: the temperature of a
+probe head that wins, warm starts after a network parameter changed, a
+forward pass cut short at the last tap, one check of ``image_size``, and
+weights files that hold something other than tensors."""
 
 from __future__ import annotations
 

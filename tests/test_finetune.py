@@ -1,5 +1,5 @@
 """FineTuneClassifier: head, freezing, learning rates, probe, training loop,
-prediction, scikit-learn behaviour and bad input (issue points 1-8).
+prediction, scikit-learn behaviour and bad input.
 
 Everything runs a TinyCNN on 16 x 16 images for a few epochs; no timings."""
 
@@ -1058,7 +1058,7 @@ def test_validation_split_too_small_trains_on_everything(n, fraction, n_val):
 
 
 def test_ten_classes_of_nine_images_fit_with_defaults(tiny_builder):
-    # Issue 10.6: small data works with the default validation_fraction.
+    # Small data works with the default validation_fraction.
     X, y = colour_images(30)
     y = np.repeat(np.arange(10), 9)
     with pytest.warns(UserWarning, match="validation_fraction=0.1 leaves 10"):

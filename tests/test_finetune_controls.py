@@ -1,4 +1,4 @@
-"""FineTuneClassifier's practitioner controls (issue 7.3) and its weighted,
+"""FineTuneClassifier's practitioner controls and its weighted,
 calibrated and test-time-augmented paths, each tested without building more
 than a TinyCNN; the pieces (_optim, _head, _targets) are tested directly."""
 
@@ -343,7 +343,7 @@ def test_probe_runs_blas_on_one_thread_for_small_problems(monkeypatch):
     assert set(seen) == {2}
 
 
-# --- the frozen prefix, computed once (issue 8.3) -----------------------------
+# --- the frozen prefix, computed once -----------------------------------------
 
 
 def counting_cnn():
@@ -426,7 +426,7 @@ def test_prefix_that_is_not_a_cut_trains_on_images(data):
     np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=1e-5)
 
 
-# --- memory=: what one fit stores once, reused by the next (issue 8.3) --------
+# --- memory=: what one fit stores once, reused by the next --------------------
 
 
 def counting_cnn_of(seed: int, dropout: float = 0.0):
@@ -504,7 +504,7 @@ def test_freeze_search_with_memory_scores_as_without(data, tmp_path):
     )
 
 
-# --- reliability of the training loop (issue 10) --------------------------------
+# --- reliability of the training loop -------------------------------------------
 
 
 def test_cpu_fit_forks_no_cuda_generator(data, monkeypatch):

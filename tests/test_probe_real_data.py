@@ -1,4 +1,4 @@
-"""The probe head on real data and real weights (issue 14, point 1): folded
+"""The probe head on real data and real weights: folded
 into the network, it scores as scikit-learn's own probe does on the same
 pooled features."""
 

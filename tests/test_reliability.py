@@ -1,5 +1,5 @@
 """Reliability: parameters take effect at fit, failed fits change nothing,
-CUDA out-of-memory retries, pickling without a device copy (issue 10)."""
+CUDA out-of-memory retries, pickling without a device copy."""
 
 from __future__ import annotations
 
