@@ -34,6 +34,7 @@ from ._base import (
     _same,
     restore_on_failure,
 )
+from ._cache import cache_directory
 from ._freezing import (
     _frozen_modules,
     _stages,
@@ -135,6 +136,21 @@ class FineTuneClassifier(
         rate is what beats the probe on the best layer; without selection it
         can wreck a network trained a few steps on a few hundred images (see
         the user guide).
+
+        Whatever the rate, an epoch that wrecks the pretrained network is
+        undone within the fit: when its training loss goes back more than half
+        the way from the start's (the probe head's) to that of a network that
+        learned nothing, or its validation accuracy loses more than half of the
+        best epoch's lead over the largest class, the weights go back to the
+        best epoch (the last one without a validation split) and the epochs
+        left train at a tenth of the backbone's rate, at most twice a fit. A
+        dip smaller than that is left to the selection: such dips recover
+        within a few epochs. Measured on grey digits at 160 px, where the first
+        epoch at ``lr`` sends the validation accuracy to chance, a rule that
+        only reacts costs one epoch where a fixed lower rate would lose the
+        faster rate's gain on every other data set (see the user guide).
+        Recoveries show in ``history_`` (its ``backbone_lr`` column) and
+        ``backbone_lr_``; with a ``backbone_lr`` of your own they also warn.
     head_init : {"probe", "random"}, default="probe"
         "probe" fits the new head first as a logistic regression (standardized,
         ``C`` chosen by a 3-fold internal CV) on the frozen pretrained
@@ -293,9 +309,14 @@ class FineTuneClassifier(
         "after" temperature scaling (NaN without calibration).
     history_ : list of dict
         One row per epoch: ``epoch``, ``train_loss``, ``valid_loss``,
-        ``valid_accuracy`` (NaN without a validation split) and ``time`` (s).
-        Row 0 describes the start (the probe head) and its ``time`` the setup
-        (network, probe).
+        ``valid_accuracy`` (NaN without a validation split), ``backbone_lr``
+        (the peak rate the pretrained layers trained at in that epoch; absent
+        when only the head trains) and ``time`` (s). Row 0 describes the start
+        (the probe head): its ``train_loss`` is the probe head's loss on the
+        un-augmented training images (absent with ``head_init="random"``) and
+        its ``time`` the setup (network, probe). An epoch that wrecked the
+        network (see ``backbone_lr``) keeps its row; the next row's
+        ``backbone_lr`` is a tenth of it.
     best_epoch_ : int
         The epoch whose weights the classifier holds: with a validation split
         and ``early_stopping`` the best one (0: the probe head won; see
@@ -303,8 +324,9 @@ class FineTuneClassifier(
     n_iter_ : int
         Epochs trained, over all warm-started fits.
     backbone_lr_ : float
-        The peak learning rate the pretrained layers trained at in the last
-        fit: ``backbone_lr``, or what None chose.
+        The peak learning rate the pretrained layers trained at at the end of
+        the last fit: ``backbone_lr``, or what None chose, divided by 10 for
+        each epoch that wrecked the network and was undone.
 
     See Also
     --------
@@ -565,7 +587,12 @@ class FineTuneClassifier(
             model, self.trace_, self.head_, self.stages_, self.freeze
         )
         self.frozen_, self.frozen_fraction_ = frozen_summary(model, self.head_, frozen)
-        sources = Sources(self, X, y, w, train_idx, val_idx)
+        sources = Sources(
+            self._network, X, y, w, train_idx, val_idx, head=self.head_,
+            stages=self.stages_, n_classes=len(self.classes_), augment=self.augment,
+            memory=cache_directory(self.memory), batch_size=bs,
+            num_workers=self.num_workers, verbose=self.verbose,
+        )  # fmt: skip
         has_val = len(val_idx) > 0
         selects = has_val and self.early_stopping
         self.backbone_lr_ = self._backbone_lr(selects)
@@ -605,7 +632,12 @@ class FineTuneClassifier(
                     selection = Selection(
                         last, val_acc, val_loss, model, len(val_idx) > 0
                     )
-                    guard = self._guard(loop, loss, start_loss)
+                    # The probe's training loss is optimistic (fitted on these
+                    # images, no augmentation, no dropout): the validation
+                    # loss, when there is one, is the start's honest loss.
+                    known = [v for v in (start_loss, val_loss) if v is not None]
+                    known = [v for v in known if math.isfinite(v)]
+                    guard = self._guard(loop, loss, max(known, default=None))
                 self.n_trainable_params_ = sum(
                     p.numel() for p in model.parameters() if p.requires_grad
                 )

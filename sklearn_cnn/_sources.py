@@ -20,7 +20,6 @@ import torch
 
 from ._cache import (
     ActivationCache,
-    cache_directory,
     entry_name,
     fine_tune_key,
     image_digests,
@@ -28,6 +27,7 @@ from ._cache import (
 from ._freezing import frozen_prefix
 from ._head import check_vector_head, float_logits
 from ._layers import Tap
+from ._network import Network
 from ._runtime import uses_channels_last
 from ._training import (
     Augmented,
@@ -48,18 +48,37 @@ def _flat(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 class Sources:
     """The sources of one fit: images ``X`` with encoded labels ``y`` and
-    weights ``w``, split into ``train_idx`` and ``val_idx``. Reads the
-    estimator (its network, parameters and inference loop), never changes it.
+    weights ``w``, split into ``train_idx`` and ``val_idx``, read through the
+    fitted ``network`` whose classifier is the submodule ``head`` and whose
+    stages are ``stages``. ``augment``, ``memory`` (an activation cache
+    folder or None), ``batch_size``, ``num_workers`` and ``verbose`` are the
+    estimator's parameters of the same names.
     """
 
     def __init__(
-        self, est: Any, X: Any, y: np.ndarray, w: np.ndarray,
-        train_idx: np.ndarray, val_idx: np.ndarray,
+        self, network: Network, X: Any, y: np.ndarray, w: np.ndarray,
+        train_idx: np.ndarray, val_idx: np.ndarray, *, head: str,
+        stages: list[str], n_classes: int, augment: Any, memory: str | None,
+        batch_size: int, num_workers: Any, verbose: int,
     ) -> None:  # fmt: skip
-        self.est, self.X, self.y, self.w = est, X, y, w
+        self.network, self.X, self.y, self.w = network, X, y, w
         self.index = {"train": train_idx, "valid": val_idx}
+        self.head, self.stages, self.n_classes = head, stages, n_classes
+        self.augment, self.memory = augment, memory
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.verbose = verbose
         self.stored: dict[str, torch.Tensor] = {}
         self.digests: list[bytes] | None = None  # of X's images, for memory=
+
+    def _run(
+        self, taps: list[Tap], reduce: Any, n_columns: int, label: str,
+        index: np.ndarray,
+    ) -> np.ndarray:  # fmt: skip
+        return self.network.run(
+            self.X, taps, reduce, n_columns, label=label, index=index,
+            batch_size=self.batch_size, num_workers=self.num_workers,
+            verbose=self.verbose,
+        )  # fmt: skip
 
     # -- what is stored ----------------------------------------------------------
 
@@ -71,22 +90,20 @@ class Sources:
         return self.stored[part]
 
     def _head_only(self) -> bool:
-        est = self.est
         return not any(
             p.requires_grad
-            for n, p in est.model_.named_parameters()
-            if not n.startswith(est.head_ + ".")
+            for n, p in self.network.module.named_parameters()
+            if not n.startswith(self.head + ".")
         )
 
     def _prefix(self, frozen: set[str]) -> list[str] | None:
         """The leading frozen stages, when their outputs are worth storing:
         no augmentation, a fixed image size, at most ``PREFIX_BYTES``."""
-        est = self.est
-        prefix = frozen_prefix(est.stages_, frozen)
-        if not prefix or est.augment is not None:
+        prefix = frozen_prefix(self.stages, frozen)
+        if not prefix or self.augment is not None:
             return None
-        shape = est.trace_.shapes.get(prefix[-1])
-        if shape is None or est.preprocessing_.output_size is None:
+        shape = self.network.trace.shapes.get(prefix[-1])
+        if shape is None or self.network.preprocessing.output_size is None:
             return None
         return prefix if 4 * math.prod(shape) * len(self.X) <= PREFIX_BYTES else None
 
@@ -94,16 +111,16 @@ class Sources:
         """One pass over the images of ``part``: the head's input (if ``head``
         or only the head trains) and the frozen prefix's outputs (if they
         will serve), on the CPU."""
-        est, taps, shapes = self.est, [], []
+        taps, shapes = [], []
         prefix = self._prefix(frozen)
         head = head or self._head_only()
         if prefix is not None and not self._head_only():
             taps.append(Tap(prefix[-1]))
-            shapes.append(est.trace_.shapes[prefix[-1]])
+            shapes.append(self.network.trace.shapes[prefix[-1]])
         if head:
-            check_vector_head(est.trace_, est.head_)
-            taps.append(Tap(est.head_, pre=True))
-            shapes.append(est.trace_.input_shapes[est.head_])
+            check_vector_head(self.network.trace, self.head)
+            taps.append(Tap(self.head, pre=True))
+            shapes.append(self.network.trace.input_shapes[self.head])
         outputs = self._outputs(taps, shapes, self.index[part])
         if head:
             self.stored[part] = outputs.pop()
@@ -116,13 +133,12 @@ class Sources:
         """Each tap's outputs for the images ``index``, float32 on the CPU: read
         from the cache in ``memory`` where stored, the rest in one pass (and
         stored there for the next fit: a later fold or candidate)."""
-        est = self.est
-        directory = cache_directory(getattr(est, "memory", None))
+        directory = self.memory
         missing = np.ones(len(index), dtype=bool)
         outputs = [np.empty((len(index), *shape), np.float32) for shape in shapes]
         names = [entry_name(t) for t in taps]
         if directory is not None:
-            cache, (key, about) = ActivationCache(directory), fine_tune_key(est._network, est.head_)
+            cache, (key, about) = ActivationCache(directory), fine_tune_key(self.network, self.head)
             if self.digests is None:
                 self.digests = image_digests(self.X)
             digests = [self.digests[i] for i in index]
@@ -133,9 +149,7 @@ class Sources:
             missing = ~found
         if missing.any():
             sizes = [math.prod(shape) for shape in shapes]
-            flat = est._run(
-                self.X, taps, _flat, sum(sizes), "features", index=index[missing]
-            )
+            flat = self._run(taps, _flat, sum(sizes), "features", index[missing])
             parts = np.split(flat, np.cumsum(sizes)[:-1], axis=1)
             for out, a, shape in zip(outputs, parts, shapes, strict=True):
                 out[missing] = a.reshape(-1, *shape)
@@ -153,10 +167,9 @@ class Sources:
         """The module that maps training batches to logits, the training and
         validation sources, and the autocast dtype, for a phase that trains
         all but ``frozen``."""
-        est = self.est
-        if est.augment is None and self._head_only():
+        if self.augment is None and self._head_only():
             return (
-                est.model_.get_submodule(est.head_),
+                self.network.module.get_submodule(self.head),
                 *(self._features(p, self.head_inputs(p, frozen)) for p in self.index),
                 None,
             )
@@ -165,8 +178,8 @@ class Sources:
             for part in self.index:
                 if "prefix " + part not in self.stored:
                     self._compute(part, frozen, head=False)
-            size = est.preprocessing_.output_size
-            skip = PrefixSkip(est.model_, prefix[:-1], prefix[-1], (3, *size))
+            size = self.network.preprocessing.output_size
+            skip = PrefixSkip(self.network.module, prefix[:-1], prefix[-1], (3, *size))
             if self._replays_exactly(skip):
                 return (
                     skip,
@@ -174,45 +187,44 @@ class Sources:
                         self._features(p, self.stored["prefix " + p])
                         for p in self.index
                     ),
-                    est._autocast_dtype,
+                    self.network.dtype,
                 )
         return (
-            est.model_,
+            self.network.module,
             self._images("train"),
             self._images("valid"),
-            est._autocast_dtype,
+            self.network.dtype,
         )
 
     def _features(self, part: str, features: torch.Tensor) -> FeatureSource:
         i = self.index[part]
-        est = self.est
         return FeatureSource(
-            features, self.y[i], self.w[i], est.device_, uses_channels_last(est.model_)
+            features, self.y[i], self.w[i], self.network.device, uses_channels_last(self.network.module)
         )
 
     def _images(self, part: str) -> ImageSource:
-        est, i = self.est, self.index[part]
-        pre: Any = est.preprocessing_
-        if part == "train" and est.augment is not None:
-            pre = Augmented(est.augment, pre)
-        predict = partial(
-            est._run, self.X, [], float_logits, len(est.classes_), "validate", i
-        )
+        i = self.index[part]
+        pre: Any = self.network.preprocessing
+        if part == "train" and self.augment is not None:
+            pre = Augmented(self.augment, pre)
+        predict = partial(self._run, [], float_logits, self.n_classes, "validate", i)
+        network = self.network
         return ImageSource(
-            Labelled(self.X, i, self.y, self.w, pre), predict, device=est.device_,
-            num_workers=est.num_workers, channels_last=uses_channels_last(est.model_),
+            Labelled(self.X, i, self.y, self.w, pre), predict, device=network.device,
+            num_workers=self.num_workers,
+            channels_last=uses_channels_last(network.module),
         )  # fmt: skip
 
     def _replays_exactly(self, skip: PrefixSkip) -> bool:
         """Whether the network after the prefix, on stored outputs, gives what
         the whole network gives (a model that reuses an early tensor later,
         say, would not), on the first training images."""
-        est, index = self.est, self.index["train"][:4]
-        whole = est._run(self.X, [], float_logits, len(est.classes_), "check", index)
-        outputs = self.stored["prefix train"][: len(index)].to(est.device_)
+        index = self.index["train"][:4]
+        whole = self._run([], float_logits, self.n_classes, "check", index)
+        outputs = self.stored["prefix train"][: len(index)].to(self.network.device)
         try:
             with torch.inference_mode(), skip:
-                est.model_.eval()
+                self.network.module.eval()
                 part = float_logits([skip(outputs)]).cpu().numpy()
         except Exception:  # the blank input broke it: not a cut
             return False
@@ -222,8 +234,8 @@ class Sources:
     def valid_logits(self, loop: Any) -> np.ndarray:
         """Logits of the validation images (from stored features when only the
         head trained), for calibration."""
-        est = self.est
-        if loop is not None and loop.forward is est.model_.get_submodule(est.head_):
-            return loop.valid.logits(loop.forward, est.batch_size, None).numpy()
-        n, index = len(est.classes_), self.index["valid"]
-        return est._run(self.X, [], float_logits, n, "calibrate", index=index)
+        head = self.network.module.get_submodule(self.head)
+        if loop is not None and loop.forward is head:
+            return loop.valid.logits(loop.forward, self.batch_size, None).numpy()
+        index = self.index["valid"]
+        return self._run([], float_logits, self.n_classes, "calibrate", index)
