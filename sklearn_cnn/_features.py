@@ -84,9 +84,8 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
     batch_size : int or "auto", default="auto"
         Images per forward pass; peak memory is bounded by it, not by the data.
         The features do not depend on it. "auto": 64 on a GPU; on a CPU a
-        power of two near 400,000 pixels (8 images at 224 px, 16 at 160, 32
-        at 96, up to 128 for small images), the fastest measured on a 2-core
-        CPU, where larger batches ran up to 2.5x slower.
+        power of two near 400,000 pixels (8 images at 224 px, up to 128 for
+        small images), since a CPU runs small batches fastest.
     device : "auto", str or torch.device, default="auto"
         "auto" runs on CUDA when available, else on the CPU.
     precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
@@ -115,15 +114,10 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         guide's "Caching activations". None caches nothing. Takes effect at
         once: it does not change the features.
     compile : bool or "auto", default=False
-        Run the network through :func:`torch.compile` (inductor, with its
-        inference-only ``freezing``: BatchNorm folded into the convolutions,
-        element-wise operators fused into them). The compile (30 to 60 s the
-        first time on a 2-core CPU, 6 to 10 s once torch's on-disk compile
-        cache holds the network) is paid at the first ``transform`` and
-        reused by later ones while the fitted network stays the same. What
-        it gains depends on the batch: on a 2-core CPU 1.25 to 1.9x at 64
-        images a pass, but 1.03 to 1.08x at the 8 that ``batch_size="auto"``
-        runs at 224 px, which is as fast uncompiled; hence not the default.
+        Run the network through :func:`torch.compile` (inductor, inference
+        only). The compile, tens of seconds, is paid at the first
+        ``transform`` and reused while the fitted network stays the same; it
+        gains little at the small batches a CPU runs, hence not the default.
         "auto" compiles during a ``transform`` whose images left are
         predicted (from its first batches) to take over five minutes
         uncompiled. The features agree with the uncompiled network's to float

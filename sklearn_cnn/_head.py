@@ -28,12 +28,9 @@ PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 _PROBE_MAX_ITER = 1000
 #: The probe divides each feature by at least this fraction of the median spread.
 SCALE_FLOOR = 0.1
-#: Up to this many feature values, the probe's BLAS runs on one thread. L-BFGS
+#: Up to this many feature values, the probe's BLAS runs on one thread: L-BFGS
 #: makes many small BLAS calls, for which threads cost far more than they give
-#: when cores are shared (with torch's threads, other jobs, a search's workers):
-#: on a 2-core machine running other work, 600 x 1280 features took 1.83 s per
-#: LogisticRegression on two OpenBLAS threads and 0.07 s on one; 8000 x 1280,
-#: 7.8 s and 0.47 s.
+#: when cores are shared (figures in benchmarks/README.md).
 PROBE_ONE_THREAD = 2**24
 
 
@@ -133,10 +130,9 @@ def fit_probe(
     scaler = StandardScaler().fit(Z)
     # Nearly dead features (ReLU outputs that fire on a few images) have a
     # tiny spread, and dividing by it folds weights 100x the others' into the
-    # head: once fine-tuning wakes such a feature up, the logits jump (Lite0 on
-    # Animal-MNIST: a first-epoch loss of 1.7 from a probe at 0.3). A floor at
-    # a tenth of the median spread keeps them in proportion, at no cost to the
-    # probe's accuracy (0.912 against 0.906 there).
+    # head: once fine-tuning wakes such a feature up, the logits jump. A floor
+    # at a tenth of the median spread keeps them in proportion, at no cost to
+    # the probe's accuracy (figures in benchmarks/README.md).
     spread = scaler.scale_[scaler.var_ > 0]
     if spread.size:
         scaler.scale_ = np.maximum(scaler.scale_, SCALE_FLOOR * np.median(spread))

@@ -78,9 +78,8 @@ def light_augment(image: torch.Tensor) -> torch.Tensor:
     Works on one (C, H, W) tensor, uint8 or float, before normalization. Light
     on purpose: on small data, the usual crops (torchvision's 8-100 % of the
     area, or 70-100 %) move the training images so far from the test images
-    that the probe-initialised head starts far from its optimum (Animal-MNIST,
-    Lite0, ``freeze=0.5``: training loss 0.65 instead of 0.43 after the first
-    epoch, test accuracy 0.918 instead of 0.934 after five).
+    that the probe-initialised head starts far from its optimum (figures in
+    benchmarks/README.md).
     """
     h, w = image.shape[-2:]
     top, left, ch, cw = RandomResizedCrop.get_params(
