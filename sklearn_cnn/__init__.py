@@ -1,18 +1,52 @@
 """Pretrained CNNs as scikit-learn estimators: features and fine-tuning.
 
-Where each parameter is handled (one module per concern):
+The package in layers; a module imports only from the layers below it
+(an import-linter contract in ``pyproject.toml``, checked by ``nox -s lint``):
+
+====================  =========================================================
+layer                 modules (what each owns)
+====================  =========================================================
+extras                ``dask`` (featurize on a cluster), ``distributed`` /
+                      ``_distributed`` (fine-tuning with DDP), ``inspection``
+                      (activation maps)
+estimators            ``_features`` (CNNFeatureTransformer), ``_finetune``
+                      (FineTuneClassifier), ``_base`` (what both share:
+                      building their network, the parameter checks at fit)
+persistence           ``_persistence`` (save/load; estimators register)
+training              ``_sources`` (what epochs train on), ``_training`` (the
+                      epochs, selection, recovery, the data-parallel hook)
+storage               ``_cache`` (the activation cache on disk)
+the network           ``_network`` (the fitted network; the inference loop)
+parts                 ``_inspect``, ``_inference`` (folded copy), ``_head``,
+                      ``_freezing``, ``_optim``, ``_targets``, ``_folder``
+bottom                ``_models``, ``_runtime``, ``_images``, ``_layers``,
+                      ``_version``
+====================  =========================================================
+
+Where each parameter takes effect:
 
 =========================================  ====================================
-parameter                                  module
+parameter                                  where
 =========================================  ====================================
-``model``, ``weights``, ``random_state``   ``_models`` (build, load, seed)
-``image_size``, ``mean``, ``std``          ``_models`` (resolve), ``_images``
-                                           (``Preprocessing``, input checks)
-``layer``, ``pooling``                     ``_layers`` (trace, taps, layouts)
-``batch_size``, ``device``, ``precision``, ``_runtime`` (devices, autocast,
-``num_workers``, ``compile``, ``verbose``  batches, progress), ``_base``
-                                           (the inference loop)
-``memory``                                 ``_cache``
+``model``, ``weights``                     ``_models.build_model``, called by
+                                           ``_network.Network.build``
+``random_state``                           the estimator's ``fit`` draws every
+                                           seed from it (``_models.seeded``
+                                           weights, the split, the probe, the
+                                           epochs' order)
+``image_size``, ``mean``, ``std``          ``_models.resolve_preprocessing``;
+                                           applied by ``_images.Preprocessing``
+``layer``                                  ``_layers.resolve_layers`` (names
+                                           to taps)
+``pooling``, ``layout``                    ``_layers.pool``, through
+                                           ``CNNFeatureTransformer._pool_tap``
+``device``, ``precision``                  ``_network.Network`` (placed at
+                                           build; autocast in ``stream``)
+``batch_size``, ``num_workers``,           ``_network.Network.stream`` (the one
+``compile``, ``verbose``, ``tta``          inference loop)
+``memory``                                 ``_cache`` (transform:
+                                           ``cached_transform``; fine-tuning:
+                                           ``_sources``)
 ``freeze``, ``batchnorm``, ``unfreeze_at`` ``_freezing``
 ``head_init``, ``calibrate``               ``_head`` (head, probe, temperature)
 ``lr``, ``backbone_lr``, ``layer_decay``,  ``_optim`` (parameter groups,
@@ -21,15 +55,15 @@ parameter                                  module
 ``class_weight``, ``validation_fraction``, ``_targets``
 ``sample_weight`` (fit)
 ``epochs``, ``augment``,                   ``_training`` (epochs, selection,
-``early_stopping``, ``n_iter_no_change``,  frozen prefix computed once)
-``label_smoothing``
-``tta``                                    ``_base`` (the inference loop)
-``save``/``load``                          ``_persistence``
+``early_stopping``, ``n_iter_no_change``,  recovery); ``augment`` also decides
+``label_smoothing``                        what ``_sources`` stores once
 =========================================  ====================================
 
-The estimators themselves (``_features``, ``_finetune``) hold the parameter
-constraints, ``fit`` as an orchestration of those modules, and the
-prediction methods.
+Process-wide state: ``_network.SHARED`` (networks that fits with ``memory=``
+share), ``_inference`` (folded copies, per network), ``_layers`` (tap hubs,
+per network), ``_cache._class_source`` (source digests, per class),
+``_persistence`` (the estimator registry) and ``dask`` (networks on a worker);
+each states its invalidation rule where it is defined.
 """
 
 from ._cache import cache_size, clear_cache

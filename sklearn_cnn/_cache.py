@@ -703,9 +703,7 @@ def network_key_parts(network: Network, pooling: str, layout: Any) -> dict[str, 
     if "digest" not in memo:
         memo["digest"] = module_digest(network.module)
     # A user's layout hint decides how a layer of unknown layout is pooled.
-    return _about(
-        network, network=memo["digest"], pooling=pooling, layout=repr(layout)
-    )
+    return _about(network, network=memo["digest"], pooling=pooling, layout=repr(layout))
 
 
 def fine_tune_key(network: Network, head: str) -> tuple[str, dict[str, Any]]:

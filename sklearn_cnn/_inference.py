@@ -44,6 +44,8 @@ from ._layers import Tap, drop_tap_hooks, is_tap_hook
 from ._runtime import autocast, uses_channels_last
 
 #: The copies made so far, one per network, device and autocast dtype.
+#: Invalidation: dropped with the network (weak keys); made anew when the
+#: network's snapshot (modules, tensors and their versions, hooks) changes.
 _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 

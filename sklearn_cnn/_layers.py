@@ -565,6 +565,8 @@ def without_tap_hooks(module: nn.Module) -> nn.Module:
     return copy
 
 
+#: One hub of tap hooks per network, shared by the threads that tap it.
+#: Invalidation: dropped with the network (weak keys); holds no results.
 _HUBS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _HUBS_LOCK = threading.Lock()
 

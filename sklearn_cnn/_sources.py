@@ -138,7 +138,10 @@ class Sources:
         outputs = [np.empty((len(index), *shape), np.float32) for shape in shapes]
         names = [entry_name(t) for t in taps]
         if directory is not None:
-            cache, (key, about) = ActivationCache(directory), fine_tune_key(self.network, self.head)
+            cache, (key, about) = (
+                ActivationCache(directory),
+                fine_tune_key(self.network, self.head),
+            )
             if self.digests is None:
                 self.digests = image_digests(self.X)
             digests = [self.digests[i] for i in index]
@@ -199,7 +202,11 @@ class Sources:
     def _features(self, part: str, features: torch.Tensor) -> FeatureSource:
         i = self.index[part]
         return FeatureSource(
-            features, self.y[i], self.w[i], self.network.device, uses_channels_last(self.network.module)
+            features,
+            self.y[i],
+            self.w[i],
+            self.network.device,
+            uses_channels_last(self.network.module),
         )
 
     def _images(self, part: str) -> ImageSource:

@@ -141,6 +141,7 @@ def _default_client(client: Any) -> Any:
         return None
 
 
+#: Clients whose workers' environment was checked once (a warning, no data).
 _CHECKED_CLIENTS: set[str] = set()
 
 
@@ -174,6 +175,8 @@ def _warn_malloc_trim(client: Any) -> None:
 # ---------------------------------------------------------------------------
 
 #: Per process: token -> (the thread that owns the shared network, network).
+#: Invalidation: the token names a fitted transformer's content; the ``_KEEP``
+#: most recently used are kept.
 _NETWORKS: OrderedDict[str, tuple[int, CNNFeatureTransformer]] = OrderedDict()
 _LOCK = threading.Lock()
 _LOCAL = threading.local()
@@ -265,6 +268,8 @@ def _is_fitted(transformer: CNNFeatureTransformer) -> bool:
 
 #: Fitted transformers persisted on a cluster, by transformer (weakly) and
 #: client: (client, the network it was persisted with, its graph node, token).
+#: Invalidation: dropped with the transformer (weak keys); an entry whose
+#: network is no longer the transformer's is pruned when next looked up.
 _PERSISTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

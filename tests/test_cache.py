@@ -541,3 +541,25 @@ def test_a_forward_edited_in_its_file_changes_the_network_digest(tmp_path, monke
         digests.append(module_digest(module.Net()))
     assert digests[0] != digests[1]
     assert digests[0] == digests[2]
+
+
+def test_a_shared_network_edited_in_place_is_noticed(tmp_path, monkeypatch):
+    """Weights written by hand after fit change the cache key (no stale rows)
+    and the network is no longer handed to the next fit."""
+    from collections import OrderedDict
+
+    monkeypatch.setattr("sklearn_cnn._network.SHARED.size", 2)
+    monkeypatch.setattr("sklearn_cnn._network.SHARED._entries", OrderedDict())
+    X = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    params = {"weights": None, "random_state": 0, "layer": "layer2"}
+    est = CNNFeatureTransformer("resnet18", memory=tmp_path, **params).fit(X)
+    before = est.transform(X)
+    with torch.no_grad():
+        est.model_.layer2[0].conv1.weight.mul_(-1.0)
+    after = est.transform(X)
+    uncached = est.set_params(memory=None).transform(X)
+    assert np.abs(after - before).max() > 1e-3  # not the stale rows
+    np.testing.assert_allclose(after, uncached, rtol=1e-5, atol=1e-6)
+    again = CNNFeatureTransformer("resnet18", memory=tmp_path, **params).fit(X)
+    assert again.model_ is not est.model_
+    np.testing.assert_allclose(again.transform(X), before, rtol=1e-5, atol=1e-6)
