@@ -12,6 +12,7 @@ resolution.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -215,8 +216,11 @@ def grad_cam(
     """
     module = net.module.get_submodule(layer)
     store: dict[str, torch.Tensor] = {}
+    thread = threading.get_ident()
 
     def hook(_m: nn.Module, _args: tuple, output: Any) -> Any:
+        if threading.get_ident() != thread:
+            return None  # another thread's inference on the same network
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"Layer {layer!r} returns a {type(output).__name__}.")
         leaf = output.detach().float().requires_grad_(True)

@@ -210,8 +210,15 @@ def _explain(
         )
     fixed = _target_indices(target, explain.classes, len(X))
     maps, shown, chosen = [], [], []
-    start = 0
+    start, shape = 0, None
     for batch in input_batches(explain.net, X, batch_size):
+        if shape is not None and batch.shape[-2:] != shape:
+            raise ValueError(
+                f"Images differ in size after preprocessing ({tuple(shape)} and "
+                f"{tuple(batch.shape[-2:])}), so their maps cannot be stacked. "
+                "Fit the estimator with image_size set, or pass images of one size."
+            )
+        shape = batch.shape[-2:]
         wanted = None if fixed is None else fixed[start : start + len(batch)]
         raw, index = explain(batch, wanted)
         maps.append(_finish(raw, tuple(batch.shape[-2:]), upsample_maps))
@@ -400,15 +407,17 @@ class _PipelineCAM:
                     f"features; got {type(step).__name__}."
                 )
             a, b = np.ones(width), np.zeros(width)
+            # The flags, not the attributes: StandardScaler(with_mean=False)
+            # still computes mean_, and does not subtract it.
             if isinstance(step, StandardScaler):
-                if step.scale_ is not None:
+                if step.with_std:
                     a = 1.0 / step.scale_
-                if step.mean_ is not None:
+                if step.with_mean:
                     b = -step.mean_ * a
             elif isinstance(step, RobustScaler):
-                if step.scale_ is not None:
+                if step.with_scaling:
                     a = 1.0 / step.scale_
-                if step.center_ is not None:
+                if step.with_centering:
                     b = -step.center_ * a
             elif isinstance(step, MaxAbsScaler):
                 a = 1.0 / step.scale_

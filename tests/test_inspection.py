@@ -439,3 +439,47 @@ def test_display_from_estimator(fine_tuned, data):
     with pytest.raises(ValueError, match="2 axes"):
         ActivationMapDisplay.from_estimator(fine_tuned, X[:3], ax=axes)
     plt.close("all")
+
+
+def test_scaler_flags_are_read_not_its_attributes(data):
+    """StandardScaler(with_mean=False) computes mean_ but does not subtract it."""
+    (X, y, _), (Xt, _, boxes) = data
+    pipe = make_pipeline(
+        CNNFeatureTransformer(TINY, weights=None, layer="stage1", precision="fp32"),
+        StandardScaler(with_mean=False),
+        LogisticRegression(max_iter=1000),
+    ).fit(X, y)
+    assert pipe[1].mean_ is not None
+    assert_points_at_patch(activation_maps(pipe, Xt), boxes)
+
+
+def test_images_of_several_sizes(fine_tuned, data):
+    _, (X, _, _) = data
+    images = [X[0], np.pad(X[1], ((4, 4), (4, 4), (0, 0)))]
+    with pytest.raises(ValueError, match="differ in size after preprocessing"):
+        activation_maps(fine_tuned, images, batch_size=1)
+
+
+def test_grad_cam_beside_predictions_in_other_threads(data):
+    """Grad-CAM's hook acts only in its own thread: predictions made at the
+    same time on the same network (a ViT has no BatchNorm to fold, so
+    prediction runs on the fitted module itself) are unchanged, and so are
+    the maps."""
+    from conftest import in_threads
+
+    (X, y, _), (Xt, _, _) = data
+    clf = FineTuneClassifier(
+        TINY_VIT, weights=None, epochs=1, validation_fraction=None,
+        random_state=0, precision="fp32",
+    ).fit(X[:30], y[:30])  # fmt: skip
+    maps = activation_maps(clf, Xt[:16])
+    proba = clf.predict_proba(Xt[:16])
+
+    def work(i):
+        if i % 2:
+            return activation_maps(clf, Xt[:16], batch_size=2)
+        return clf.predict_proba(Xt[:16])
+
+    for i, results in enumerate(in_threads(work, n=4, repeat=4)):
+        for r in results:
+            np.testing.assert_allclose(r, maps if i % 2 else proba, rtol=1e-5)
