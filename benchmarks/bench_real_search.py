@@ -23,7 +23,10 @@ copies); digest time per image against forward time per image; the cv
 scores of both arms.
 
     python benchmarks/bench_real_search.py [--data grey rgb] [--grey 1200]
-        [--rgb 600]
+        [--rgb 600] [--hashes]
+
+``--hashes`` measures the speed of BLAKE2b, SHA-256, BLAKE3 and xxh3 (the last
+two where installed) on such images instead.
 """
 
 from __future__ import annotations
@@ -278,9 +281,42 @@ def bench(name: str, X: np.ndarray, y: np.ndarray) -> None:
           f"{LAYERS[int(np.argmax(hand_scores))]}")  # fmt: skip
 
 
+def hash_speeds() -> None:
+    """GB/s of candidate hashes, one image at a time (``--hashes``); BLAKE3
+    and xxh3 where their packages are installed."""
+    import hashlib
+
+    hashes = {
+        "BLAKE2b": lambda b: hashlib.blake2b(b, digest_size=16).digest(),
+        "SHA-256": lambda b: hashlib.sha256(b).digest(),
+    }
+    try:
+        from blake3 import blake3
+
+        hashes["BLAKE3"] = lambda b: blake3(b).digest(16)
+    except ImportError:
+        pass
+    try:
+        import xxhash
+
+        hashes["xxh3-128 (not cryptographic)"] = xxhash.xxh3_128_digest
+    except ImportError:
+        pass
+    rng = np.random.default_rng(0)
+    for shape in [(1200, 300, 300), (200, 512, 512, 3), (2000, 96, 96, 3)]:
+        X = rng.integers(0, 256, shape, dtype=np.uint8)
+        speeds = {}
+        for name, fn in hashes.items():
+            t = min(_wall(lambda fn=fn, X=X: [fn(x) for x in X]) for _ in range(3))
+            speeds[name] = X.nbytes / t / 1e9
+        print(f"{shape[1:]} uint8: "
+              + ", ".join(f"{k} {v:.1f} GB/s" for k, v in speeds.items()))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", default=["grey", "rgb"])
+    parser.add_argument("--hashes", action="store_true", help="hash speeds only")
     parser.add_argument("--grey", type=int, default=1200, help="grey images")
     parser.add_argument("--rgb", type=int, default=600, help="RGB images")
     args = parser.parse_args()
@@ -289,6 +325,9 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
           f"sklearn_cnn {sklearn_cnn.__version__}; BLAS on 1 thread")  # fmt: skip
+    if args.hashes:
+        hash_speeds()
+        return
     instrument()
     with threadpool_limits(limits=1, user_api="blas"):
         if "grey" in args.data:
