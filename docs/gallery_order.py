@@ -18,6 +18,7 @@ EXAMPLES = [
     "plot_feature_maps.py",
     "plot_any_input_size.py",
     "plot_class_visualisation.py",
+    "plot_activation_maps.py",
 ]
 
 
