@@ -278,6 +278,7 @@ def test_pickle_gives_the_same_outputs(make, data, fitted_pair):
         outputs(clone(est), X)
 
 
+@pytest.mark.slow  # worker processes
 def test_n_jobs_gives_the_same_scores(data):
     """The estimators in joblib's worker processes (n_jobs=2) compute what
     they compute in this one."""

@@ -611,6 +611,7 @@ def test_fit_on_files_and_lists_is_fit_on_arrays(
         np.testing.assert_allclose(clf.predict_proba(inputs), expected, atol=1e-5)
 
 
+@pytest.mark.slow  # a DataLoader worker process
 def test_worker_processes(tiny_builder, labelled_images):
     X, y = labelled_images
     params = dict(num_workers=1, head_init="random", lr=0.01)
@@ -947,7 +948,7 @@ def test_pipeline(tiny_builder, labelled_images):
     assert pipe.predict_proba(X[:5]).shape == (5, 3)
 
 
-@pytest.mark.parametrize("n_jobs", [1, 2])
+@pytest.mark.parametrize("n_jobs", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_grid_search_over_freeze_and_lr(tiny_builder, labelled_images, n_jobs):
     X, y = labelled_images
     search = GridSearchCV(

@@ -269,6 +269,7 @@ def test_snapshots_keep_the_state_dict_metadata():
     model.load_state_dict(state)  # MNASNet's loader needs the versions
 
 
+@pytest.mark.slow  # real torchvision architectures
 @pytest.mark.parametrize("name", ["mnasnet0_5", "googlenet", "inception_v3"])
 def test_torchvision_families_fine_tune(name):
     X, y = colour_images(4)

@@ -175,6 +175,7 @@ def _search(n_jobs: int) -> GridSearchCV:
     return GridSearchCV(clf, grid, cv=2, n_jobs=n_jobs).fit(X_LABELLED, Y_LABELLED)
 
 
+@pytest.mark.slow  # worker processes
 def test_fine_tuning_search_in_parallel_equals_serial():
     serial, parallel = _search(1), _search(2)
     assert parallel.best_params_ == serial.best_params_

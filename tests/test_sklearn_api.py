@@ -299,6 +299,7 @@ def test_grid_search_over_layers(layer_search_serial):
     assert set(search.predict(X)) <= {"red", "green", "blue"}
 
 
+@pytest.mark.slow  # worker processes
 def test_grid_search_in_parallel_matches_serial(layer_search_serial):
     X, y, serial = layer_search_serial
     parallel = _layer_search(X, y, n_jobs=2)

@@ -29,6 +29,9 @@ U8 = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
 
 tiny = functools.partial(tiny, layer="stem.0", pooling="avg")
 
+#: Two DataLoader worker processes: slow to start, so out of the quick loop.
+WORKERS = pytest.param(2, marks=pytest.mark.slow)
+
 
 def save(images: np.ndarray, folder: pathlib.Path) -> list[str]:
     paths = []
@@ -55,7 +58,7 @@ def png_declaring(width: int, height: int) -> bytes:
     )
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, WORKERS])
 def test_decompression_bomb_is_a_clear_error(tmp_path, num_workers):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_declaring(60_000, 60_000))  # 3.6 gigapixels
@@ -120,7 +123,7 @@ def test_extreme_aspect_ratio_cannot_allocate_gigabytes(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, WORKERS])
 def test_named_pipe_is_refused_without_blocking(tmp_path, num_workers):
     pipe = tmp_path / "pipe.jpg"
     os.mkfifo(pipe)
@@ -162,7 +165,7 @@ def test_path_with_nul_byte_is_a_clear_error(path):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, WORKERS])
 @pytest.mark.parametrize(
     "content, match",
     [
@@ -219,6 +222,7 @@ def test_a_batch_of_elongated_images_is_resized_in_parts(monkeypatch):
         ImageDataset(list(X), spy).__getitems__([1, 0])
 
 
+@pytest.mark.slow  # worker processes
 def test_bad_file_while_fine_tuning_with_workers(tmp_path, labelled_images):
     from sklearn_cnn import FineTuneClassifier
 
