@@ -138,11 +138,12 @@ class FineTuneClassifier(
         the user guide).
 
         Whatever the rate, an epoch that wrecks the pretrained network is
-        undone within the fit: when its training loss goes back more than half
-        the way from the start's (the probe head's) to that of a network that
-        learned nothing, or its validation accuracy loses more than half of the
-        best epoch's lead over the largest class, the weights go back to the
-        best epoch (the last one without a validation split) and the epochs
+        undone within the fit: when its validation accuracy loses more than
+        half of the best epoch's lead over the largest class (without a
+        validation split: when its training loss goes back more than half the
+        way from the probe head's to that of a network that learned nothing),
+        the weights go back to the best epoch (the last one without a
+        validation split) and the epochs
         left train at a tenth of the backbone's rate, at most twice a fit. A
         dip smaller than that is left to the selection: such dips recover
         within a few epochs. Measured on grey digits at 160 px, where the first
@@ -632,12 +633,7 @@ class FineTuneClassifier(
                     selection = Selection(
                         last, val_acc, val_loss, model, len(val_idx) > 0
                     )
-                    # The probe's training loss is optimistic (fitted on these
-                    # images, no augmentation, no dropout): the validation
-                    # loss, when there is one, is the start's honest loss.
-                    known = [v for v in (start_loss, val_loss) if v is not None]
-                    known = [v for v in known if math.isfinite(v)]
-                    guard = self._guard(loop, loss, max(known, default=None))
+                    guard = self._guard(loop, loss, start_loss)
                 self.n_trainable_params_ = sum(
                     p.numel() for p in model.parameters() if p.requires_grad
                 )
@@ -679,10 +675,10 @@ class FineTuneClassifier(
         while True:
             selection.new_phase()
             optimizer = make_optimizer(self.optimizer, self._param_groups())
+            steps = loop.train.n_batches(self.batch_size) * epochs
             schedule = make_schedule(
-                optimizer, self.schedule, loop.train.n_batches(self.batch_size) * epochs,
-                self.warmup_fraction,
-            )  # fmt: skip
+                optimizer, self.schedule, steps, self.warmup_fraction
+            )
             done = len(self.history_)
             status = loop.run(
                 epochs, optimizer, schedule, selection, generator, patience

@@ -388,12 +388,13 @@ MAX_RECOVERIES = 2
 class Guard:
     """Tells a wrecked network from the dip of a first epoch.
 
-    An epoch wrecked the network when its training loss went back more than ``WRECK_SHARE`` of the way from the start's training
-    loss (``start_loss``, the probe head's; None when unknown) to the loss of
-    a network that learned nothing (``chance_loss``), or when its validation
-    accuracy lost more than that share of the best epoch's lead over the
-    largest class (``chance_accuracy``). A dip that keeps half of the lead is
-    left to selection: such dips recover within the epochs that follow.
+    With validation images, an epoch wrecked the network when its validation
+    accuracy lost more than ``WRECK_SHARE`` of the best epoch's lead over the
+    largest class (``chance_accuracy``): the measure that selection trusts.
+    Without, when its training loss went back more than that share of the way
+    from the start's (``start_loss``, the probe head's; None when unknown) to
+    the loss of a network that learned nothing (``chance_loss``). A smaller
+    dip is left to selection: such dips recover within the epochs that follow.
     """
 
     chance_loss: float
@@ -405,6 +406,16 @@ class Guard:
         """Why the epoch wrecked the network ("" when it did not)."""
         if self.left <= 0:
             return ""
+        if math.isfinite(val_acc):
+            floor = self.chance_accuracy
+            if best_acc > floor and val_acc < best_acc - WRECK_SHARE * (
+                best_acc - floor
+            ):
+                return (
+                    f"validation accuracy {val_acc:.3f}, best {best_acc:.3f}, "
+                    f"largest class {floor:.3f}"
+                )
+            return ""
         start, chance = self.start_loss, self.chance_loss
         if start is not None and start < chance:
             limit = start + WRECK_SHARE * (chance - start)
@@ -412,13 +423,6 @@ class Guard:
                 return (
                     f"training loss {train_loss:.3f}, start {start:.3f}, "
                     f"learning nothing {chance:.3f}"
-                )
-        floor = self.chance_accuracy
-        if math.isfinite(val_acc) and best_acc > floor:
-            if val_acc < best_acc - WRECK_SHARE * (best_acc - floor):
-                return (
-                    f"validation accuracy {val_acc:.3f}, best {best_acc:.3f}, "
-                    f"largest class {floor:.3f}"
                 )
         return ""
 
