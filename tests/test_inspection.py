@@ -483,3 +483,18 @@ def test_grad_cam_beside_predictions_in_other_threads(data):
     for i, results in enumerate(in_threads(work, n=4, repeat=4)):
         for r in results:
             np.testing.assert_allclose(r, maps if i % 2 else proba, rtol=1e-5)
+
+
+def test_display_of_a_pipeline_on_one_axes(data):
+    import matplotlib.pyplot as plt
+
+    (X, y, _), (Xt, yt, _) = data
+    pipe = cam_pipeline(X, y)
+    fig, ax = plt.subplots()
+    disp = ActivationMapDisplay.from_estimator(pipe, Xt[:1], ax=ax, cmap="magma")
+    assert disp.ax_[0] is ax and disp.figure_ is fig
+    assert disp.ax_[0].get_title() == pipe.predict(Xt[:1])[0]
+    np.testing.assert_allclose(disp.maps, activation_maps(pipe, Xt[:1]))
+    with pytest.raises(ValueError, match="must be"):
+        ActivationMapDisplay(disp.maps, disp.images[:, :8]).plot()
+    plt.close("all")
