@@ -87,6 +87,9 @@ html_theme_options = {
     },
 }
 html_show_sourcelink = False
+# The guides are single pages: their "Section Navigation" sidebar would stay
+# empty and take a quarter of the width from the code blocks.
+html_sidebars = {page: [] for page in ("index", "user_guide", "scaling", "models")}
 
 
 # -- Inherited scikit-learn docstrings ----------------------------------------
