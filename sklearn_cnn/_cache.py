@@ -268,29 +268,35 @@ def _is_grey(rgb: np.ndarray) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _header(grey: bool, dtype: np.dtype, height: int, width: int) -> bytes:
-    return f"{'grey' if grey else 'rgb'}|{dtype}|{height}x{width}|".encode()
+def _header(kind: str, dtype: np.dtype, height: int, width: int) -> bytes:
+    return f"{kind}|{dtype}|{height}x{width}|".encode()
 
 
-def _digest(image: np.ndarray) -> bytes:
-    """One image's digest: (H, W) or (H, W, C), C in (1, 3, 4), uint8 or
-    float32 (as ``_canonical`` gives it).
+def _digest(image: np.ndarray, bands: bool = False) -> bytes:
+    """One image's digest: (H, W) or (H, W, C), uint8, uint16 or float32 (as
+    ``_canonical`` gives it).
 
-    What is hashed is what the network receives, once: a grey image (or an
-    RGB one whose channels are equal, or a broadcast one) as its one channel
-    with a "grey" tag, else its three channels; alpha is dropped. An image
-    whose values are not contiguous is copied alone (a 300 x 300 crop: a
-    few microseconds, where 300 row-by-row updates take 100).
+    What is hashed is what the network receives, once. As colour (``bands``
+    False): a grey image (or an RGB one whose channels are equal, or a
+    broadcast one) as its one channel with a "grey" tag, else its three
+    channels (alpha dropped); 2 or 5+ channels are bands. As ``bands``: every
+    channel, tagged with their number. An image whose values are not
+    contiguous is copied alone (a 300 x 300 crop: a few microseconds, where
+    300 row-by-row updates take 100).
     """
+    height, width = image.shape[:2]
+    channels = image.shape[2] if image.ndim == 3 else 1
+    if bands or channels not in (1, 3, 4):
+        return _hash(_header(f"bands{channels}", image.dtype, height, width), image)
     if image.ndim == 3:
-        if image.shape[2] == 1 or image.strides[2] == 0:  # grey, or broadcast
+        if channels == 1 or image.strides[2] == 0:  # grey, or broadcast
             image = image[..., 0]
         else:
             rgb = np.ascontiguousarray(image[..., :3])
             if not _is_grey(rgb):
-                return _hash(_header(False, rgb.dtype, *rgb.shape[:2]), rgb)
+                return _hash(_header("rgb", rgb.dtype, height, width), rgb)
             image = rgb[..., 0]
-    return _hash(_header(True, image.dtype, *image.shape), image)
+    return _hash(_header("grey", image.dtype, height, width), image)
 
 
 def _hash(header: bytes, values: np.ndarray) -> bytes:
@@ -300,26 +306,36 @@ def _hash(header: bytes, values: np.ndarray) -> bytes:
     return h.digest(_DIGEST)
 
 
-def _digests(images: np.ndarray) -> list[bytes]:
+def _digests(images: np.ndarray, bands: bool = False) -> list[bytes]:
     """The digest of each image of a batch (N, H, W[, C]) from ``_canonical``."""
-    return [_digest(image) for image in images]
+    return [_digest(image, bands) for image in images]
 
 
 def _canonical(a: np.ndarray) -> np.ndarray:
-    """An array as ``array_to_tensor`` reads its values: uint8 or float32; no
-    copy where it already is (channels are left to ``_digest``)."""
+    """An array as ``array_to_tensor`` reads its values: uint8, uint16 (read
+    as 16-bit) or float32; other integers as uint8. No copy where none is
+    needed (channels are left to ``_digest``)."""
+    if a.dtype == np.uint16:
+        return a
     return np.asarray(a, dtype=np.uint8 if a.dtype.kind in "iu" else np.float32)
 
 
-def image_digests(X: np.ndarray | ArrayLikeImages | list) -> list[bytes]:
+def image_digests(
+    X: np.ndarray | ArrayLikeImages | list, preprocessing: Any = None
+) -> list[bytes]:
     """A 16-byte digest of each image of ``X`` (as ``check_images`` returns it).
 
     The digest is taken of the image as the network's preprocessing receives
-    it: RGB pixels, uint8 or float32 (grey repeated, alpha dropped, files
-    decoded, EXIF orientation applied). So an image has one digest whether it
-    is given as grey, as RGB with three equal channels, as an array row, a
-    file or a PIL image, and wherever it is in ``X``; images that differ in
-    any pixel, size or dtype differ.
+    it: pixels as uint8, uint16 or float32, RGB (grey repeated, alpha
+    dropped) or bands, files decoded, EXIF orientation applied. So an image
+    has one digest whether it is given as grey, as RGB with three equal
+    channels, as an array row, a file or a PIL image, and wherever it is in
+    ``X``; images that differ in any pixel, band, size or dtype differ.
+
+    ``preprocessing`` is the fitted :class:`~sklearn_cnn._images.Preprocessing`
+    (None: colour images, floats in [0, 1]): with its ``bands``, every channel
+    is a band (a fourth channel is not alpha, one channel is not grey), and
+    its ``unit_floats`` decides which float images are accepted.
 
     Each image's values are read once, in place, by BLAKE3 (a cryptographic
     hash: crafted images cannot collide; 4-7 GB/s on one core): a grey image
@@ -328,6 +344,10 @@ def image_digests(X: np.ndarray | ArrayLikeImages | list) -> list[bytes]:
     calls, and a search's folds are new arrays (rows copied by indexing)
     anyway, so every call reads the pixels it is given.
     """
+    # An augmenting wrapper's own preprocessing (see _images._fitted).
+    preprocessing = getattr(preprocessing, "preprocess", preprocessing)
+    bands = bool(getattr(preprocessing, "bands", False))
+    unit_floats = bool(getattr(preprocessing, "unit_floats", True))
     if isinstance(X, (np.ndarray, ArrayLikeImages)):
         out = []
         for start in range(0, len(X), 256):
@@ -335,17 +355,18 @@ def image_digests(X: np.ndarray | ArrayLikeImages | list) -> list[bytes]:
             batch = (
                 X[start:stop]
                 if isinstance(X, np.ndarray)
-                else X.read(list(range(start, stop)))
+                else X.read(list(range(start, stop)), unit_floats)
             )
-            out.extend(_digests(_canonical(batch)))
+            out.extend(_digests(_canonical(batch), bands))
         return out
     digests = []
     for i, item in enumerate(X):
+        # The same checks and decoding as the network's input.
+        t = image_to_tensor(item, i, unit_floats, bands)
         if isinstance(item, np.ndarray):
-            image_to_tensor(item, i)  # the same checks as the network's input
-            digests.append(_digest(_canonical(item)))
-        else:  # a file or PIL image: decoded as the network's input is
-            digests.append(_digest(image_to_tensor(item, i).permute(1, 2, 0).numpy()))
+            digests.append(_digest(_canonical(item), bands))
+        else:  # a file or PIL image: the decoded pixels
+            digests.append(_digest(t.permute(1, 2, 0).numpy(), bands))
     return digests
 
 
@@ -741,7 +762,7 @@ def cached_transform(
     cache = ActivationCache(directory)
     about = {**parts, **_runtime_parts(network)}
     key = key_of(about)
-    digests = image_digests(X)
+    digests = image_digests(X, network.preprocessing)
     taps = list(taps) or [Tap("")]
     names = [entry_name(t) for t in taps]
     out = np.empty((len(digests), n_columns), dtype=np.float32)

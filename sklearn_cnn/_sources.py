@@ -143,7 +143,7 @@ class Sources:
                 fine_tune_key(self.network, self.head),
             )
             if self.digests is None:
-                self.digests = image_digests(self.X)
+                self.digests = image_digests(self.X, self.network.preprocessing)
             digests = [self.digests[i] for i in index]
             found, rows = cache.fetch(key, digests, names)
             if found.any():

@@ -261,3 +261,56 @@ def test_an_array_changed_in_place_is_read_again():
     X[1, 3, 3] = 1
     after = image_digests(X)
     assert before[0] == after[0] and before[1] != after[1]
+
+
+# ---------------------------------------------------------------------------
+# 16-bit images and bands: every value the network reads is in the digest
+# ---------------------------------------------------------------------------
+
+
+def test_uint16_images_are_hashed_at_16_bits():
+    a = np.full((1, 6, 5), 7, np.uint16)
+    b = a.copy()
+    b[0, 2, 2] += 256  # the same low byte: an 8-bit cast would not see it
+    assert one(a) != one(b)
+    # uint16 is read as 16-bit (/ 65535), uint8 as 8-bit: other inputs.
+    assert one(a) != one(a.astype(np.uint8))
+    rgb = np.repeat(a[..., None], 3, -1)
+    assert one(rgb) == one(a)  # grey is grey at 16 bits too
+    # Other integer types hold 8-bit values and are read as uint8.
+    assert one(a.astype(np.int32)) == one(a.astype(np.uint8))
+
+
+@pytest.mark.parametrize("channels", [2, 5, 8])
+def test_every_band_of_a_multiband_image_is_in_the_digest(channels):
+    rng = np.random.default_rng(4)
+    X = rng.integers(0, 256, (1, 9, 7, channels), dtype=np.uint8)
+    for band in range(channels):
+        changed = X.copy()
+        changed[0, 4, 3, band] ^= 1
+        assert one(changed) != one(X), band
+    assert image_digests(list(X)) == image_digests(X)
+
+
+def test_with_bands_a_fourth_channel_and_the_channel_count_count():
+    as_bands = types.SimpleNamespace(bands=True, unit_floats=True)
+    rgba = np.random.default_rng(5).integers(0, 256, (1, 9, 7, 4), dtype=np.uint8)
+    other_alpha = rgba.copy()
+    other_alpha[0, 0, 0, 3] ^= 1
+    # As colour, alpha is dropped (as the network drops it): one digest.
+    assert one(rgba) == one(other_alpha)
+    # As bands, the fourth channel is a band the network reads.
+    assert image_digests(rgba, as_bands) != image_digests(other_alpha, as_bands)
+    # As bands, one band and three equal bands are different inputs.
+    grey = rgba[..., 0]
+    rgb = np.repeat(grey[..., None], 3, -1)
+    assert image_digests(grey, as_bands) != image_digests(rgb, as_bands)
+    assert image_digests(list(rgb), as_bands) == image_digests(rgb, as_bands)
+
+
+def test_floats_outside_0_1_are_hashed_where_the_network_takes_them():
+    any_range = types.SimpleNamespace(bands=False, unit_floats=False)
+    X = np.linspace(-5, 500, 2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
+    assert image_digests(list(X), any_range) == image_digests(X, any_range)
+    with pytest.raises(ValueError):
+        image_digests(list(X))  # as for the network: floats must lie in [0, 1]
