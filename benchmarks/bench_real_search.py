@@ -153,6 +153,12 @@ def instrument() -> None:
         setattr(StandardScaler, method,
                 timed("StandardScaler", getattr(StandardScaler, method)))  # fmt: skip
     validation._safe_split = timed("fold copies (_safe_split)", validation._safe_split)
+    from sklearn_cnn import _network
+
+    network = getattr(_network, "Network", None)
+    for method, label in [("inference_copy", "inference copy"), ("stream", "forward")]:
+        if hasattr(network, method):
+            setattr(network, method, timed(label, getattr(network, method)))
 
 
 # ---------------------------------------------------------------------------
@@ -254,11 +260,15 @@ def bench(name: str, X: np.ndarray, y: np.ndarray) -> None:
     print(f"SHARE of the search spent hashing: {100 * hashing / t_search:.1f} % "
           f"({hashing:.2f} s in {calls.get('hashing images', 0)} calls)")  # fmt: skip
     transform = spent.get("transformer transform", 0.0)
-    forward = transform - hashing - spent.get("reading the cache", 0.0)
+    forward = spent.get("forward", 0.0)
+    copy = spent.get("inference copy", 0.0)
+    rest = transform - hashing - spent.get("reading the cache", 0.0) - forward - copy
     parts = {
         "hashing images": hashing,
         "reading the cache (fetch)": spent.get("reading the cache", 0.0),
-        "rest of transform (forward pass filling the cache, checks, stacking)": forward,
+        "forward pass filling the cache (preprocessing included)": forward,
+        "inference copy (BatchNorms folded, bf16 weights)": copy,
+        "rest of transform (checks, stacking rows)": rest,
         "transformer fit (build or share, probe, key)": spent.get("transformer fit", 0),
         "LogisticRegression fit": spent.get("LogisticRegression fit", 0.0),
         "StandardScaler fit + transform": spent.get("StandardScaler", 0.0),
