@@ -55,12 +55,24 @@ def input_batches(net: Network, X: Any, batch_size: int) -> Iterator[torch.Tenso
 
 
 def unnormalize(net: Network, batch: torch.Tensor) -> np.ndarray:
-    """Network inputs back to (N, H, W, 3) floats in [0, 1], for display."""
+    """Network inputs back to (N, H, W, 3) floats in [0, 1], for display.
+
+    Images of other than 3 channels (bands) are shown as the grey mean of
+    their channels, each stretched to [0, 1] per image (their values need
+    not lie in [0, 1] once normalization is undone).
+    """
     pre = net.preprocessing
-    mean = torch.tensor(pre.mean, device=batch.device).view(1, -1, 1, 1)
-    std = torch.tensor(pre.std, device=batch.device).view(1, -1, 1, 1)
-    images = (batch.float() * std + mean).clamp(0, 1)
-    return images.permute(0, 2, 3, 1).cpu().numpy()
+    x = batch.float()
+    mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std, device=x.device).view(1, -1, 1, 1)
+    if mean.shape[1] in (1, x.shape[1]):
+        x = x * std + mean
+    if x.shape[1] != 3:
+        x = x.mean(1, keepdim=True)
+        low = x.amin((1, 2, 3), keepdim=True)
+        high = x.amax((1, 2, 3), keepdim=True)
+        x = ((x - low) / (high - low).clamp(min=1e-12)).expand(-1, 3, -1, -1)
+    return x.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
 
 # -- layers and layouts ---------------------------------------------------------

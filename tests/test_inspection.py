@@ -498,3 +498,20 @@ def test_display_of_a_pipeline_on_one_axes(data):
     with pytest.raises(ValueError, match="must be"):
         ActivationMapDisplay(disp.maps, disp.images[:, :8]).plot()
     plt.close("all")
+
+
+def test_images_of_other_than_three_channels_are_shown_grey():
+    from types import SimpleNamespace
+
+    from sklearn_cnn._cam import Network, unnormalize
+
+    pre = SimpleNamespace(mean=(0.5,) * 5, std=(0.25,) * 5)
+    net = Network(None, pre, torch.device("cpu"), None)
+    batch = torch.randn(2, 5, 4, 6)
+    shown = unnormalize(net, batch)
+    assert shown.shape == (2, 4, 6, 3)
+    assert shown.min() == 0 and shown.max() == 1  # stretched per image
+    np.testing.assert_array_equal(shown[..., 0], shown[..., 2])
+    rgb = SimpleNamespace(mean=(0.5,) * 3, std=(0.25,) * 3)
+    x = torch.zeros(1, 3, 2, 2)
+    np.testing.assert_allclose(unnormalize(Network(None, rgb, None, None), x), 0.5)
