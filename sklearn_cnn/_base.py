@@ -18,6 +18,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 from torchvision.models import WeightsEnum
 
+from ._bands import STEM_RULES
 from ._layers import Tap, Trace
 from ._models import check_image_size
 from ._network import SHARED, Network, network_key
@@ -35,8 +36,10 @@ _network_constraints: dict = {
         list,
         StrOptions({"native"}),
     ],
-    "mean": [None, "array-like"],
-    "std": [None, "array-like"],
+    "mean": [None, "array-like", StrOptions({"fit"})],
+    "std": [None, "array-like", StrOptions({"fit"})],
+    "bands": [StrOptions({"auto", "all"})],
+    "stem": [StrOptions(set(STEM_RULES))],
     "batch_size": [Interval(Integral, 1, None, closed="left")],
     "device": [str, torch.device],
     "precision": [StrOptions(set(PRECISIONS))],
@@ -47,11 +50,16 @@ _network_constraints: dict = {
 
 
 def _check_triplet(value: Any, name: str) -> None:
-    if value is None:
+    """``mean`` / ``std``: None, "fit", or one finite number per channel
+    (3 for RGB; their number is checked against the images' bands at fit)."""
+    if value is None or isinstance(value, str):
         return
     arr = np.asarray(value, dtype=float)
-    if arr.shape != (3,) or not np.isfinite(arr).all():
-        raise ValueError(f"{name} must hold 3 finite numbers (R, G, B); got {value!r}.")
+    if arr.ndim != 1 or len(arr) == 0 or not np.isfinite(arr).all():
+        raise ValueError(
+            f"{name} must hold one finite number per channel (R, G, B; or one "
+            f"per band), or be 'fit'; got {value!r}."
+        )
     if name == "std" and (arr <= 0).any():
         raise ValueError(f"std must be positive; got {value!r}.")
 
@@ -207,7 +215,8 @@ class NetworkMixin:
 
     ``fit`` builds a :class:`~sklearn_cnn._network.Network` (or shares one,
     see ``_build_network``); the fitted attributes ``model_``, ``device_``,
-    ``preprocessing_`` and ``trace_`` (what one forward pass revealed) are
+    ``preprocessing_``, ``stem_`` (how the first convolution was adapted to
+    the images' bands) and ``trace_`` (what one forward pass revealed) are
     views of it.
 
     Parameters take effect at ``fit``: ``_build_network`` records the values
@@ -227,6 +236,8 @@ class NetworkMixin:
         "image_size",
         "mean",
         "std",
+        "bands",
+        "stem",
         "precision",
     )
 
@@ -235,6 +246,10 @@ class NetworkMixin:
     device_ = property(lambda self: self._network.device, doc="Its device.")
     preprocessing_ = property(
         lambda self: self._network.preprocessing, doc="Its preprocessing."
+    )
+    stem_ = property(
+        lambda self: self._network.stem,
+        doc="How its first convolution was adapted to the bands (or None).",
     )
 
     @property
@@ -266,13 +281,14 @@ class NetworkMixin:
             key = network_key(
                 type(self).__name__, self.model, self.weights, self.random_state,
                 self.image_size, self.mean, self.std, self.device, self.precision,
+                self.bands, self.stem,
             )  # fmt: skip
         network = SHARED.get(key, X) if key is not None else None
         if network is None:
             network = Network.build(
                 self.model, self.weights, image_size=self.image_size,
                 mean=self.mean, std=self.std, device=self.device,
-                precision=self.precision, X=X,
+                precision=self.precision, X=X, bands=self.bands, stem=self.stem,
             )  # fmt: skip
             if key is not None:
                 SHARED.put(key, network)

@@ -79,8 +79,30 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         side, then centre crop); for a module of your own without metadata it
         keeps each image's size. An int or pair resizes every image to that size
         (no crop); "native" keeps the input size.
-    mean, std : sequence of 3 floats or None, default=None
-        Normalization; None takes the weights' metadata, else ImageNet's values.
+    mean, std : sequence of floats, "fit" or None, default=None
+        Normalization ``(x - mean) / std``, one value per channel (R, G, B) or
+        per band, in the units of the scaled pixels (uint8 / 255, uint16 /
+        65535, floats as they are). None takes the weights' metadata, else
+        ImageNet's values (for bands: repeated as the RGB filters are by
+        ``stem="repeat"``); float images must then lie in [0, 1]. "fit"
+        estimates each band's value from the images given to ``fit`` (every
+        pixel); then, as with given values, floats may lie in any range.
+    bands : {"auto", "all"}, default="auto"
+        Which images are bands rather than colour. "auto": images of 2 or 5+
+        channels are bands; 1 channel is grey (repeated to RGB), 3 is RGB and
+        4 is RGBA (alpha dropped, as PIL does). "all": every channel is a
+        band, 1 and 4 included: for RGB + near-infrared in a 4-channel array
+        (the network then takes 4 channels). See ``stem``.
+    stem : {"repeat", "mean", "random"}, default="repeat"
+        For images of other than 3 channels, how the network's first
+        convolution (found by a forward pass; a timm model's
+        ``pretrained_cfg["first_conv"]``) gets one input channel per band.
+        "repeat" is timm's ``adapt_input_conv``: for one band the sum of the
+        RGB filters; else band ``i`` gets the filter of RGB channel ``i % 3``,
+        scaled by ``3 / bands``, so that an RGB image repeated k times gives
+        the RGB image's features. "mean": every band gets the mean of the
+        RGB filters (scaled likewise). "random": new random filters from
+        ``random_state``. ``stem_`` says what was done.
     batch_size : int or "auto", default="auto"
         Images per forward pass; peak memory is bounded by it, not by the data.
         The features do not depend on it. "auto": 64 on a GPU; on a CPU a
@@ -139,6 +161,10 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         Where the network runs.
     preprocessing_ : Preprocessing
         Resize, crop, mean and std used for every image.
+    stem_ : dict or None
+        How the first convolution was adapted to the images' bands: its
+        ``layer`` name, the number of ``bands`` and the ``rule`` (``stem``);
+        None when the network takes RGB as it was built.
     layers_ : list of str
         The tapped layers ("penultimate" for ``layer=None``).
     layouts_ : list of str
@@ -232,6 +258,8 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         image_size: Any = None,
         mean: Any = None,
         std: Any = None,
+        bands: str = "auto",
+        stem: str = "repeat",
         batch_size: int | str = "auto",
         device: Any = "auto",
         precision: str = "auto",
@@ -249,6 +277,8 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         self.image_size = image_size
         self.mean = mean
         self.std = std
+        self.bands = bands
+        self.stem = stem
         self.batch_size = batch_size
         self.device = device
         self.precision = precision
@@ -274,7 +304,7 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         self : CNNFeatureTransformer
             The fitted transformer.
         """
-        X = check_images(X)
+        X = check_images(X, unit_floats=self.mean is None and self.std is None)
         # A fit that fails (unknown layer, bad weights) changes nothing.
         with restore_on_failure(self):
             with seeded(self.random_state):  # random weights, reproducibly
@@ -373,7 +403,7 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
             One row per image; several layers are concatenated in order.
         """
         check_is_fitted(self)
-        X = check_images(X)
+        X = check_images(X, unit_floats=self.preprocessing_.unit_floats)
         directory = cache_directory(self.memory)
         if directory is not None:
             self._check_params_unchanged()

@@ -1,10 +1,18 @@
 """Turn what users pass as images into preprocessed float tensors.
 
-Accepted inputs: uint8 or integer arrays (N, H, W) / (N, H, W, C) with values in
-[0, 255], float arrays with values in [0, 1], array-likes with ``__array__``
-(dask, xarray, h5py, zarr: read a batch at a time), and sequences of file
-paths, PIL images or per-image arrays (which may differ in size). Every image
-becomes RGB; EXIF orientation is applied.
+Accepted inputs: arrays (N, H, W) / (N, H, W, C) of uint8 (or other integers
+in [0, 255]), uint16 (16-bit: divided by 65535) or floats (in [0, 1] for the
+weights' own mean and std; in any range once ``mean`` and ``std`` are given or
+fitted), array-likes with ``__array__`` (dask, xarray, h5py, zarr: read a batch
+at a time), and sequences of file paths (multi-band TIFF through ``tifffile``),
+PIL images or per-image arrays (which may differ in size). EXIF orientation is
+applied.
+
+Channels: 1 (grey, repeated to RGB), 3 (RGB) and 4 (RGBA, alpha dropped as
+PIL's ``convert("RGB")`` does) become RGB; any other number of channels (2, 5
+or more) is kept as bands, for a network whose first convolution ``_bands``
+adapted. ``Preprocessing.bands`` keeps every channel as a band, 1 and 4
+included (RGB + near-infrared).
 
 Files are untrusted input: a path that is not a regular file, a decompression
 bomb or an image whose aspect ratio would make resizing allocate gigabytes is
@@ -14,9 +22,11 @@ refused with an error naming the file and its index in X.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import stat
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +42,12 @@ class Preprocessing:
 
     ``resize`` is ``None`` (keep the size), an int (the shorter side, as
     torchvision's weights transforms do) or ``(h, w)``; ``crop`` is ``None`` or
-    ``(h, w)`` taken from the centre after resizing.
+    ``(h, w)`` taken from the centre after resizing. ``mean`` and ``std`` hold
+    one value per channel the network takes (3 for RGB, else one per band), in
+    the units of the scaled pixels (uint8 / 255, uint16 / 65535, floats as
+    they are). ``bands``: every channel is a band (1 and 4 channels are not
+    grey and RGBA). ``unit_floats``: float images must lie in [0, 1] (the
+    weights' own mean and std assume it).
     """
 
     resize: int | tuple[int, int] | None
@@ -40,6 +55,13 @@ class Preprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: TF.InterpolationMode = TF.InterpolationMode.BILINEAR
+    bands: bool = False
+    unit_floats: bool = True
+
+    @property
+    def channels(self) -> int:
+        """The number of channels the network takes."""
+        return len(self.mean)
 
     @property
     def output_size(self) -> tuple[int, int] | None:
@@ -72,7 +94,8 @@ class Preprocessing:
         return image
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 in [0, 255] or float in [0, 1] -> ``(x - mean) / std``, float32.
+        """uint8 in [0, 255] (divided by 255) or float -> ``(x - mean) / std``,
+        float32.
 
         One conversion to a new float32 tensor (never the caller's memory), in
         the input's memory format, then one fused multiply-add over it:
@@ -131,12 +154,15 @@ class ArrayLikeImages:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return np.asarray(self.data, dtype=dtype)
 
-    def read(self, indices: list[int]) -> np.ndarray:
-        """The images ``indices`` as one NumPy array, checked."""
+    def read(self, indices: list[int], unit_floats: bool = True) -> np.ndarray:
+        """The images ``indices`` as one NumPy array, checked (floats in [0, 1]
+        with ``unit_floats``)."""
         with _in_this_thread():
             batch = self._read(indices)
         where = f"X[{indices[0]}]" if len(indices) == 1 else "X"
-        _check_values(batch, where, f" (in the images {_describe(indices)})")
+        _check_values(
+            batch, where, f" (in the images {_describe(indices)})", unit_floats
+        )
         return batch
 
     def _read(self, indices: list[int]) -> np.ndarray:
@@ -173,13 +199,16 @@ def _describe(indices: list[int]) -> str:
     return ", ".join(f"X[{i}]" for i in indices)
 
 
-def check_images(X: Any) -> np.ndarray | ArrayLikeImages | list:
+def check_images(
+    X: Any, unit_floats: bool = True
+) -> np.ndarray | ArrayLikeImages | list:
     """Validate ``X`` without copying or modifying it; return an indexable view.
 
     Arrays come back as arrays (a read-only view is fine), other array-likes
     with a shape and a dtype (dask, xarray, h5py) as :class:`ArrayLikeImages`,
     read lazily; sequences come back as lists. Raises a ValueError or TypeError
-    that names the problem and the fix.
+    that names the problem and the fix. With ``unit_floats``, float images
+    must lie in [0, 1] (see :class:`Preprocessing`).
     """
     if isinstance(X, Image.Image):
         raise TypeError(
@@ -226,7 +255,7 @@ def check_images(X: Any) -> np.ndarray | ArrayLikeImages | list:
             f"got {type(X).__name__}."
         )
     _check_shape(X.shape, X.dtype)
-    _check_values(X, "X")
+    _check_values(X, "X", unit_floats=unit_floats)
     return X
 
 
@@ -263,7 +292,7 @@ def _check_shape(shape: tuple[int, ...], dtype: np.dtype) -> None:
         )
         raise ValueError(
             f"X has {ndim} dimension(s) (shape {shape}); image arrays must be "
-            f"N x H x W (grey) or N x H x W x C with C in (1, 3, 4).{hint}"
+            f"N x H x W (grey) or N x H x W x C (C channels or bands).{hint}"
         )
     if ndim == 3 and shape[-1] in (1, 3, 4):
         # N grey images 1, 3 or 4 pixels wide are far less likely than one
@@ -274,19 +303,18 @@ def _check_shape(shape: tuple[int, ...], dtype: np.dtype) -> None:
             "pixels. Pass a batch of one, X[None] (shape (1, H, W, C)). If these "
             "really are grey images that narrow, pass X[..., None]."
         )
-    if ndim == 4 and shape[-1] not in (1, 3, 4):
-        hint = (
-            " It looks channels-first: transpose it, X.transpose(0, 2, 3, 1)."
-            if shape[1] in (1, 3, 4)
-            else ""
-        )
+    if ndim == 4 and shape[1] in (1, 3, 4) and shape[-1] > 4:
+        # Any number of bands is accepted last; images 1 to 4 pixels tall with
+        # more bands than that are a channels-first batch, not bands.
         raise ValueError(
-            f"X has shape {shape}: the last axis must hold 1, 3 or 4 channels "
-            f"(N x H x W x C).{hint}"
+            f"X has shape {shape}: it looks channels-first (N x C x H x W), "
+            "which would be read as images of "
+            f"{shape[1]} x {shape[2]} pixels with {shape[3]} bands. Transpose "
+            "it, X.transpose(0, 2, 3, 1)."
         )
     if dtype.kind not in "iuf":
         raise TypeError(
-            f"X has dtype {dtype}; images must be uint8 in [0, 255] or float in [0, 1]."
+            f"X has dtype {dtype}; images must be uint8 in [0, 255], uint16 or float."
         )
 
 
@@ -294,11 +322,7 @@ def _check_float(a: np.ndarray, what: str, fix: str) -> None:
     """Float pixels must be finite and in [0, 1] (they are never clipped): a
     ValueError naming ``what`` and, for the range, ``fix`` (formatted with the
     largest magnitude as ``peak``)."""
-    if not np.isfinite(a).all():
-        raise ValueError(
-            f"{what} contains NaN or infinity; images must be finite. Replace or "
-            "drop those images."
-        )
+    _check_finite(a, what)
     lo, hi = float(a.min()), float(a.max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(
@@ -307,36 +331,72 @@ def _check_float(a: np.ndarray, what: str, fix: str) -> None:
         )
 
 
-def _check_values(a: np.ndarray, name: str, where: str = "") -> None:
+def _check_values(
+    a: np.ndarray, name: str, where: str = "", unit_floats: bool = True
+) -> None:
     kind = a.dtype.kind
     if kind == "f":
+        if not unit_floats:
+            _check_finite(a, f"The float array {name}{where}")
+            return
         _check_float(
             a,
             f"The float array {name}{where}",
-            f"Divide by the maximum (e.g. {name} / {{peak:g}}) or pass uint8 "
-            "values in [0, 255].",
+            f"Divide by the maximum (e.g. {name} / {{peak:g}}), pass uint8 "
+            "values in [0, 255], or set mean and std (one value per band, or "
+            "mean='fit', std='fit') for values in any range.",
         )
     elif kind in "iu":
-        if a.dtype != np.uint8:
+        if a.dtype == np.uint16 and a.size and int(a.max()) <= 255:
+            warnings.warn(
+                f"{name} is uint16 with values in [0, 255]{where}: uint16 is read "
+                "as 16-bit (divided by 65535), which makes these images nearly "
+                f"black. If they hold 8-bit values, pass {name}.astype(np.uint8).",
+                UserWarning,
+                stacklevel=4,
+            )
+        if a.dtype not in (np.uint8, np.uint16):
             lo, hi = int(a.min()), int(a.max())
             if lo < 0 or hi > 255:
+                fix = (
+                    f" For 16-bit values pass {name}.astype(np.uint16)."
+                    if lo >= 0 and hi <= 65535
+                    else " Pass a float array (with mean and std, or "
+                    "mean='fit', std='fit')."
+                )
                 raise ValueError(
-                    f"{name} is an integer array with values in [{lo}, {hi}]"
-                    f"{where}; integer images must lie in [0, 255]."
+                    f"{name} is an integer array ({a.dtype}) with values in "
+                    f"[{lo}, {hi}]{where}; integer images must lie in [0, 255] "
+                    f"(uint8) or be uint16 (16-bit, divided by 65535).{fix}"
                 )
     else:
         raise TypeError(
-            f"{name} has dtype {a.dtype}; images must be uint8 in [0, 255] or "
-            "float in [0, 1]."
+            f"{name} has dtype {a.dtype}; images must be uint8 in [0, 255], "
+            "uint16 or float."
         )
 
 
-def array_to_tensor(a: np.ndarray, batched: bool) -> torch.Tensor:
-    """(H, W) or (H, W, C) array, or a batch of them -> RGB (..., 3, H, W) tensor.
+def _check_finite(a: np.ndarray, what: str) -> None:
+    if not np.isfinite(a).all():
+        raise ValueError(
+            f"{what} contains NaN or infinity; images must be finite. Replace or "
+            "drop those images (or fill the missing pixels, e.g. with "
+            "np.nan_to_num)."
+        )
 
-    uint8 stays uint8 (resizing is cheaper there); other integers become uint8,
-    floats become float32. Never writes to ``a``.
+
+def array_to_tensor(a: np.ndarray, batched: bool, bands: bool = False) -> torch.Tensor:
+    """(H, W) or (H, W, C) array, or a batch of them -> (..., C', H, W) tensor.
+
+    1, 3 and 4 channels become RGB (grey repeated, alpha dropped) unless
+    ``bands``; other numbers of channels are kept as bands. uint8 stays uint8
+    (resizing is cheaper there); uint16 becomes float32 divided by 65535;
+    other integers become uint8, floats become float32. Never writes to ``a``.
     """
+    if a.dtype == np.uint16:
+        # 16-bit: exact in float32, scaled to [0, 1] as uint8 / 255 is later.
+        t = torch.from_numpy(a.astype(np.float32) / np.float32(65535.0))
+        return _channels_first(t, a.ndim == (3 if batched else 2), bands)
     dtype = np.uint8 if a.dtype.kind in "iu" else np.float32
     # torch.from_numpy shares memory: copy read-only arrays (torch wants them
     # writable), reversed views such as img[:, ::-1] (torch has no negative
@@ -345,11 +405,16 @@ def array_to_tensor(a: np.ndarray, batched: bool) -> torch.Tensor:
     if not a.flags.writeable or any(s < 0 for s in a.strides):
         a = a.copy()
     t = torch.from_numpy(a)
-    grey_2d = a.ndim == (3 if batched else 2)
+    return _channels_first(t, a.ndim == (3 if batched else 2), bands)
+
+
+def _channels_first(t: torch.Tensor, grey_2d: bool, bands: bool) -> torch.Tensor:
     if grey_2d:
         t = t.unsqueeze(-1)
     t = t.movedim(-1, -3)  # channels last -> channels first (a view)
     channels = t.shape[-3]
+    if bands:
+        return t
     if channels == 1:
         t = t.expand(*t.shape[:-3], 3, *t.shape[-2:])
     elif channels == 4:
@@ -362,8 +427,11 @@ def describe_item(item: Any, index: int) -> str:
     return f"X[{index}] ({os.fspath(item)!r})" if _is_path(item) else f"X[{index}]"
 
 
-def _load_file(path: str | os.PathLike, index: int) -> torch.Tensor:
-    """Image file ``X[index]`` -> RGB (3, H, W) tensor, upright.
+def _load_file(
+    path: str | os.PathLike, index: int, unit_floats: bool = True, bands: bool = False
+) -> torch.Tensor:
+    """Image file ``X[index]`` -> (C, H, W) tensor, upright (RGB unless it has
+    bands, see :func:`array_to_tensor`).
 
     The checks before decoding are what makes untrusted files safe; a faster
     decoder (``torchvision.io.decode_jpeg``) must keep them, PIL's pixel limit
@@ -391,6 +459,11 @@ def _load_file(path: str | os.PathLike, index: int) -> torch.Tensor:
             f"{where} is not a regular file (a named pipe, socket or device): "
             "reading it could block forever. Pass image files only."
         )
+    if os.fspath(path).lower().endswith(_TIFF_SUFFIXES):
+        a = _read_tiff(path, where)
+        if a is not None:
+            _check_values(a, where, unit_floats=unit_floats)
+            return array_to_tensor(a, batched=False, bands=bands)
     im = None
     try:
         im = Image.open(path)
@@ -408,12 +481,74 @@ def _load_file(path: str | os.PathLike, index: int) -> torch.Tensor:
     except Exception as exc:  # noqa: BLE001 - a corrupt file fails PIL in many ways
         _close(im)
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        hint = (
+            " A multi-band TIFF needs tifffile: pip install 'sklearn-cnn[tiff]'."
+            if os.fspath(path).lower().endswith(_TIFF_SUFFIXES)
+            else ""
+        )
         raise ValueError(
             f"Cannot read image file {where}: {detail}. The file is truncated, "
-            "corrupt or not an image; remove it or re-export it."
+            f"corrupt or not an image; remove it or re-export it.{hint}"
         ) from None
     with im:
-        return _pil_to_tensor(im, where)
+        return _pil_to_tensor(im, where, bands, unit_floats)
+
+
+_TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def _read_tiff(path: str | os.PathLike, where: str) -> np.ndarray | None:
+    """A TIFF file as one (H, W) or (H, W, bands) array, read by tifffile
+    (None without it: PIL then reads what it can).
+
+    The layout comes from the file's axes: YX (grey), YXS (samples last), SYX
+    or CYX (planar bands); leading axes of length 1 are dropped. Pages of
+    unknown meaning (QYX: an array written without a layout) could hold
+    bands first or last, and several images are not one image: both are
+    refused rather than guessed.
+    """
+    try:
+        import tifffile
+    except ImportError:
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes, a = series.axes, series.asarray()
+    except Exception as exc:  # noqa: BLE001 - a corrupt file fails in many ways
+        raise ValueError(
+            f"Cannot read TIFF file {where}: {type(exc).__name__}: {exc}. The "
+            "file is truncated, corrupt or not a TIFF; remove it or re-export it."
+        ) from None
+    keep = [i for i, n in enumerate(a.shape) if n != 1 or axes[i] in "YX"]
+    a, axes = a.reshape([a.shape[i] for i in keep]), "".join(axes[i] for i in keep)
+    if axes == "YX":
+        return None  # grey: PIL reads it (16- and 32-bit modes included)
+    if a.dtype.kind in "iu" and a.dtype not in (np.uint8, np.uint16):
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 65535:
+            raise ValueError(
+                f"{where} is a TIFF of {a.dtype} values in [{lo}, {hi}]; integer "
+                "images are read as 16-bit, values 0 to 65535. Scale it to a "
+                "float array and pass that (with mean and std, or mean='fit')."
+            )
+        a = a.astype(np.uint16)  # as PIL's 32-bit mode "I" is read
+    if axes == "YXS":
+        return a
+    if axes in ("SYX", "CYX"):
+        return np.moveaxis(a, 0, -1)
+    raise ValueError(
+        f"{where} is a TIFF holding an array of shape {a.shape} with axes "
+        f"{axes!r}, not one image of H x W (x bands): "
+        + (
+            "its pages could hold the bands first or last. "
+            if axes in ("QYX", "IYX", "ZYX")
+            else "it holds several images or planes. "
+        )
+        + "Write one image per file with its layout: tifffile.imwrite(path, "
+        "image, photometric='minisblack', planarconfig='contig') for an "
+        "(H, W, bands) array, or planarconfig='separate' for (bands, H, W)."
+    )
 
 
 def _close(im: Image.Image | None) -> None:
@@ -430,14 +565,20 @@ def _exif_orientation(im: Image.Image) -> int:
         return 1
 
 
-def _pil_to_tensor(im: Image.Image, where: str) -> torch.Tensor:
+def _pil_to_tensor(
+    im: Image.Image, where: str, bands: bool = False, unit_floats: bool = True
+) -> torch.Tensor:
     if _exif_orientation(im) in range(2, 9):
         # Phone photos store the sensor's pixels and the rotation to show them.
         # (Only then: exif_transpose copies the image even when nothing changes.)
         im = ImageOps.exif_transpose(im)
     if im.mode in ("I", "F") or im.mode.startswith("I;"):
         # 16- and 32-bit grey: convert("RGB") would clip at 255.
-        return array_to_tensor(_wide_grey(im, where), batched=False)
+        grey = _wide_grey(im, where, unit_floats)
+        return array_to_tensor(grey, batched=False, bands=bands)
+    if bands and im.mode in ("L", "LA", "RGB", "RGBA"):
+        # Every channel a band: grey stays one band, alpha is a band.
+        return array_to_tensor(np.asarray(im), batched=False, bands=True)
     if im.mode != "RGB":
         try:
             im = im.convert("RGB")
@@ -449,10 +590,14 @@ def _pil_to_tensor(im: Image.Image, where: str) -> torch.Tensor:
     return TF.pil_to_tensor(im)
 
 
-def _wide_grey(im: Image.Image, where: str) -> np.ndarray:
+def _wide_grey(im: Image.Image, where: str, unit_floats: bool = True) -> np.ndarray:
     """A 16- or 32-bit grey PIL image as a float32 array in [0, 1], scaled, not
-    clipped; values that cannot be scaled without a guess are refused."""
+    clipped; values that cannot be scaled without a guess are refused (floats
+    may lie in any range without ``unit_floats``)."""
     a = np.asarray(im)
+    if im.mode == "F" and not unit_floats:
+        _check_finite(a, f"{where} is a 32-bit float image (PIL mode 'F') and")
+        return a.astype(np.float32, copy=False)
     if im.mode == "F":
         _check_float(
             a,
@@ -505,19 +650,102 @@ def check_resize(preprocess: Any, height: int, width: int, where: str) -> int | 
     return new_h * new_w
 
 
-def image_to_tensor(item: Any, index: int) -> torch.Tensor:
-    """One element of a list X -> RGB (3, H, W) uint8 or float tensor."""
+def image_to_tensor(
+    item: Any, index: int, unit_floats: bool = True, bands: bool = False
+) -> torch.Tensor:
+    """One element of a list X -> (C, H, W) uint8 or float tensor: RGB, or
+    bands (see :func:`array_to_tensor`)."""
     if _is_path(item):
-        return _load_file(item, index)
+        return _load_file(item, index, unit_floats, bands)
     if isinstance(item, Image.Image):
-        return _pil_to_tensor(item, f"X[{index}]")
-    if item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[-1] not in (1, 3, 4)):
+        return _pil_to_tensor(item, f"X[{index}]", bands, unit_floats)
+    if item.ndim not in (2, 3) or (
+        item.ndim == 3 and item.shape[0] in (1, 3, 4) and item.shape[-1] > 4
+    ):
         raise ValueError(
             f"X[{index}] has shape {item.shape}; each image must be H x W or "
-            "H x W x C with C in (1, 3, 4)."
+            "H x W x C (C channels or bands, last)."
         )
-    _check_values(item, f"X[{index}]")
-    return array_to_tensor(item, batched=False)
+    _check_values(item, f"X[{index}]", unit_floats=unit_floats)
+    return array_to_tensor(item, batched=False, bands=bands)
+
+
+def _fitted(preprocess: Any) -> Any:
+    """The :class:`Preprocessing` of ``preprocess`` (an augmenting wrapper's)."""
+    return getattr(preprocess, "preprocess", preprocess)
+
+
+def check_channels(images: torch.Tensor, preprocess: Any, where: str) -> None:
+    """Refuse images whose channels are not those the network was fitted on."""
+    pre = _fitted(preprocess)
+    expected = getattr(pre, "channels", 3)
+    got = images.shape[-3]
+    if got == expected:
+        return
+
+    def what(n: int, rgb: bool) -> str:
+        return "RGB images (3 channels)" if rgb else f"images of {n} bands"
+
+    rgb = expected == 3 and not getattr(pre, "bands", False)
+    raise ValueError(
+        f"{where}: {what(got, got == 3 and not getattr(pre, 'bands', False))}, "
+        f"but the network was fitted on {what(expected, rgb)}. Pass images "
+        "with the channels fit saw, in the same order, or fit again on these."
+        + (
+            " (1, 3 and 4 channels are read as grey, RGB and RGBA; with "
+            "bands='all' every channel is a band.)"
+            if got == 3 or expected == 3
+            else ""
+        )
+    )
+
+
+def band_statistics(
+    X: np.ndarray | ArrayLikeImages | list, bands: bool = False
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and standard deviation of each channel over every pixel of
+    ``X`` (as :func:`check_images` returns it), in the scaled units the
+    network's normalisation sees (uint8 / 255, uint16 / 65535).
+
+    Accumulated in float64, a batch at a time. A constant channel gets a
+    standard deviation of 1 (it normalises to 0 rather than to a division by
+    zero).
+    """
+    total = squares = None
+    count = 0
+
+    def add(t: torch.Tensor) -> None:
+        nonlocal total, squares, count
+        x = t.to(torch.float64)
+        if t.dtype == torch.uint8:
+            x = x / 255.0
+        x = x.movedim(-3, 0).reshape(x.shape[-3], -1)
+        s, q = x.sum(1), (x * x).sum(1)
+        if total is not None and len(s) != len(total):
+            raise ValueError(
+                f"X holds images of {len(total)} and of {len(s)} channels; "
+                "every image must have the same channels (or bands)."
+            )
+        total = s if total is None else total + s
+        squares = q if squares is None else squares + q
+        count += x.shape[1]
+
+    if isinstance(X, (np.ndarray, ArrayLikeImages)):
+        for start in range(0, len(X), 64):
+            idx = list(range(start, min(start + 64, len(X))))
+            batch = (
+                X[start : idx[-1] + 1]
+                if isinstance(X, np.ndarray)
+                else (X.read(idx, unit_floats=False))
+            )
+            add(array_to_tensor(batch, batched=True, bands=bands))
+    else:
+        for i, item in enumerate(X):
+            add(image_to_tensor(item, i, unit_floats=False, bands=bands))
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(0).sqrt()
+    std = torch.where(std > 1e-12, std, torch.ones_like(std))
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -548,16 +776,19 @@ class ImageDataset(torch.utils.data.Dataset):
             return WorkerFailure(exc)  # raised as it is by the main process
 
     def _get(self, indices: list[int]) -> torch.Tensor:
+        pre = _fitted(self.preprocess)
+        bands = getattr(pre, "bands", False)
         if isinstance(self.X, (np.ndarray, ArrayLikeImages)):
             batch = (
                 self.X[indices]
                 if isinstance(self.X, np.ndarray)
-                else self.X.read(indices)
+                else self.X.read(indices, getattr(pre, "unit_floats", True))
             )
             pixels = check_resize(
                 self.preprocess, *batch.shape[1:3], _describe(indices)
             )
-            images = array_to_tensor(batch, batched=True)
+            images = array_to_tensor(batch, batched=True, bands=bands)
+            check_channels(images, pre, "X")
             # Elongated images each below the limit still add up in one batch
             # before the crop: resize at most MAX_RESIZED_PIXELS at a time.
             step = len(images) if pixels is None else MAX_RESIZED_PIXELS // pixels
@@ -581,7 +812,14 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _one(self, i: int) -> torch.Tensor:
         """Image ``i`` of a list X, checked and preprocessed."""
-        image = image_to_tensor(self.X[i], i)
+        pre = _fitted(self.preprocess)
+        image = image_to_tensor(
+            self.X[i],
+            i,
+            getattr(pre, "unit_floats", True),
+            getattr(pre, "bands", False),
+        )
+        check_channels(image, pre, describe_item(self.X[i], i))
         check_resize(self.preprocess, *image.shape[-2:], describe_item(self.X[i], i))
         return self.preprocess(image)
 
@@ -609,3 +847,55 @@ def raise_worker_failure(batch: Any) -> None:
 def collate_batch(batch: torch.Tensor) -> torch.Tensor:
     """The dataset already returns a stacked batch."""
     return batch
+
+
+def _first_image(X: Any, unit_floats: bool, bands: bool) -> torch.Tensor:
+    """The first image of ``X`` (as :func:`check_images` returns it), as the
+    network's preprocessing receives it: (C, H, W)."""
+    if isinstance(X, np.ndarray):
+        return array_to_tensor(X[0], batched=False, bands=bands)
+    if isinstance(X, ArrayLikeImages):
+        return array_to_tensor(X.read([0], unit_floats)[0], batched=False, bands=bands)
+    return image_to_tensor(X[0], 0, unit_floats, bands)
+
+
+def band_preprocessing(
+    pre: Preprocessing, X: Any, bands: bool, mean: Any, std: Any
+) -> Preprocessing:
+    """``pre`` for the channels of the images of ``X``.
+
+    ``mean`` and ``std`` are the estimator's parameters: None (the weights'
+    RGB values, which ``pre`` holds; for bands, repeated as the "repeat" stem
+    repeats the RGB filters, and their average for one band), one value per
+    channel (which ``pre`` holds), or "fit" (estimated from ``X``,
+    :func:`band_statistics`). Float images may lie in any range unless both
+    are None.
+    """
+    unit_floats = mean is None and std is None
+    n = _first_image(X, unit_floats, bands).shape[-3]
+    stats = None
+    if "fit" in (mean, std):
+        stats = band_statistics(X, bands)
+
+    def per_band(given: Any, values: tuple[float, ...], name: str, fitted: Any):
+        if isinstance(given, str):
+            return fitted
+        if len(values) == n:
+            return values
+        if given is None:
+            if n == 1:
+                return (sum(values) / len(values),)
+            return tuple(values[i % len(values)] for i in range(n))
+        raise ValueError(
+            f"{name} has {len(values)} value(s) but the images have {n} "
+            f"{'channels' if n == 3 else 'bands'}: give one value per band, or "
+            f"{name}='fit' to estimate them from the training images."
+        )
+
+    return dataclasses.replace(
+        pre,
+        mean=per_band(mean, pre.mean, "mean", stats and stats[0]),
+        std=per_band(std, pre.std, "std", stats and stats[1]),
+        bands=bands,
+        unit_floats=unit_floats,
+    )

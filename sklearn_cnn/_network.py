@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._images import ImageDataset, Preprocessing
+from ._bands import adapt_stem
+from ._images import ImageDataset, Preprocessing, band_preprocessing
 from ._inference import InferenceCopy, inference_copy
 from ._inspect import probe_network
 from ._layers import PooledTapper, Tap, Tapper, Trace, without_tap_hooks
@@ -92,6 +93,9 @@ class Network:
         What one forward pass of ``example_shape`` revealed.
     example_shape : tuple of int
         The preprocessed shape (C, H, W) of the image that was traced.
+    stem : dict or None
+        How the first convolution was adapted to the images' bands (its
+        ``layer``, ``bands`` and ``rule``, see ``_bands``); None for RGB.
     """
 
     def __init__(
@@ -102,8 +106,10 @@ class Network:
         precision: str,
         trace: Trace,
         example_shape: tuple[int, ...],
+        stem: dict | None = None,
     ) -> None:
         self.module = module
+        self.stem = stem
         self.preprocessing = preprocessing
         self.device = device
         self.precision = precision
@@ -126,18 +132,47 @@ class Network:
         device: Any,
         precision: str,
         X: Any,
+        bands: str = "auto",
+        stem: str = "repeat",
     ) -> Network:
         """Build the network ``model`` and ``weights`` name, place it on
-        ``device`` and trace it on the first image of ``X``."""
+        ``device`` and trace it on the first image of ``X``.
+
+        Images of other than 3 channels (bands; see ``_images``) get their
+        mean and std per band (``band_preprocessing``) and the network's first
+        convolution adapted to them by the rule ``stem`` (``_bands``).
+        """
         module, enum = build_model(model, weights)
-        pre = resolve_preprocessing(model, enum, image_size, mean, std, module=module)
+        rgb_mean = None if isinstance(mean, str) else mean  # "fit": below
+        rgb_std = None if isinstance(std, str) else std
+        pre = resolve_preprocessing(
+            model, enum, image_size, rgb_mean, rgb_std, module=module
+        )
+        pre = band_preprocessing(pre, X, bands == "all", mean, std)
+        adapted = None
+        if pre.channels != 3:
+            rgb = _example(module, pre, torch.device("cpu"), X)
+            rgb = torch.zeros(1, 3, *rgb.shape[-2:])
+            adapted = adapt_stem(module.eval(), pre.channels, stem, rgb)
         dev = resolve_device(device)
         module = place(module.eval(), dev)
         example = _example(module, pre, dev, X)
         # Errors that name the image_size a model needs; a network that fails
         # in channels_last format (x.view) falls back to contiguous tensors.
-        tr = probe_network(module, example)
-        return cls(module, pre, dev, precision, tr, tuple(example.shape[1:]))
+        try:
+            tr = probe_network(module, example)
+        except Exception as exc:
+            if adapted is None:
+                raise
+            raise ValueError(
+                f"{type(module).__name__} does not run on images of "
+                f"{pre.channels} bands after its first convolution "
+                f"{adapted['layer']!r} was adapted to them ({exc}). A model "
+                "that reads the image's channels elsewhere (inception's "
+                "transform_input) cannot be adapted: pass RGB images."
+            ) from exc
+        shape = tuple(example.shape[1:])
+        return cls(module, pre, dev, precision, tr, shape, adapted)
 
     # -- what the network is now ----------------------------------------------------
 
@@ -396,7 +431,11 @@ class SharedNetworks:
                 del self._entries[key]
                 return None
             self._entries.move_to_end(key)
-        if tuple(network.example(X).shape[1:]) != network.example_shape:
+        try:
+            shape = tuple(network.example(X).shape[1:])
+        except ValueError:  # images of other channels than it takes
+            return None
+        if shape != network.example_shape:
             return None
         return network
 
@@ -455,11 +494,14 @@ def network_key(
     std: Any,
     device: Any,
     precision: str,
+    bands: str = "auto",
+    stem: str = "repeat",
 ) -> tuple | None:
     """What decides the network a fit builds, or None where that cannot be
-    told safely (see :func:`_builder_identity`; unseeded random weights)."""
+    told safely (see :func:`_builder_identity`; unseeded random weights; a
+    mean or std fitted to the images, which differ between folds)."""
     builder = _builder_identity(model)
-    if builder is None:
+    if builder is None or isinstance(mean, str) or isinstance(std, str):
         return None
     if weights is None and not isinstance(random_state, Integral):
         return None
@@ -469,4 +511,5 @@ def network_key(
     return (
         kind, builder, repr(weights), repr(random_state),
         repr(image_size), repr(mean), repr(std), str(device), precision,
+        bands, stem,
     )  # fmt: skip

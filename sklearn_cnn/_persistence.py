@@ -35,6 +35,7 @@ from torch import nn
 from torchvision.models import WeightsEnum
 from torchvision.transforms import InterpolationMode
 
+from ._bands import adapt_stem
 from ._images import Preprocessing
 from ._inspect import probe_network
 from ._layers import Tap
@@ -154,6 +155,8 @@ def _encode(value: Any, where: str) -> Any:
                 "mean": list(value.mean),
                 "std": list(value.std),
                 "interpolation": value.interpolation.value,
+                "bands": value.bands,
+                "unit_floats": value.unit_floats,
             }
         }
     if isinstance(value, Tap):
@@ -206,6 +209,8 @@ def _decode(value: Any, trusted: frozenset[str]) -> Any:
                 mean=tuple(body["mean"]),
                 std=tuple(body["std"]),
                 interpolation=InterpolationMode(body["interpolation"]),
+                bands=bool(body.get("bands", False)),
+                unit_floats=bool(body.get("unit_floats", True)),
             )
         if tag == "__tap__":
             return Tap(body[0], bool(body[1]))
@@ -611,13 +616,20 @@ def _rebuild(
         for name in estimator._inference_params
     }
     device = resolve_device(estimator.device)
-    module = place(_architecture(estimator.model, estimator.weights).eval(), device)
+    module = _architecture(estimator.model, estimator.weights).eval()
+    stem = None
+    if example_shape[0] != 3:  # a first convolution fit adapted to the bands
+        rgb = torch.zeros((1, 3, *example_shape[1:]))
+        # Its shape only (no random draw): the saved tensors fill it.
+        stem = adapt_stem(module, example_shape[0], "mean", rgb)
+        stem["rule"] = estimator.stem
+    module = place(module, device)
     example = torch.zeros((1, *example_shape), device=device)
     # As fit probes it: a network that needs contiguous tensors goes back to
     # the contiguous format here too.
     trace = probe_network(module, example)
     estimator._network = Network(
-        module, preprocessing, device, estimator.precision, trace, example_shape
+        module, preprocessing, device, estimator.precision, trace, example_shape, stem
     )
     estimator._rebuild_for_load(example)
     module = estimator._network.module

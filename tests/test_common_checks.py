@@ -140,14 +140,14 @@ def test_transformer_requires_no_y(data):
 @pytest.mark.parametrize("make", ESTIMATORS, ids=IDS)
 def test_dtypes_give_the_same_outputs(make, data, fitted_pair):
     """check_estimators_dtypes, check_transformer_preserve_dtypes (float32
-    out whatever the input): uint8, wider ints, and floats in [0, 1]."""
+    out whatever the input): uint8, wider ints, 16-bit, and floats in [0, 1]."""
     X, _ = data
     est = fitted_pair[make.__name__]
     reference = outputs(est, X)
     assert reference.dtype == np.float32 or isinstance(est, FineTuneClassifier)
     for variant in (
         X.astype(np.int64),
-        X.astype(np.uint16),
+        X.astype(np.uint16) * 257,  # 16-bit: divided by 65535
         X.astype(np.float32) / 255,
         X.astype(np.float64) / 255,
     ):

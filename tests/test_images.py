@@ -80,7 +80,7 @@ def test_float_array_resized_close_to_uint8(images):
     assert_allclose(a, b, atol=2e-2)
 
 
-@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint16, np.int16])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.int16])
 def test_integer_array_in_0_255_equals_uint8(images, dtype):
     expected = features(images, image_size=20)
     assert_array_equal(features(images.astype(dtype), image_size=20), expected)
@@ -275,7 +275,7 @@ U8 = np.zeros((2, 8, 8, 3), dtype=np.uint8)
         (np.zeros((5, 64), np.uint8), ValueError, r"2 dimension.*reshape"),
         (np.zeros(64, np.uint8), ValueError, r"1 dimension"),
         (np.zeros((2, 3, 8, 8), np.uint8), ValueError, "channels-first.*transpose"),
-        (np.zeros((2, 8, 8, 5), np.uint8), ValueError, "last axis must hold 1, 3 or 4"),
+        (np.zeros((2, 4, 8, 8), np.uint8), ValueError, "channels-first.*transpose"),
         (np.zeros((1, 2, 8, 8, 3), np.uint8), ValueError, "5 dimension"),
         (np.full((2, 8, 8, 3), np.nan), ValueError, "NaN or infinity"),
         (np.full((2, 8, 8, 3), np.inf, np.float32), ValueError, "NaN or infinity"),
@@ -288,7 +288,7 @@ U8 = np.zeros((2, 8, 8, 3), dtype=np.uint8)
         (Image.new("RGB", (8, 8)), TypeError, "single PIL image.*X=\\[image\\]"),
         ("image.png", TypeError, "got str"),
         ([U8[0], 3], TypeError, r"X\[1\] is a int"),
-        ([np.zeros((8, 8, 2), np.uint8)], ValueError, r"X\[0\] has shape"),
+        ([np.zeros((2, 8, 8, 3), np.uint8)], ValueError, r"X\[0\] has shape"),
         ([np.full((8, 8, 3), 2.0)], ValueError, r"array X\[0\] has values in \[2, 2\]"),
     ],
 )

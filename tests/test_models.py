@@ -366,9 +366,9 @@ def test_preprocessing_values_against_manual_computation(images):
 @pytest.mark.parametrize(
     "params, match",
     [
-        ({"mean": (0.5, 0.5)}, r"mean must hold 3 finite numbers"),
-        ({"mean": (0.5, np.nan, 0.5)}, r"mean must hold 3 finite numbers"),
-        ({"std": (0.5, 0.5, 0.5, 0.5)}, r"std must hold 3 finite numbers"),
+        ({"mean": (0.5, 0.5)}, r"mean has 2 value\(s\) but the images have 3"),
+        ({"mean": (0.5, np.nan, 0.5)}, r"mean must hold one finite number per"),
+        ({"std": (0.5, 0.5, 0.5, 0.5)}, r"std has 4 value\(s\) but the images"),
         ({"std": (0.5, 0.0, 0.5)}, r"std must be positive"),
         ({"image_size": (0, 3)}, r"image_size must be an int, \(height, width\)"),
         ({"image_size": (8, 8, 8)}, r"image_size must be an int"),
