@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -120,12 +121,13 @@ def default_layer(tr: Trace) -> str:
     for layer in layers:
         if not is_spatial(tr, Tap(layer.name)):
             continue
-        if (
-            last_attention is not None
-            and layer.layout == "NLD"
-            and first_call[layer.name] > last_attention
-        ):
-            continue
+        if last_attention is not None and layer.layout == "NLD":
+            # Calls are recorded as they end: the attention's own sublayers
+            # (timm's ``attn.proj``) end before it, but read its output.
+            attention = tr.calls[last_attention]
+            inside = layer.name.startswith(attention + ".")
+            if inside or first_call[layer.name] >= last_attention:
+                continue
         found = layer.name
     if found is None:
         raise ValueError(
@@ -253,6 +255,16 @@ def grad_cam(
     prefix = net.trace.prefix_tokens
     a = to_grid(store["a"].detach(), layout, prefix, hw).double()
     g = to_grid(grad, layout, prefix, hw).double()
+    if not g.any():  # at the positions shown (class tokens dropped)
+        warnings.warn(
+            f"The class scores' gradients at layer {layer!r} are zero at every "
+            "position, so the maps are zero: the layer reaches the output only "
+            "through positions it does not show (the tokens after a ViT's last "
+            "attention reach the head only through its class token). Choose an "
+            "earlier layer, or leave layer=None.",
+            UserWarning,
+            stacklevel=4,
+        )
     weights = g.mean(dim=(2, 3), keepdim=True)  # alpha_c: pooled gradients
     return (weights * a).sum(1).cpu(), logits.detach().cpu()
 

@@ -275,7 +275,8 @@ def test_vit_tokens(data):
     assert grid.shape == (5, 4, 4)  # 16 patch tokens, the class token dropped
     # After the last attention, the patches reach the head only through the
     # class token: an explicit layer there gives zero maps.
-    late = activation_maps(clf, Xt[:5], layer="encoder.ln")
+    with pytest.warns(UserWarning, match="gradients at layer 'encoder.ln' are zero"):
+        late = activation_maps(clf, Xt[:5], layer="encoder.ln")
     assert np.abs(late).max() == 0
 
     pipe = make_pipeline(
@@ -515,3 +516,25 @@ def test_images_of_other_than_three_channels_are_shown_grey():
     rgb = SimpleNamespace(mean=(0.5,) * 3, std=(0.25,) * 3)
     x = torch.zeros(1, 3, 2, 2)
     np.testing.assert_allclose(unnormalize(Network(None, rgb, None, None), x), 0.5)
+
+
+def test_timm_vit_with_register_tokens(data):
+    """timm's attention has sublayers of its own (``attn.proj``) that end
+    before it: the default layer is the last block's input norm, and the
+    class and register tokens are dropped from the grid."""
+    vision_transformer = pytest.importorskip("timm.models.vision_transformer")
+    model = functools.partial(
+        vision_transformer.VisionTransformer,
+        img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+        num_classes=3, reg_tokens=2,
+    )  # fmt: skip
+    (X, y, _), (Xt, _, _) = data
+    clf = FineTuneClassifier(
+        model, weights=None, epochs=1, validation_fraction=None,
+        random_state=0, precision="fp32",
+    ).fit(X[:30], y[:30])  # fmt: skip
+    assert clf.trace_.prefix_tokens == 3
+    maps = activation_maps(clf, Xt[:4], upsample=False)
+    assert maps.shape == (4, 4, 4) and maps.max() > 0
+    with pytest.warns(UserWarning, match="are zero at every position"):
+        activation_maps(clf, Xt[:4], layer="blocks.1.attn.proj")
