@@ -150,7 +150,9 @@ def activation_maps(
     Grad-CAM weights each channel of the layer's output by the spatial mean
     of the gradient of the class's logit (before softmax and temperature),
     sums them and clips at 0. Test-time augmentation (``tta``) is not
-    applied.
+    applied. A layer where those gradients are zero at every position (one
+    that reaches the output only through a class token) gives zero maps,
+    with a warning.
 
     Examples
     --------
