@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.frozen import FrozenEstimator
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import (
     MaxAbsScaler,
@@ -340,7 +341,10 @@ class _PipelineCAM:
     """The exact CAM of a linear model on a transformer's average-pooled maps."""
 
     def __init__(self, pipe: Pipeline, layer: str | None) -> None:
-        steps = [s for _, s in pipe.steps]
+        # A FrozenEstimator step computes what the estimator it wraps does.
+        steps = [
+            s.estimator if isinstance(s, FrozenEstimator) else s for _, s in pipe.steps
+        ]
         cnn = steps[0]
         if not isinstance(cnn, CNNFeatureTransformer):
             raise TypeError(

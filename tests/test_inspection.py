@@ -538,3 +538,17 @@ def test_timm_vit_with_register_tokens(data):
     assert maps.shape == (4, 4, 4) and maps.max() > 0
     with pytest.warns(UserWarning, match="are zero at every position"):
         activation_maps(clf, Xt[:4], layer="blocks.1.attn.proj")
+
+
+def test_frozen_transformer_step(data):
+    from sklearn.frozen import FrozenEstimator
+
+    (X, y, _), (Xt, _, _) = data
+    cnn = CNNFeatureTransformer(TINY, weights=None, layer="stage1", precision="fp32")
+    frozen = make_pipeline(
+        FrozenEstimator(cnn.fit(X)), StandardScaler(), LogisticRegression()
+    ).fit(X, y)
+    plain = make_pipeline(cnn, frozen[1], frozen[2])
+    np.testing.assert_allclose(
+        activation_maps(frozen, Xt[:4]), activation_maps(plain, Xt[:4]), rtol=1e-6
+    )
