@@ -50,7 +50,6 @@ from ._cam import (
     default_layer,
     grad_cam,
     input_batches,
-    is_spatial,
     linear_cam,
     map_before_head,
     tapped_maps,
@@ -454,12 +453,9 @@ class _PipelineCAM:
                         f"({default_layer(tr)!r}), and pooling='avg'."
                     )
                 self.check_tap = Tap(tr.head, pre=True)
-                layout = tr.layout_of(tap)
-                name = f"{tap.module} ({'input' if tap.pre else 'output'})"
+                layout = tr.layout_of(tap)  # a map: map_before_head checked
             else:
                 tap = Tap(name)
-                check_spatial(name, tr, tap, layout)
-            if not is_spatial(tr, tap):
                 check_spatial(name, tr, tap, layout)
             self.taps.append(tap)
             self.layouts.append(layout)
