@@ -28,7 +28,7 @@ from sklearn_cnn import (
 )
 from sklearn_cnn._runtime import progress
 
-TRUSTED = ["conftest:make_tiny_cnn"]
+TRUSTED = ["tiny_cnn:make_tiny_cnn"]
 
 
 def tiny(**params) -> CNNFeatureTransformer:

@@ -22,7 +22,7 @@ from sklearn_cnn import CNNFeatureTransformer, load
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TRUSTED = ["conftest:make_tiny_cnn"]
+TRUSTED = ["tiny_cnn:make_tiny_cnn"]
 
 
 tiny = functools.partial(tiny, device="cpu")
@@ -103,7 +103,7 @@ def test_round_trip_of_a_partial_of_a_class(images, tmp_path):
     est = tiny(model=functools.partial(TinyCNN, num_classes=3, width=4), layer=None)
     est.fit(images)
     est.save(tmp_path / "c.safetensors")
-    loaded = load(tmp_path / "c.safetensors", trusted=["conftest:TinyCNN"])
+    loaded = load(tmp_path / "c.safetensors", trusted=["tiny_cnn:TinyCNN"])
     assert loaded.model.keywords == {"num_classes": 3, "width": 4}
     assert_same_estimator(loaded, est, images)
 
@@ -379,7 +379,7 @@ def _rewrite(path, edit) -> None:
 
 
 def test_callables_are_imported_only_when_trusted(saved):
-    with pytest.raises(ValueError, match=r"conftest:make_tiny_cnn.*trusted="):
+    with pytest.raises(ValueError, match=r"tiny_cnn:make_tiny_cnn.*trusted="):
         load(saved)
     # A hostile file (with a valid checksum) naming os.system is refused too.
     evil = {
@@ -458,7 +458,7 @@ def test_classifier_round_trip_is_exact(model, labelled_images, tmp_path):
         random_state=0,
     ).fit(X, y)
     clf.save(tmp_path / "clf.safetensors")
-    trusted = ["conftest:make_tiny_cnn", "test_persistence:NoLinear"]
+    trusted = ["tiny_cnn:make_tiny_cnn", "test_persistence:NoLinear"]
     loaded = load(tmp_path / "clf.safetensors", trusted=trusted)
     assert type(loaded) is sklearn_cnn.FineTuneClassifier
     assert_array_equal(loaded.classes_, clf.classes_)

@@ -25,7 +25,7 @@ from sklearn_cnn._base import _same
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAST = settings(max_examples=12, deadline=None, database=None)
-TRUSTED = ["conftest:make_tiny_cnn"]
+TRUSTED = ["tiny_cnn:make_tiny_cnn"]
 BUILDER = functools.partial(make_tiny_cnn, 0)
 
 RNG = np.random.default_rng(11)
