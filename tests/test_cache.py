@@ -14,7 +14,6 @@ import joblib
 import numpy as np
 import pytest
 import torch
-from conftest import colour_images, make_tiny_cnn
 from numpy.testing import assert_allclose, assert_array_equal
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
@@ -23,6 +22,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
 
+from conftest import colour_images, make_tiny_cnn
 from sklearn_cnn import CNNFeatureTransformer, cache_size, clear_cache
 from sklearn_cnn._cache import (
     CACHE_DIRNAME,

@@ -19,7 +19,6 @@ import joblib
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import colour_images, in_threads, make_tiny_cnn
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.base import clone
 from sklearn.exceptions import DataConversionWarning, NotFittedError
@@ -27,6 +26,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 
+from conftest import colour_images, in_threads, make_tiny_cnn
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import TinyCNN, colour_images, make_tiny_cnn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.base import clone
@@ -28,6 +27,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils import estimator_checks
 from torch import nn
 
+from conftest import TinyCNN, colour_images, make_tiny_cnn
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier
 from sklearn_cnn._freezing import _frozen_modules, _stages, apply_freeze
 from sklearn_cnn._layers import trace

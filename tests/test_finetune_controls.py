@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import colour_images, make_tiny_cnn
 from scipy.special import softmax
 from sklearn import config_context
 from sklearn.ensemble import AdaBoostClassifier
@@ -18,6 +17,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.pipeline import Pipeline
 from torch import nn
 
+from conftest import colour_images, make_tiny_cnn
 from sklearn_cnn import FineTuneClassifier
 from sklearn_cnn._base import cpu_state
 from sklearn_cnn._head import (

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import make_tiny_cnn
 from numpy.testing import assert_allclose
 from torch import nn
 
+from conftest import make_tiny_cnn
 from sklearn_cnn import CNNFeatureTransformer
 from sklearn_cnn._inference import foldable_pairs
 from sklearn_cnn._layers import Tap
@@ -74,7 +74,15 @@ FAMILIES = [
 ]
 
 
-@pytest.mark.parametrize("name, layer, conv", FAMILIES, ids=[f[0] for f in FAMILIES])
+@pytest.mark.parametrize(
+    "name, layer, conv",
+    # resnet18 in the quick loop, the other families with the slow tests.
+    [
+        f if f[0] == "resnet18" else pytest.param(*f, marks=pytest.mark.slow)
+        for f in FAMILIES
+    ],
+    ids=[f[0] for f in FAMILIES],
+)
 def test_folded_features_are_the_fitted_networks(name, layer, conv):
     torch.manual_seed(0)
     model = pretrained_like(torchvision.models.get_model(name, weights=None))

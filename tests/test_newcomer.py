@@ -66,6 +66,7 @@ def silent_proxy():
         connection.close()
 
 
+@pytest.mark.slow  # a Python process per model, and a 2 s timeout
 @pytest.mark.parametrize(
     ("model", "url"),
     [

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import colour_images, make_tiny_cnn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose, assert_array_equal
@@ -19,6 +18,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
 from sklearn.utils.validation import check_is_fitted
 
+from conftest import colour_images, make_tiny_cnn
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier, load
 from sklearn_cnn._base import _same
 

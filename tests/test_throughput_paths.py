@@ -136,6 +136,7 @@ def test_compile_matches_uncompiled_with_inductor():
     assert not est._network.compiled.failed
 
 
+@pytest.mark.slow  # torch.compile traces the network
 @pytest.mark.parametrize("layer", [None, "stem", ["stem", "stage2"]])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_compile_gives_the_same_features(layer, precision, eager_compile):
@@ -146,6 +147,7 @@ def test_compile_gives_the_same_features(layer, precision, eager_compile):
     assert est._network.compiled.shape == (8, 3, 16, 16)
 
 
+@pytest.mark.slow  # torch.compile traces the network
 def test_compile_stops_early_at_the_tapped_layer(eager_compile):
     # A tap on the stem: the compiled forward never runs the later stages.
     est = tiny(layer="stem", compile=True).fit(X)
@@ -157,6 +159,7 @@ def test_compile_stops_early_at_the_tapped_layer(eager_compile):
     assert ran == []
 
 
+@pytest.mark.slow  # torch.compile traces the network
 def test_compiled_network_is_reused_then_refreshed(eager_compile):
     est = tiny(compile=True).fit(X)
     first = est.transform(X)
@@ -173,6 +176,7 @@ def test_compiled_network_is_reused_then_refreshed(eager_compile):
     assert_allclose(changed, uncompiled, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # torch.compile traces the network
 def test_refit_never_reuses_the_old_compiled_network(eager_compile):
     est = tiny(compile=True).fit(X)
     first = est.transform(X)
@@ -184,6 +188,7 @@ def test_refit_never_reuses_the_old_compiled_network(eager_compile):
         assert_allclose(out, expected.transform(X), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # torch.compile traces the network
 def test_compile_leaves_the_fitted_network_without_hooks(eager_compile):
     est = tiny(compile=True).fit(X)
     est.transform(X)
@@ -219,6 +224,7 @@ def test_failure_at_the_first_compiled_call_falls_back(monkeypatch):
     assert est._network.compiled.failed
 
 
+@pytest.mark.slow  # torch.compile traces the network
 def test_auto_compiles_only_when_it_pays(monkeypatch, eager_compile):
     expected = tiny().fit(X).transform(X)
     est = tiny(compile="auto").fit(X)
@@ -236,6 +242,7 @@ def test_auto_compile_rule():
     assert not runtime.auto_compile_pays(1.0, 10, 100)  # 10 s left
 
 
+@pytest.mark.slow  # torch.compile traces the network
 def test_compiled_estimator_pickles(eager_compile):
     est = tiny(compile=True).fit(X)
     expected = est.transform(X)
@@ -244,6 +251,7 @@ def test_compiled_estimator_pickles(eager_compile):
     assert_allclose(loaded.transform(X), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # torch.compile traces the network
 def test_finetune_predict_with_compile(eager_compile, labelled_images):
     Xl, y = labelled_images
     params = dict(
@@ -318,6 +326,7 @@ def _doubled_stem() -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow  # torch.compile traces the network
 def test_compile_keeps_the_networks_own_hooks(eager_compile):
     params = dict(model=_doubled_stem, weights=None, precision="fp32", batch_size=8)
     expected = CNNFeatureTransformer(**params).fit(X).transform(X)
