@@ -13,6 +13,7 @@ EXAMPLES = [
     "plot_freeze.py",
     "plot_four_regimes.py",
     "plot_finetune_vs_scratch.py",
+    "plot_multiband.py",
     "plot_similar_images.py",
     "plot_column_transformer.py",
     "plot_feature_maps.py",
