@@ -19,8 +19,9 @@ storage               ``_cache`` (the activation cache on disk)
 the network           ``_network`` (the fitted network; the inference loop)
 parts                 ``_inspect``, ``_inference`` (folded copy), ``_head``,
                       ``_freezing``, ``_optim``, ``_targets``, ``_folder``
-bottom                ``_models``, ``_runtime``, ``_images``, ``_layers``,
-                      ``_version``
+bottom                ``_models``, ``_runtime``, ``_bands`` (the first
+                      convolution adapted to the images' bands),
+                      ``_images``, ``_layers``, ``_version``
 ====================  =========================================================
 
 Where each parameter takes effect:
@@ -35,7 +36,12 @@ parameter                                  where
                                            weights, the split, the probe, the
                                            epochs' order)
 ``image_size``, ``mean``, ``std``          ``_models.resolve_preprocessing``;
+                                           per band (and "fit") by
+                                           ``_images.band_preprocessing``;
                                            applied by ``_images.Preprocessing``
+``bands``, ``stem``                        ``_images`` (which channels are
+                                           bands), ``_bands.adapt_stem``,
+                                           called by ``_network.Network.build``
 ``layer``                                  ``_layers.resolve_layers`` (names
                                            to taps)
 ``pooling``, ``layout``                    ``_layers.pool``, through

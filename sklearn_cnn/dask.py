@@ -302,15 +302,18 @@ def _on_cluster(client: Any, transformer: CNNFeatureTransformer, token: str) -> 
 
 def _check_dask_images(X: da.Array) -> None:
     """What can be checked without computing: dimensions and dtype."""
-    if X.ndim not in (3, 4) or (X.ndim == 4 and X.shape[-1] not in (1, 3, 4)):
+    if X.ndim not in (3, 4) or (
+        X.ndim == 4 and X.shape[1] in (1, 3, 4) and X.shape[-1] > 4
+    ):
         raise ValueError(
             f"X is a dask array of shape {X.shape}; image arrays must be "
-            "N x H x W (grey) or N x H x W x C with C in (1, 3, 4)."
+            "N x H x W (grey) or N x H x W x C, channels (or bands) last: "
+            "transpose a channels-first array, X.transpose(0, 2, 3, 1)."
         )
     if X.dtype.kind not in "uif":
         raise TypeError(
-            f"X has dtype {X.dtype}; images must be uint8 in [0, 255] or float "
-            "in [0, 1]."
+            f"X has dtype {X.dtype}; images must be uint8 in [0, 255], uint16 or "
+            "float."
         )
     if X.shape[0] == 0:
         raise ValueError("X is empty: pass at least one image.")
@@ -399,11 +402,20 @@ def featurize(
     if client is not None:
         _warn_malloc_trim(client)
 
+    fitted_stats = "fit" in (transformer.mean, transformer.std)
+    if fitted_stats and not _is_fitted(transformer):
+        # The unfitted path fits on one image: its statistics are not the data's.
+        raise ValueError(
+            "transformer has mean='fit' or std='fit', estimated from the images "
+            "fit sees: fit it on the training images first, then featurize."
+        )
     if isinstance(X, da.Array):
         _check_dask_images(X)
         example = X[:1]
     else:
-        X = check_images(X)
+        X = check_images(
+            X, unit_floats=transformer.mean is None and transformer.std is None
+        )
         example = X[:1]
 
     # The feature tasks of each call have keys of their own (other images, same

@@ -417,3 +417,38 @@ def test_sixteen_bit_png(tmp_path):
     assert_allclose(
         one_band.transform([path]), one_band.transform(grey[None, ..., None])
     )
+
+
+def test_search_layer_and_freeze_with_bands(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import Pipeline
+
+    X, y = _bands(13, "uint16", count=12), np.array([0, 1] * 6)
+    pipe = Pipeline(
+        [
+            ("cnn", tiny(memory=tmp_path, mean="fit", std="fit", random_state=0)),
+            ("clf", LogisticRegression()),
+        ]
+    )
+    search = GridSearchCV(pipe, {"cnn__layer": ["stage1", "stage2"]}, cv=2)
+    assert search.fit(X, y).best_estimator_["cnn"].stem_["bands"] == 13
+    clf = FineTuneClassifier(
+        TINY, epochs=1, batch_size=4, precision="fp32", random_state=0,
+        validation_fraction=None,
+    )  # fmt: skip
+    search = GridSearchCV(clf, {"freeze": [0, 1]}, cv=2).fit(X, y)
+    assert search.best_estimator_.stem_["bands"] == 13
+
+
+def test_dask_featurize_with_an_adapted_stem():
+    da = pytest.importorskip("dask.array")
+    from sklearn_cnn.dask import featurize
+
+    X = _bands(13, "uint16")
+    est = tiny(mean="fit", std="fit").fit(X)
+    lazy = featurize(da.from_array(X, chunks=(3, 16, 16, 13)), est, chunk_size=3)
+    assert_allclose(lazy.compute(), est.transform(X), rtol=1e-6)
+    assert_allclose(featurize(X, est).compute(), est.transform(X), rtol=1e-6)
+    with pytest.raises(ValueError, match="fit it on the training images first"):
+        featurize(X, tiny(mean="fit", std="fit"))
