@@ -9,9 +9,13 @@ layer                 modules (what each owns)
 extras                ``dask`` (featurize on a cluster), ``distributed`` /
                       ``_distributed`` (fine-tuning with DDP), ``inspection``
                       (activation maps)
-estimators            ``_features`` (CNNFeatureTransformer), ``_finetune``
-                      (FineTuneClassifier), ``_base`` (what both share:
-                      building their network, the parameter checks at fit)
+estimators            ``_regressor`` (FineTuneRegressor, on
+                      ``_finetune.FineTuneBase``), ``_features``
+                      (CNNFeatureTransformer), ``_finetune``
+                      (FineTuneClassifier and the fit it shares), ``_base``
+                      (what all share: building their network, the parameter
+                      checks at fit), ``_tasks`` (what each kind of
+                      fine-tuning decides: targets, loss, score, probe)
 persistence           ``_persistence`` (save/load; estimators register)
 training              ``_sources`` (what epochs train on), ``_training`` (the
                       epochs, selection, recovery, the data-parallel hook)
@@ -78,11 +82,13 @@ from ._finetune import FineTuneClassifier
 from ._folder import load_image_folder
 from ._inspect import list_layers
 from ._persistence import load
+from ._regressor import FineTuneRegressor
 from ._version import __version__
 
 __all__ = [
     "CNNFeatureTransformer",
     "FineTuneClassifier",
+    "FineTuneRegressor",
     "cache_size",
     "clear_cache",
     "list_layers",

@@ -44,9 +44,7 @@ from ._freezing import (
     train_mode,
 )
 from ._head import (
-    calibration,
     drop_auxiliary_heads,
-    fit_probe,
     float_logits,
     install_head,
     set_head,
@@ -57,28 +55,339 @@ from ._optim import SCHEDULES, make_optimizer, make_schedule, param_groups
 from ._persistence import register
 from ._runtime import resolve_device
 from ._sources import Sources
-from ._targets import (
-    check_sample_weight,
-    check_targets,
-    class_weights,
-    example_weights,
-    validation_split,
-)
+from ._targets import check_sample_weight
+from ._tasks import SingleLabel
 from ._training import (
     EpochLoop,
     Guard,
     Loss,
     PrefixSkip,
     Selection,
-    chance_accuracy,
-    chance_loss,
 )
 
 
+class FineTuneBase(NetworkMixin, BaseEstimator):
+    """The fit that FineTuneClassifier and FineTuneRegressor share.
+
+    ``fit`` builds the network, installs a linear head with one output per
+    class or target, fits it as a probe on the frozen network's features and
+    trains (LP-FT), selecting the best epoch on a validation split. What
+    depends on the kind of target (encoding, split, weights, loss, validation
+    score, probe, calibration, predictions) is the task's (``_tasks``), which
+    a subclass builds in ``_task``; the subclass also holds the parameters.
+    """
+
+    def _task(self, y: Any = None, fitted: bool = True) -> Any:
+        """The task of this estimator for targets ``y`` (None: as fitted);
+        with ``fitted``, holding what the last fit learned of the targets
+        (classes, their scale): a warm start keeps it."""
+        raise NotImplementedError
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> FineTuneBase:
+        """Fine-tune the network on images ``X`` and targets ``y``.
+
+        Parameters
+        ----------
+        X : array-like of images or list of paths / PIL images
+            Training images.
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            Targets, as the subclass takes them.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Weights of the images in the loss, the probe and the validation
+            metrics.
+
+        Returns
+        -------
+        self : FineTuneBase
+            The fitted estimator.
+        """
+        X = check_images(X, unit_floats=self.mean is None and self.std is None)
+        resume = self.warm_start and hasattr(self, "model_")
+        # A warm start keeps what the task fitted (classes, target scale).
+        task = self._task(y, fitted=resume)
+        y_enc = task.encode(y, len(X))
+        sw = check_sample_weight(sample_weight, len(X))
+        if resume:
+            self._check_warm_start()
+        seed = int(check_random_state(self.random_state).randint(2**31 - 1))
+        train_idx, val_idx = task.split(y_enc, self.validation_fraction, seed)
+        cw, weights = task.weights(y_enc, train_idx, sw)
+        if resume:
+            device = self.device_
+        else:
+            with warnings.catch_warnings():  # _build_network warns, once
+                warnings.simplefilter("ignore", RuntimeWarning)
+                device = resolve_device(self.device)
+        # Seed torch without touching the caller's generators, and without
+        # initialising CUDA for a CPU fit.
+        gpus = [device.index or 0] if device.type == "cuda" else []
+        with (
+            torch.random.fork_rng(devices=gpus),
+            restore_on_failure(self, mutated=("model_", "history_")),
+        ):
+            torch.manual_seed(seed)
+            if not resume:
+                self._setup(X, task)
+            interrupted = self._train(
+                X, y_enc, weights, cw, train_idx, val_idx, seed, resume
+            )
+        if interrupted:
+            raise KeyboardInterrupt
+        return self
+
+    def _check_warm_start(self) -> None:
+        """A warm start trains the fitted network as fit built it: refuse the
+        parameters that would need it built anew."""
+        fitted = self._fitted_params
+        changed = [n for n, v in fitted.items() if not _same(getattr(self, n), v)]
+        if changed:
+            what = ", ".join(
+                f"{n}={getattr(self, n)!r} (fitted with {fitted[n]!r})" for n in changed
+            )
+            raise ValueError(
+                f"warm_start=True continues training the fitted network, which "
+                f"keeps the {', '.join(changed)} it was built with, but {what}. "
+                "Set them back to go on training, or set warm_start=False to fit "
+                "anew with the new value(s)."
+            )
+
+    def _setup(self, X: Any, task: Any) -> None:
+        self._build_network(X)
+        drop_auxiliary_heads(self.model_)
+        for name, value in task.fitted_attributes().items():
+            setattr(self, name, value)
+        self.head_, appended = install_head(
+            self.model_, self.trace_, task.n_outputs, self._example(X)
+        )
+        if appended:  # the trace now shows the head
+            self.trace_ = trace(self.model_, self._example(X))
+        self.stages_ = _stages(self.model_, self.trace_, self.head_)
+        self.history_: list[dict] = []
+        self.n_iter_ = 0
+
+    def _rebuild_for_load(self, example: torch.Tensor) -> None:
+        """``sklearn_cnn.load`` rebuilt the network from the parameters: redo
+        fit's structural steps (auxiliary heads dropped, the head installed);
+        the saved weights are loaded next."""
+        drop_auxiliary_heads(self.model_)
+        n_outputs = self._task().n_outputs
+        head, appended = install_head(self.model_, self.trace_, n_outputs, example)
+        if head != self.head_:
+            raise ValueError(
+                f"The rebuilt network's head is {head!r}, not {self.head_!r}: the "
+                "model's code changed since the estimator was saved."
+            )
+        if appended:
+            self.trace_ = trace(self.model_, example)
+        self.model_.eval().requires_grad_(False)
+
+    def _train(
+        self, X: Any, y: np.ndarray, weights: np.ndarray | None,
+        cw: np.ndarray | None, train_idx: np.ndarray, val_idx: np.ndarray,
+        seed: int, resume: bool,
+    ) -> bool:  # fmt: skip
+        """The probe, then the phases of training; return whether Ctrl-C ended it."""
+        start, model, bs = time.perf_counter(), self.model_, self.batch_size
+        task = self._task()
+        w = np.ones(len(y), np.float32) if weights is None else weights.astype("f4")
+        frozen = _frozen_modules(
+            model, self.trace_, self.head_, self.stages_, self.freeze
+        )
+        self.frozen_, self.frozen_fraction_ = frozen_summary(model, self.head_, frozen)
+        sources = Sources(
+            self._network, X, y, w, train_idx, val_idx, head=self.head_,
+            stages=self.stages_, n_classes=task.n_outputs, augment=self.augment,
+            memory=cache_directory(self.memory), batch_size=bs,
+            num_workers=self.num_workers, verbose=self.verbose,
+        )  # fmt: skip
+        has_val = len(val_idx) > 0
+        selects = has_val and self.early_stopping
+        self.backbone_lr_ = self._backbone_lr(selects)
+        probe = not resume and self.head_init == "probe"
+        loss = task.loss(cw, self.device_)
+        start_loss = None
+        if probe:
+            features = sources.head_inputs("train", frozen)
+            self._fit_probe(features, y, weights, train_idx, seed)
+            start_loss = self._head_loss(features, y[train_idx], w[train_idx], loss)
+        generator = torch.Generator().manual_seed(seed)
+        selection, status, loop, guard = None, "done", None, None
+        thawed = _frozen_modules(model, self.trace_, self.head_, self.stages_, 0)
+        for epochs, frozen_now in phases(
+            frozen, thawed, self.epochs, self.unfreeze_at, self.n_iter_
+        ):
+            apply_freeze(model, self.trace_, frozen_now)
+            forward, train, valid, dtype = sources.phase(frozen_now)
+            loop = EpochLoop(
+                model, forward, train, valid,
+                loss=loss, device=self.device_, batch_size=bs, dtype=dtype,
+                train_mode=partial(train_mode, model, frozen_now, self.batchnorm),
+                history=self.history_, verbose=self.verbose,
+            )  # fmt: skip
+            with forward if isinstance(forward, PrefixSkip) else nullcontext():
+                if selection is None:
+                    val_loss, val_acc = loop.evaluate()
+                    if not self.history_:
+                        # The start's training loss when known (the probe's),
+                        # never a NaN.
+                        known = {} if start_loss is None else {"train_loss": start_loss}
+                        loop.log(
+                            epoch=0, **known, valid_loss=val_loss,
+                            **{loss.metric: val_acc},
+                            time=time.perf_counter() - start,
+                        )  # fmt: skip
+                    last = self.history_[-1]["epoch"]
+                    selection = Selection(
+                        last, val_acc, val_loss, model, len(val_idx) > 0
+                    )
+                    guard = self._guard(task, loop, loss, start_loss)
+                self.n_trainable_params_ = sum(
+                    p.numel() for p in model.parameters() if p.requires_grad
+                )
+                trains_backbone = self.n_trainable_params_ > sum(
+                    p.numel() for p in model.get_submodule(self.head_).parameters()
+                )
+                loop.guard = guard if trains_backbone else None
+                loop.backbone_lr = self.backbone_lr_ if trains_backbone else None
+                status = self._run_phase(loop, epochs, selection, generator, has_val)
+            if status not in ("done", "restored"):
+                break
+        if status == "restored":  # the last epoch wrecked the network
+            self.best_epoch_ = selection.epoch
+        elif status != "done" or selects:
+            self.best_epoch_ = selection.restore()
+        else:
+            self.best_epoch_ = self.history_[-1]["epoch"]
+        self._calibrate(sources.valid_logits(loop), y[val_idx])
+        calibrated = getattr(self, "calibrate", False)  # a regressor has none
+        if probe and self.best_epoch_ == 0 and has_val and not calibrated:
+            # The probe head won: the validation images were only needed to
+            # tell, so refit it on all the training images, as a probe would be.
+            # Calibrated, it stays the head whose validation logits fitted the
+            # temperature (a refit would leave nothing held out to fit it on).
+            both = torch.cat([features, sources.head_inputs("valid", set())])
+            self._fit_probe(both, y, weights, np.r_[train_idx, val_idx], seed)
+        model.eval().requires_grad_(False)
+        return status == "interrupted"
+
+    def _run_phase(
+        self, loop: EpochLoop, epochs: int, selection: Selection,
+        generator: torch.Generator, has_val: bool,
+    ) -> str:  # fmt: skip
+        """Train one phase of ``epochs`` epochs; when an epoch wrecks the
+        network (``loop.guard``), go back to the best weights and train the
+        epochs left at a tenth of the backbone's rate (at most
+        ``MAX_RECOVERIES`` times a fit). Returns ``loop.run``'s status, or
+        "restored" when the last epoch wrecked the network and was undone."""
+        patience = self.n_iter_no_change if self.early_stopping and has_val else None
+        while True:
+            selection.new_phase()
+            optimizer = make_optimizer(self.optimizer, self._param_groups())
+            steps = loop.train.n_batches(self.batch_size) * epochs
+            schedule = make_schedule(
+                optimizer, self.schedule, steps, self.warmup_fraction
+            )
+            done = len(self.history_)
+            status = loop.run(
+                epochs, optimizer, schedule, selection, generator, patience
+            )
+            trained = len(self.history_) - done
+            self.n_iter_ += trained
+            epochs -= trained
+            if status != "wrecked":
+                return status
+            back_to = selection.restore()
+            loop.guard.left -= 1
+            self.backbone_lr_ /= 10
+            loop.backbone_lr = self.backbone_lr_
+            what = (
+                f"Epoch {self.history_[-1]['epoch']} wrecked the pretrained network "
+                f"({loop.wreck}): back to the weights of epoch {back_to}, the "
+                f"backbone now trains at {self.backbone_lr_:.0e}"
+            )
+            if self.verbose:
+                print(what, file=sys.stderr, flush=True)
+            if self.backbone_lr is not None:
+                # The caller chose the rate: say that it was too high.
+                warnings.warn(
+                    f"{what}. Set a lower backbone_lr (None chooses).",
+                    UserWarning,
+                    stacklevel=6,  # the caller of the estimator's fit
+                )
+            if epochs == 0:
+                return "restored"
+
+    def _guard(
+        self, task: Any, loop: EpochLoop, loss: Loss, start_loss: float | None
+    ) -> Guard:
+        """What tells a wrecked network in this fit (see ``Guard``), judged by
+        the task's validation score (accuracy, R²) and loss."""
+        return Guard(
+            chance_loss=task.chance(*loop.train.targets, loss)[0],
+            start_loss=start_loss,
+            chance_accuracy=task.chance(*loop.valid.targets, loss)[1],
+            names=task.names,
+        )
+
+    def _head_loss(
+        self, features: torch.Tensor, y: np.ndarray, w: np.ndarray, loss: Loss
+    ) -> float:
+        """The head's training loss on the frozen network's ``features``."""
+        head = self.model_.get_submodule(self.head_)
+        param = next(head.parameters())
+        with torch.inference_mode():
+            z = head(features.to(param.device, param.dtype)).float()
+            total, weight = loss(
+                z, torch.from_numpy(y).to(z.device), torch.from_numpy(w).to(z.device)
+            )
+        return float(total / weight)
+
+    def _fit_probe(
+        self, features: torch.Tensor, y: np.ndarray, weights: np.ndarray | None,
+        index: np.ndarray, seed: int,
+    ) -> None:  # fmt: skip
+        w = None if weights is None else weights[index]
+        head = self.model_.get_submodule(self.head_)
+        set_head(head, *self._task().probe(features.numpy(), y[index], w, seed))
+
+    def _backbone_lr(self, selects: bool) -> float:
+        """``backbone_lr``, or what None means for this fit (see its doc)."""
+        if self.backbone_lr is not None:
+            return self.backbone_lr
+        lp_ft = self.head_init == "probe" and selects
+        return self.lr if lp_ft else self.lr / 10
+
+    def _param_groups(self) -> list[dict]:
+        return param_groups(
+            self.model_, self.head_, self.stages_, lr=self.lr,
+            backbone_lr=self.backbone_lr_,
+            layer_decay=self.layer_decay, weight_decay=self.weight_decay,
+        )  # fmt: skip
+
+    def _calibrate(self, z: np.ndarray, y: np.ndarray) -> None:
+        """Temperature scaling on validation logits ``z`` (none if empty)."""
+        self.temperature_ = 1.0
+        self.calibration_ = {"before": math.nan, "after": math.nan}
+        if self.calibrate and len(y):
+            task = self._task()
+            self.temperature_, self.calibration_ = task.calibration(z.astype(float), y)
+
+    # -- prediction ------------------------------------------------------------
+
+    def _outputs_of(self, X: Any) -> np.ndarray:
+        """The head's outputs for images ``X``, float64 (with ``tta="flip"``,
+        the mean of each image's and its mirror's)."""
+        check_is_fitted(self)
+        X = check_images(X, unit_floats=self.preprocessing_.unit_floats)
+        n_outputs = self._task().n_outputs
+        flip = self.tta == "flip"
+        z = self._run(X, [], float_logits, n_outputs, "predict", flip=flip)
+        return z.astype(np.float64)
+
+
 @register
-class FineTuneClassifier(
-    ImageClassifierMixin, ClassifierMixin, NetworkMixin, BaseEstimator
-):
+class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
     """Fine-tune a pretrained CNN on your labels, as a scikit-learn classifier.
 
     The network's classifier is replaced by a linear head with one output per
@@ -479,7 +788,6 @@ class FineTuneClassifier(
         self.warm_start = warm_start
         self.verbose = verbose
 
-    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> FineTuneClassifier:
         """Fine-tune the network on images ``X`` and labels ``y``.
 
@@ -498,285 +806,14 @@ class FineTuneClassifier(
         self : FineTuneClassifier
             The fitted classifier.
         """
-        X = check_images(X, unit_floats=self.mean is None and self.std is None)
-        classes, y_enc = check_targets(y, len(X))
-        sw = check_sample_weight(sample_weight, len(X))
-        resume = self.warm_start and hasattr(self, "model_")
-        if resume and not np.array_equal(classes, self.classes_):
-            raise ValueError(
-                f"warm_start=True but y has the classes {classes.tolist()} while the "
-                f"fitted classifier has {self.classes_.tolist()}. Fit with the same "
-                "classes, or set warm_start=False to start over."
-            )
-        if resume:
-            self._check_warm_start()
-        seed = int(check_random_state(self.random_state).randint(2**31 - 1))
-        train_idx, val_idx = validation_split(
-            y_enc, len(classes), self.validation_fraction, seed
-        )
-        cw = class_weights(self.class_weight, classes, y_enc[train_idx])
-        weights = example_weights(y_enc, cw, sw)
-        if resume:
-            device = self.device_
-        else:
-            with warnings.catch_warnings():  # _build_network warns, once
-                warnings.simplefilter("ignore", RuntimeWarning)
-                device = resolve_device(self.device)
-        # Seed torch without touching the caller's generators, and without
-        # initialising CUDA for a CPU fit.
-        gpus = [device.index or 0] if device.type == "cuda" else []
-        with (
-            torch.random.fork_rng(devices=gpus),
-            restore_on_failure(self, mutated=("model_", "history_")),
-        ):
-            torch.manual_seed(seed)
-            if not resume:
-                self._setup(X, classes)
-            interrupted = self._train(
-                X, y_enc, weights, cw, train_idx, val_idx, seed, resume
-            )
-        if interrupted:
-            raise KeyboardInterrupt
-        return self
+        return super().fit(X, y, sample_weight=sample_weight)
 
-    def _check_warm_start(self) -> None:
-        """A warm start trains the fitted network as fit built it: refuse the
-        parameters that would need it built anew."""
-        fitted = self._fitted_params
-        changed = [n for n, v in fitted.items() if not _same(getattr(self, n), v)]
-        if changed:
-            what = ", ".join(
-                f"{n}={getattr(self, n)!r} (fitted with {fitted[n]!r})" for n in changed
-            )
-            raise ValueError(
-                f"warm_start=True continues training the fitted network, which "
-                f"keeps the {', '.join(changed)} it was built with, but {what}. "
-                "Set them back to go on training, or set warm_start=False to fit "
-                "anew with the new value(s)."
-            )
-
-    def _setup(self, X: Any, classes: np.ndarray) -> None:
-        self._build_network(X)
-        drop_auxiliary_heads(self.model_)
-        self.classes_ = classes
-        self.head_, appended = install_head(
-            self.model_, self.trace_, len(classes), self._example(X)
-        )
-        if appended:  # the trace now shows the head
-            self.trace_ = trace(self.model_, self._example(X))
-        self.stages_ = _stages(self.model_, self.trace_, self.head_)
-        self.history_: list[dict] = []
-        self.n_iter_ = 0
-
-    def _rebuild_for_load(self, example: torch.Tensor) -> None:
-        """``sklearn_cnn.load`` rebuilt the network from the parameters: redo
-        fit's structural steps (auxiliary heads dropped, the head installed);
-        the saved weights are loaded next."""
-        drop_auxiliary_heads(self.model_)
-        n_classes = len(self.classes_)
-        head, appended = install_head(self.model_, self.trace_, n_classes, example)
-        if head != self.head_:
-            raise ValueError(
-                f"The rebuilt network's head is {head!r}, not {self.head_!r}: the "
-                "model's code changed since the classifier was saved."
-            )
-        if appended:
-            self.trace_ = trace(self.model_, example)
-        self.model_.eval().requires_grad_(False)
-
-    def _train(
-        self, X: Any, y: np.ndarray, weights: np.ndarray | None,
-        cw: np.ndarray | None, train_idx: np.ndarray, val_idx: np.ndarray,
-        seed: int, resume: bool,
-    ) -> bool:  # fmt: skip
-        """The probe, then the phases of training; return whether Ctrl-C ended it."""
-        start, model, bs = time.perf_counter(), self.model_, self.batch_size
-        w = np.ones(len(y), np.float32) if weights is None else weights.astype("f4")
-        frozen = _frozen_modules(
-            model, self.trace_, self.head_, self.stages_, self.freeze
-        )
-        self.frozen_, self.frozen_fraction_ = frozen_summary(model, self.head_, frozen)
-        sources = Sources(
-            self._network, X, y, w, train_idx, val_idx, head=self.head_,
-            stages=self.stages_, n_classes=len(self.classes_), augment=self.augment,
-            memory=cache_directory(self.memory), batch_size=bs,
-            num_workers=self.num_workers, verbose=self.verbose,
-        )  # fmt: skip
-        has_val = len(val_idx) > 0
-        selects = has_val and self.early_stopping
-        self.backbone_lr_ = self._backbone_lr(selects)
-        probe = not resume and self.head_init == "probe"
-        loss = Loss(cw, self.label_smoothing, self.device_)
-        start_loss = None
-        if probe:
-            features = sources.head_inputs("train", frozen)
-            self._fit_probe(features, y, weights, train_idx, seed)
-            start_loss = self._head_loss(features, y[train_idx], w[train_idx], loss)
-        generator = torch.Generator().manual_seed(seed)
-        selection, status, loop, guard = None, "done", None, None
-        thawed = _frozen_modules(model, self.trace_, self.head_, self.stages_, 0)
-        for epochs, frozen_now in phases(
-            frozen, thawed, self.epochs, self.unfreeze_at, self.n_iter_
-        ):
-            apply_freeze(model, self.trace_, frozen_now)
-            forward, train, valid, dtype = sources.phase(frozen_now)
-            loop = EpochLoop(
-                model, forward, train, valid,
-                loss=loss, device=self.device_, batch_size=bs, dtype=dtype,
-                train_mode=partial(train_mode, model, frozen_now, self.batchnorm),
-                history=self.history_, verbose=self.verbose,
-            )  # fmt: skip
-            with forward if isinstance(forward, PrefixSkip) else nullcontext():
-                if selection is None:
-                    val_loss, val_acc = loop.evaluate()
-                    if not self.history_:
-                        # The start's training loss when known (the probe's),
-                        # never a NaN.
-                        known = {} if start_loss is None else {"train_loss": start_loss}
-                        loop.log(
-                            epoch=0, **known, valid_loss=val_loss,
-                            valid_accuracy=val_acc, time=time.perf_counter() - start,
-                        )  # fmt: skip
-                    last = self.history_[-1]["epoch"]
-                    selection = Selection(
-                        last, val_acc, val_loss, model, len(val_idx) > 0
-                    )
-                    guard = self._guard(loop, loss, start_loss)
-                self.n_trainable_params_ = sum(
-                    p.numel() for p in model.parameters() if p.requires_grad
-                )
-                trains_backbone = self.n_trainable_params_ > sum(
-                    p.numel() for p in model.get_submodule(self.head_).parameters()
-                )
-                loop.guard = guard if trains_backbone else None
-                loop.backbone_lr = self.backbone_lr_ if trains_backbone else None
-                status = self._run_phase(loop, epochs, selection, generator, has_val)
-            if status not in ("done", "restored"):
-                break
-        if status == "restored":  # the last epoch wrecked the network
-            self.best_epoch_ = selection.epoch
-        elif status != "done" or selects:
-            self.best_epoch_ = selection.restore()
-        else:
-            self.best_epoch_ = self.history_[-1]["epoch"]
-        self._calibrate(sources.valid_logits(loop), y[val_idx])
-        if probe and self.best_epoch_ == 0 and has_val and not self.calibrate:
-            # The probe head won: the validation images were only needed to
-            # tell, so refit it on all the training images, as a probe would be.
-            # Calibrated, it stays the head whose validation logits fitted the
-            # temperature (a refit would leave nothing held out to fit it on).
-            both = torch.cat([features, sources.head_inputs("valid", set())])
-            self._fit_probe(both, y, weights, np.r_[train_idx, val_idx], seed)
-        model.eval().requires_grad_(False)
-        return status == "interrupted"
-
-    def _run_phase(
-        self, loop: EpochLoop, epochs: int, selection: Selection,
-        generator: torch.Generator, has_val: bool,
-    ) -> str:  # fmt: skip
-        """Train one phase of ``epochs`` epochs; when an epoch wrecks the
-        network (``loop.guard``), go back to the best weights and train the
-        epochs left at a tenth of the backbone's rate (at most
-        ``MAX_RECOVERIES`` times a fit). Returns ``loop.run``'s status, or
-        "restored" when the last epoch wrecked the network and was undone."""
-        patience = self.n_iter_no_change if self.early_stopping and has_val else None
-        while True:
-            selection.new_phase()
-            optimizer = make_optimizer(self.optimizer, self._param_groups())
-            steps = loop.train.n_batches(self.batch_size) * epochs
-            schedule = make_schedule(
-                optimizer, self.schedule, steps, self.warmup_fraction
-            )
-            done = len(self.history_)
-            status = loop.run(
-                epochs, optimizer, schedule, selection, generator, patience
-            )
-            trained = len(self.history_) - done
-            self.n_iter_ += trained
-            epochs -= trained
-            if status != "wrecked":
-                return status
-            back_to = selection.restore()
-            loop.guard.left -= 1
-            self.backbone_lr_ /= 10
-            loop.backbone_lr = self.backbone_lr_
-            what = (
-                f"Epoch {self.history_[-1]['epoch']} wrecked the pretrained network "
-                f"({loop.wreck}): back to the weights of epoch {back_to}, the "
-                f"backbone now trains at {self.backbone_lr_:.0e}"
-            )
-            if self.verbose:
-                print(what, file=sys.stderr, flush=True)
-            if self.backbone_lr is not None:
-                # The caller chose the rate: say that it was too high.
-                warnings.warn(
-                    f"{what}. Set a lower backbone_lr (None chooses).",
-                    UserWarning,
-                    stacklevel=5,
-                )
-            if epochs == 0:
-                return "restored"
-
-    def _guard(self, loop: EpochLoop, loss: Loss, start_loss: float | None) -> Guard:
-        """What tells a wrecked network in this fit (see ``Guard``)."""
-        n_classes = len(self.classes_)
-        return Guard(
-            chance_loss=chance_loss(*loop.train.targets, loss, n_classes),
-            start_loss=start_loss,
-            chance_accuracy=chance_accuracy(*loop.valid.targets, loss, n_classes),
-        )
-
-    def _head_loss(
-        self, features: torch.Tensor, y: np.ndarray, w: np.ndarray, loss: Loss
-    ) -> float:
-        """The head's training loss on the frozen network's ``features``."""
-        head = self.model_.get_submodule(self.head_)
-        param = next(head.parameters())
-        with torch.inference_mode():
-            z = head(features.to(param.device, param.dtype)).float()
-            total, weight = loss(
-                z, torch.from_numpy(y).to(z.device), torch.from_numpy(w).to(z.device)
-            )
-        return float(total / weight)
-
-    def _fit_probe(
-        self, features: torch.Tensor, y: np.ndarray, weights: np.ndarray | None,
-        index: np.ndarray, seed: int,
-    ) -> None:  # fmt: skip
-        w = None if weights is None else weights[index]
-        head = self.model_.get_submodule(self.head_)
-        set_head(head, *fit_probe(features.numpy(), y[index], len(head.bias), w, seed))
-
-    def _backbone_lr(self, selects: bool) -> float:
-        """``backbone_lr``, or what None means for this fit (see its doc)."""
-        if self.backbone_lr is not None:
-            return self.backbone_lr
-        lp_ft = self.head_init == "probe" and selects
-        return self.lr if lp_ft else self.lr / 10
-
-    def _param_groups(self) -> list[dict]:
-        return param_groups(
-            self.model_, self.head_, self.stages_, lr=self.lr,
-            backbone_lr=self.backbone_lr_,
-            layer_decay=self.layer_decay, weight_decay=self.weight_decay,
-        )  # fmt: skip
-
-    def _calibrate(self, z: np.ndarray, y: np.ndarray) -> None:
-        """Temperature scaling on validation logits ``z`` (none if empty)."""
-        self.temperature_ = 1.0
-        self.calibration_ = {"before": math.nan, "after": math.nan}
-        if self.calibrate and len(y):
-            self.temperature_, self.calibration_ = calibration(z.astype(float), y)
-
-    # -- prediction ------------------------------------------------------------
+    def _task(self, y: Any = None, fitted: bool = True) -> SingleLabel:
+        classes = getattr(self, "classes_", None) if fitted else None
+        return SingleLabel(self.class_weight, self.label_smoothing, classes)
 
     def _logits_of(self, X: Any) -> np.ndarray:
-        check_is_fitted(self)
-        X = check_images(X, unit_floats=self.preprocessing_.unit_floats)
-        z = self._run(
-            X, [], float_logits, len(self.classes_), "predict", flip=self.tta == "flip"
-        )
-        return z.astype(np.float64) / self.temperature_
+        return self._outputs_of(X) / self.temperature_
 
     def decision_function(self, X: Any) -> np.ndarray:
         """The head's logits.

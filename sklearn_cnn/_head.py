@@ -112,6 +112,22 @@ def check_vector_head(tr: Trace, head: str) -> None:
         )
 
 
+def standardize(features: np.ndarray) -> tuple[StandardScaler, np.ndarray]:
+    """The probes' standardisation of ``features`` (float64): the fitted
+    scaler, whose spreads have a floor, and the standardised features."""
+    Z = features.astype(np.float64)
+    scaler = StandardScaler().fit(Z)
+    # Nearly dead features (ReLU outputs that fire on a few images) have a
+    # tiny spread, and dividing by it folds weights 100x the others' into the
+    # head: once fine-tuning wakes such a feature up, the outputs jump. A floor
+    # at a tenth of the median spread keeps them in proportion, at no cost to
+    # the probe's accuracy (figures in benchmarks/README.md).
+    spread = scaler.scale_[scaler.var_ > 0]
+    if spread.size:
+        scaler.scale_ = np.maximum(scaler.scale_, SCALE_FLOOR * np.median(spread))
+    return scaler, scaler.transform(Z)
+
+
 def fit_probe(
     features: np.ndarray,
     y: np.ndarray,
@@ -126,17 +142,7 @@ def fit_probe(
     from a stratified 3-fold CV over ``PROBE_CS`` by log-loss, or is 1 where a
     class has fewer than 3 images.
     """
-    Z = features.astype(np.float64)
-    scaler = StandardScaler().fit(Z)
-    # Nearly dead features (ReLU outputs that fire on a few images) have a
-    # tiny spread, and dividing by it folds weights 100x the others' into the
-    # head: once fine-tuning wakes such a feature up, the logits jump. A floor
-    # at a tenth of the median spread keeps them in proportion, at no cost to
-    # the probe's accuracy (figures in benchmarks/README.md).
-    spread = scaler.scale_[scaler.var_ > 0]
-    if spread.size:
-        scaler.scale_ = np.maximum(scaler.scale_, SCALE_FLOOR * np.median(spread))
-    Zs = scaler.transform(Z)
+    scaler, Zs = standardize(features)
     # Our own search: plain fit parameters, whatever the caller's routing.
     one_thread = Zs.size <= PROBE_ONE_THREAD
     with (

@@ -119,7 +119,7 @@ def validation_split(
             "images of every class. Training on all the images and keeping the "
             "last epoch; pass validation_fraction=None to say so, or more images.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=6,  # the caller of the estimator's fit (through its task)
         )
         return index, index[:0]
     train, val = train_test_split(index, test_size=n_val, stratify=y, random_state=seed)

@@ -176,6 +176,18 @@ class Loss:
         per_image = self.fn(logits.float(), target) * weight
         return per_image.sum(), self.weights(target, weight).sum()
 
+    #: The history column of the validation score that selection maximises
+    #: (the losses of other tasks, in ``_tasks``, name theirs).
+    metric = "valid_accuracy"
+
+    def score(
+        self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
+    ) -> float:
+        """Accuracy, weighted as the loss is (sample and class weights)."""
+        w = self.weights(target, weight)
+        correct = (logits.argmax(1) == target).to(w.dtype)
+        return float((correct * w).sum() / w.sum())
+
 
 class Selection:
     """The best epoch so far (whose weights are kept), and early stopping's
@@ -395,12 +407,15 @@ class Guard:
     from the start's (``start_loss``, the probe head's; None when unknown) to
     the loss of a network that learned nothing (``chance_loss``). A smaller
     dip is left to selection: such dips recover within the epochs that follow.
+    ``chance_accuracy`` is the floor of whatever score the task's selection
+    maximises (R² for regression: 0); ``names`` name that score and its floor.
     """
 
     chance_loss: float
     start_loss: float | None
     chance_accuracy: float
     left: int = MAX_RECOVERIES
+    names: tuple[str, str] = ("validation accuracy", "largest class")
 
     def wrecked(self, train_loss: float, val_acc: float, best_acc: float) -> str:
         """Why the epoch wrecked the network ("" when it did not)."""
@@ -411,9 +426,10 @@ class Guard:
             if best_acc > floor and val_acc < best_acc - WRECK_SHARE * (
                 best_acc - floor
             ):
+                score, floor_name = self.names
                 return (
-                    f"validation accuracy {val_acc:.3f}, best {best_acc:.3f}, "
-                    f"largest class {floor:.3f}"
+                    f"{score} {val_acc:.3f}, best {best_acc:.3f}, "
+                    f"{floor_name} {floor:.3f}"
                 )
             return ""
         start, chance = self.start_loss, self.chance_loss
@@ -430,14 +446,13 @@ class Guard:
 def validation_metrics(
     logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, loss: Loss
 ) -> tuple[float, float]:
-    """Loss and accuracy weighted as in training, by sample and class weights
-    (NaN without validation images): selection sees what training optimises."""
+    """Loss and score (``loss.score``: accuracy for classes) weighted as in
+    training, by sample and class weights (NaN without validation images):
+    selection sees what training optimises."""
     if len(y) == 0:
         return math.nan, math.nan
     total, weight = loss(logits, y, w)
-    w = loss.weights(y, w)
-    correct = (logits.argmax(1) == y).to(w.dtype)
-    return float(total / weight), float((correct * w).sum() / w.sum())
+    return float(total / weight), loss.score(logits, y, w)
 
 
 # ---------------------------------------------------------------------------
@@ -540,6 +555,8 @@ class EpochLoop:
                 "train_loss": ("train loss", ".4f"),
                 "valid_loss": ("valid loss", ".4f"),
                 "valid_accuracy": ("valid accuracy", ".4f"),
+                "valid_r2": ("valid R2", ".4f"),
+                "valid_average_precision": ("valid mAP", ".4f"),
                 "backbone_lr": ("backbone lr", ".0e"),
             }
             parts = [
@@ -609,14 +626,15 @@ class EpochLoop:
                     f"{'best' if selection.has_val else 'last'} completed so far "
                     "(see history_).",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=7,  # the caller of the estimator's fit
                 )
                 return "interrupted"
             train_loss = float(total / weight.clamp(min=1e-12))
             rate = {} if self.backbone_lr is None else {"backbone_lr": self.backbone_lr}
             self.log(
                 epoch=epoch, train_loss=train_loss, valid_loss=val_loss,
-                valid_accuracy=val_acc, **rate, time=time.perf_counter() - tic,
+                **{self.loss.metric: val_acc}, **rate,
+                time=time.perf_counter() - tic,
             )  # fmt: skip
             if not math.isfinite(train_loss):
                 warnings.warn(
@@ -624,7 +642,7 @@ class EpochLoop:
                     f"{train_loss}): stopped, keeping the weights of epoch "
                     f"{selection.epoch}. Lower lr (and backbone_lr).",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=7,  # the caller of the estimator's fit
                 )
                 return "diverged"
             if self.guard is not None:

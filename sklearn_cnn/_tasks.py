@@ -1,0 +1,286 @@
+"""What one kind of fine-tuning decides, for the fit that the estimators share
+(``_finetune.FineTuneBase``): how the targets are encoded and split, the loss
+and the validation score that selection maximises, the probe head, what a
+network that learned nothing scores (for the wreck guard), calibration, and
+how the head's outputs become predictions.
+
+- :class:`SingleLabel`: one class per image (FineTuneClassifier with labels
+  of shape (n,)): cross-entropy, accuracy, a logistic-regression probe.
+- :class:`Regression`: one or several numbers per image (FineTuneRegressor):
+  targets standardised inside, squared, Huber or absolute error, R², a ridge
+  probe with its alpha chosen by efficient leave-one-out.
+
+A task is built from the estimator's parameters and, once fitted, from its
+fitted attributes (``fitted_attributes``): it is never stored itself, so that
+the estimators save, load and pickle as plain values.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn import config_context
+from sklearn.linear_model import RidgeCV
+from sklearn.utils.validation import check_array
+from torch.nn import functional as F
+
+from ._head import calibration, fit_probe, standardize
+from ._targets import check_targets, class_weights, example_weights, validation_split
+from ._training import Loss, chance_accuracy, chance_loss
+
+
+class SingleLabel:
+    """One class per image: ``class_weight``, ``label_smoothing``; ``classes``
+    (sorted) once fitted, None before."""
+
+    metric = "valid_accuracy"
+    #: How the wreck guard names the validation score and its floor.
+    names = ("validation accuracy", "largest class")
+
+    def __init__(
+        self, class_weight: Any, label_smoothing: float, classes: np.ndarray | None
+    ) -> None:
+        self.class_weight, self.label_smoothing = class_weight, label_smoothing
+        self.classes = classes
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.classes)
+
+    def encode(self, y: Any, n_images: int) -> np.ndarray:
+        """Encoded labels; the classes are learned unless already fitted (a
+        warm start), when they must be the same."""
+        classes, encoded = check_targets(y, n_images)
+        if self.classes is not None and not np.array_equal(classes, self.classes):
+            raise ValueError(
+                f"warm_start=True but y has the classes {classes.tolist()} while the "
+                f"fitted classifier has {self.classes.tolist()}. Fit with the same "
+                "classes, or set warm_start=False to start over."
+            )
+        self.classes = classes
+        return encoded
+
+    def fitted_attributes(self) -> dict[str, Any]:
+        return {"classes_": self.classes}
+
+    def split(
+        self, y: np.ndarray, fraction: float | None, seed: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return validation_split(y, self.n_outputs, fraction, seed)
+
+    def weights(
+        self, y: np.ndarray, train_idx: np.ndarray, sample_weight: np.ndarray | None
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Class weights ("balanced" counts the training images) and each
+        image's weight in the loss."""
+        cw = class_weights(self.class_weight, self.classes, y[train_idx])
+        return cw, example_weights(y, cw, sample_weight)
+
+    def loss(self, class_weight: np.ndarray | None, device: torch.device) -> Loss:
+        return Loss(class_weight, self.label_smoothing, device)
+
+    def probe(
+        self, features: np.ndarray, y: np.ndarray, weights: np.ndarray | None,
+        seed: int,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        return fit_probe(features, y, self.n_outputs, weights, seed)
+
+    def chance(
+        self, y: torch.Tensor, w: torch.Tensor, loss: Loss
+    ) -> tuple[float, float]:
+        """The loss and the score of a network that learned nothing."""
+        return (
+            chance_loss(y, w, loss, self.n_outputs),
+            chance_accuracy(y, w, loss, self.n_outputs),
+        )
+
+    def calibration(self, z: np.ndarray, y: np.ndarray) -> tuple[Any, dict]:
+        return calibration(z, y)
+
+
+# ---------------------------------------------------------------------------
+# Regression
+# ---------------------------------------------------------------------------
+
+#: The ridge probe's alphas, on standardised features and targets: chosen by
+#: efficient leave-one-out (RidgeCV's default), as a user would tune a probe.
+RIDGE_ALPHAS = tuple(np.logspace(-2, 5, 15))
+
+
+class RegressionLoss:
+    """Squared, Huber (delta 1 standardised unit) or absolute error of
+    standardised targets, averaged over the outputs, weighted by sample
+    weights; the validation score is R² (averaged over the outputs), which
+    standardisation leaves unchanged. Follows ``_training.Loss``'s protocol."""
+
+    metric = "valid_r2"
+    class_weights = None
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def weights(self, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def __call__(
+        self, out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, target = out.float(), target.to(out.device, torch.float32)
+        if self.kind == "squared_error":
+            each = F.mse_loss(out, target, reduction="none")
+        elif self.kind == "huber":
+            each = F.huber_loss(out, target, reduction="none", delta=1.0)
+        else:
+            each = F.l1_loss(out, target, reduction="none")
+        weight = weight.to(out.device)
+        return (each.mean(1) * weight).sum(), weight.sum()
+
+    def score(
+        self, out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
+    ) -> float:
+        """Weighted R², averaged over the outputs (an output constant on
+        these images counts 1 if predicted exactly, else 0, as in
+        scikit-learn's ``r2_score``)."""
+        out, target = out.double().cpu(), target.double().cpu()
+        w = weight.double().cpu()[:, None]
+        mean = (w * target).sum(0) / w.sum()
+        residual = (w * (target - out) ** 2).sum(0)
+        total = (w * (target - mean) ** 2).sum(0)
+        r2 = torch.where(
+            total > 0,
+            1 - residual / total.clamp(min=1e-300),
+            (residual == 0).double(),
+        )
+        return float(r2.mean())
+
+
+class Regression:
+    """One or several numbers per image (``loss``); ``mean`` and ``scale``
+    standardise the targets (per output) once fitted, None before."""
+
+    metric = RegressionLoss.metric
+    names = ("validation R²", "a constant")
+
+    def __init__(
+        self, loss: str, mean: np.ndarray | None = None,
+        scale: np.ndarray | None = None, one_column: bool = False,
+    ) -> None:  # fmt: skip
+        self.kind, self.mean, self.scale = loss, mean, scale
+        self.one_column = one_column
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.mean)
+
+    def encode(self, y: Any, n_images: int) -> np.ndarray:
+        """Standardised float32 targets of shape (n, n_outputs): the mean and
+        spread are learned unless already fitted (a warm start continues in
+        the units the head was trained in)."""
+        if y is None:
+            raise ValueError(
+                "FineTuneRegressor.fit needs targets: pass y, one number (or one "
+                "row of numbers) per image."
+            )
+        if np.ndim(y) not in (1, 2) or (np.ndim(y) == 2 and np.shape(y)[1] == 0):
+            raise ValueError(
+                f"y has shape {np.shape(y)}; pass one number per image, shape "
+                "(n_samples,), or one row per image, shape (n_samples, n_outputs)."
+            )
+        y = check_array(
+            y, ensure_2d=False, dtype=np.float64, input_name="y",
+            ensure_all_finite=True,
+        )  # fmt: skip
+        if len(y) != n_images:
+            raise ValueError(
+                f"X has {n_images} images but y has {len(y)} targets: pass one "
+                "target per image, in the same order."
+            )
+        one_column = y.ndim == 1
+        y2 = y.reshape(len(y), -1)
+        if self.mean is None:
+            self.mean = y2.mean(0)
+            spread = y2.std(0)
+            # A constant output is predicted exactly by its bias.
+            self.scale = np.where(spread > 0, spread, 1.0)
+            self.one_column = one_column
+        elif y2.shape[1] != self.n_outputs:
+            raise ValueError(
+                f"warm_start=True but y has {y2.shape[1]} output(s) while the "
+                f"fitted regressor has {self.n_outputs}. Fit with the same "
+                "outputs, or set warm_start=False to start over."
+            )
+        return ((y2 - self.mean) / self.scale).astype(np.float32)
+
+    def fitted_attributes(self) -> dict[str, Any]:
+        return {
+            "n_outputs_": self.n_outputs,
+            "y_mean_": self.mean,
+            "y_scale_": self.scale,
+            "_one_column": self.one_column,
+        }
+
+    def split(
+        self, y: np.ndarray, fraction: float | None, seed: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        # Not stratified: one stratum.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            split = validation_split(np.zeros(len(y), np.int64), 1, fraction, seed)
+        if caught:
+            n_val = max(math.ceil((fraction or 0) * len(y)), 1)
+            warnings.warn(
+                f"validation_fraction={fraction} leaves {n_val} validation "
+                f"image(s) of {len(y)}; selecting epochs needs at least 20. "
+                "Training on all the images and keeping the last epoch; pass "
+                "validation_fraction=None to say so, or more images.",
+                UserWarning,
+                stacklevel=5,  # the caller of the regressor's fit
+            )
+        return split
+
+    def weights(
+        self, y: np.ndarray, train_idx: np.ndarray, sample_weight: np.ndarray | None
+    ) -> tuple[None, np.ndarray | None]:
+        return None, sample_weight
+
+    def loss(self, class_weight: None, device: torch.device) -> RegressionLoss:
+        return RegressionLoss(self.kind)
+
+    def probe(
+        self, features: np.ndarray, y: np.ndarray, weights: np.ndarray | None,
+        seed: int,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """A ridge regression on standardised features (alpha by efficient
+        leave-one-out over ``RIDGE_ALPHAS``), as the head's weight and bias:
+        closed form, so epoch 0 is the probe a user would fit."""
+        scaler, Zs = standardize(features)
+        with config_context(enable_metadata_routing=False):
+            ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(Zs, y, sample_weight=weights)
+        coef = np.atleast_2d(ridge.coef_)
+        weight = coef / scaler.scale_
+        intercept = np.atleast_1d(ridge.intercept_)
+        return weight, intercept - weight @ scaler.mean_
+
+    def chance(
+        self, y: torch.Tensor, w: torch.Tensor, loss: RegressionLoss
+    ) -> tuple[float, float]:
+        """The loss of the weighted mean (R² 0): what a network that learned
+        nothing scores."""
+        if len(y) == 0:
+            return math.nan, math.nan
+        y, w = y.double(), w.double()
+        mean = (w[:, None] * y).sum(0) / w.sum()
+        total, weight = loss(mean.float().expand(len(y), -1), y, w.float())
+        return float(total / weight), 0.0
+
+    def calibration(self, z: np.ndarray, y: np.ndarray) -> tuple[float, dict]:
+        return 1.0, {}
+
+    def predict(self, z: np.ndarray) -> np.ndarray:
+        """Predictions in the user's units, shaped as ``y`` was."""
+        out = z.astype(np.float64) * self.scale + self.mean
+        return out[:, 0] if self.one_column else out
