@@ -192,7 +192,10 @@ def _explain(
     if not (isinstance(batch_size, Integral) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}.")
     estimator = getattr(estimator, "best_estimator_", estimator)
-    X = check_images(X)
+    # Float images in any range where fit gave or estimated mean and std.
+    first = estimator[0] if isinstance(estimator, Pipeline) else estimator
+    pre = getattr(first, "preprocessing_", None)
+    X = check_images(X, unit_floats=getattr(pre, "unit_floats", True))
     if isinstance(estimator, Pipeline):
         explain = _PipelineCAM(estimator, layer)
     elif isinstance(estimator, CNNFeatureTransformer):

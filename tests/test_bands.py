@@ -452,3 +452,31 @@ def test_dask_featurize_with_an_adapted_stem():
     assert_allclose(featurize(X, est).compute(), est.transform(X), rtol=1e-6)
     with pytest.raises(ValueError, match="fit it on the training images first"):
         featurize(X, tiny(mean="fit", std="fit"))
+
+
+@pytest.mark.parametrize(
+    "n, bands", [(1, "all"), (2, "auto"), (4, "all"), (13, "auto")]
+)
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_save_and_cache_with_any_bands_and_depth(tmp_path, n, bands, dtype):
+    X = _bands(n, dtype)
+    scale = {} if dtype == "uint8" else {"mean": "fit", "std": "fit"}
+    est = tiny(bands=bands, memory=tmp_path / "cache", **scale).fit(X)
+    expected = est.transform(X)
+    assert_allclose(est.transform(X), expected)  # from the cache
+    est.save(tmp_path / "est.pt")
+    loaded = load(tmp_path / "est.pt", trusted=TRUSTED)
+    assert loaded.stem_ == est.stem_ and loaded.stem_["bands"] == n
+    assert_allclose(loaded.transform(X), expected, rtol=1e-6)
+
+
+def test_activation_maps_of_floats_in_any_range():
+    from sklearn_cnn.inspection import activation_maps
+
+    X, y = _bands(13, "float32"), np.array([0, 1] * 3)
+    clf = FineTuneClassifier(
+        TINY, epochs=0, mean="fit", std="fit", validation_fraction=None
+    ).fit(X, y)
+    assert activation_maps(clf, X).shape == (6, 16, 16)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        activation_maps(FineTuneClassifier(TINY, epochs=0).fit(X / 2000, y), X)
