@@ -17,7 +17,7 @@ each photograph's class lights up over that photograph.
 
 Accepted is not the same as recognised, though: at 448 px the objects fill
 more of the picture than the network ever saw at training time, and its
-confidence drops (espresso: 0.94 at 224 px, 0.07 at 448 px here). Resize to
+confidence drops (compare the probabilities printed at 224 and 448 px). Resize to
 the training size for classification; other sizes are for features, and for
 dense maps like the one below.
 """

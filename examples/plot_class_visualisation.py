@@ -10,14 +10,16 @@ the *input pixels* (the network's weights stay fixed):
   alone, the climb produces high-frequency noise that the network scores
   highly; a *total-variation* penalty (the sum of differences between
   neighbouring pixels) and small random shifts at every step keep the image
-  smooth enough for a person to read. In this run the probability of "daisy"
-  rises from under 0.001 to above 0.99, and white petals around a yellow
-  centre appear.
+  smooth enough for a person to read. The probability of "daisy" climbs from
+  almost nothing to almost one, and white petals around a yellow centre
+  appear.
 - **Adversarial example** (Szegedy et al., 2014; Goodfellow et al., 2015):
   change each pixel of a photograph of a cat by at most 2 levels out of 255,
   in the direction that raises the score of "daisy". The change is
-  invisible, yet the network, which saw an Egyptian cat (0.4), now sees a
-  daisy (above 0.9 here).
+  invisible, yet the network, which saw a cat, now sees a daisy.
+
+The probabilities of this run are printed under each step and in the
+figure's titles.
 
 The network is EfficientNet-Lite0 as
 :class:`~sklearn_cnn.CNNFeatureTransformer` loads it (``model_``, in eval

@@ -13,8 +13,8 @@ EfficientNet-Lite0 (``_blocks.1``) gives 24 maps of 56 x 56 that still look
 like the photograph: edges, fur texture, colour contrasts. The last layer
 before the classifier (``_bn1``, the 1,280 channels that the global pooling
 averages into CNN codes) gives maps of only 7 x 7; after the network's ReLU6
-most of them are zero on this image (about 60 % here), and the strongest ones
-light up on parts of the cat: eyes, nose, ears.
+many of them are zero on this image (the fraction is printed below), and the
+strongest ones light up on parts of the cat: eyes, nose, ears.
 """
 
 # %%

@@ -10,9 +10,9 @@ few query crops, on the CNN codes of EfficientNet-Lite0 and, for comparison,
 on the raw pixels.
 
 The score: the fraction of each query's five nearest neighbours cut from the
-same photograph as the query. In this run it is about 0.95 with CNN codes
-against about 0.5 with raw pixels, which find crops of the same colour
-rather than of the same thing.
+same photograph as the query (printed below): far higher with CNN codes than
+with raw pixels, which find crops of the same colour rather than of the same
+thing.
 """
 
 # %%
@@ -28,8 +28,15 @@ from PIL import Image
 from skimage import data
 from sklearn.datasets import load_sample_image
 from sklearn.neighbors import NearestNeighbors
+from threadpoolctl import threadpool_limits
 
 from sklearn_cnn import CNNFeatureTransformer
+
+# The scikit-learn models here work on small matrices, where BLAS threads have
+# little to gain and, when other programs keep the cores busy, much to lose
+# waiting for each other: one BLAS thread is the safe choice (see "Threads" in
+# the user guide).
+threadpool_limits(1, user_api="blas")
 
 LITE0 = {
     "model": functools.partial(EfficientNet.from_name, "efficientnet-lite0"),
