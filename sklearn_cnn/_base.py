@@ -205,7 +205,11 @@ class ImageClassifierMixin:
         Returns
         -------
         score : float
-            Fraction of the images whose predicted class is ``y``.
+            Fraction of the images whose predicted class is ``y`` (with a
+            multi-label ``y``, whose predicted labels are exactly ``y``'s: the
+            subset accuracy; see ``average_precision_score`` and
+            ``f1_score(average="samples")`` for measures that give partial
+            credit).
         """
         return super().score(X, y, sample_weight=sample_weight)
 

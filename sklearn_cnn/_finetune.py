@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.special import log_softmax, softmax
+from scipy.special import expit, log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import (
@@ -56,7 +57,7 @@ from ._persistence import register
 from ._runtime import resolve_device
 from ._sources import Sources
 from ._targets import check_sample_weight
-from ._tasks import SingleLabel
+from ._tasks import MultiLabel, SingleLabel
 from ._training import (
     EpochLoop,
     Guard,
@@ -530,9 +531,14 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         Epochs without improvement before early stopping.
     class_weight : dict, "balanced" or None, default=None
         Weights of the classes in the loss and in the probe, as in
-        :class:`~sklearn.linear_model.LogisticRegression`.
+        :class:`~sklearn.linear_model.LogisticRegression`. With a multi-label
+        ``y``, the weight of each label's positive images in its loss
+        (``pos_weight`` of ``BCEWithLogitsLoss``): "balanced" gives each label
+        its negatives over its positives (training images), a dict maps label
+        indices (``classes_``) to weights; the probe is not weighted.
     label_smoothing : float, default=0.0
-        Label smoothing of the cross-entropy loss, in [0, 1).
+        Label smoothing of the cross-entropy loss, in [0, 1) (multi-label: the
+        0/1 targets move ``label_smoothing / 2`` towards 1/2).
     image_size, mean, std, bands, stem :
         Preprocessing and images of any number of bands (the first
         convolution adapted to them), as for :class:`CNNFeatureTransformer`.
@@ -582,7 +588,14 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         fitted on the training part, not refitted on all the images (see
         ``early_stopping``), so that ``temperature_`` and ``calibration_``
         describe the head that predicts. Without a validation split the
-        temperature is 1.
+        temperature is 1. Multi-label: one temperature per label.
+    tune_thresholds : bool, default=False
+        Multi-label only: after training (and calibration), set each label's
+        probability threshold in ``predict`` to the one with the highest F1 on
+        the validation images (``thresholds_``) instead of 0.5. It trades
+        precision for recall per label, for an ``f1_score`` measured on
+        images like the validation ones; it needs enough positives of each
+        label there to be more than noise.
     tta : {None, "flip"}, default=None
         Test-time augmentation in ``predict``, ``predict_proba`` and
         ``decision_function``: "flip" averages the logits of each image and of
@@ -594,7 +607,11 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
     Attributes
     ----------
     classes_ : ndarray of shape (n_classes,)
-        The class labels.
+        The class labels; for a multi-label ``y``, the indices of its
+        columns.
+    thresholds_ : ndarray of shape (n_classes,)
+        Multi-label only: each label's probability threshold in ``predict``
+        (0.5 unless ``tune_thresholds``).
     model_ : torch.nn.Module
         The fine-tuned network, in eval mode, on ``device_``.
     device_ : torch.device
@@ -616,11 +633,13 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
     n_trainable_params_ : int
         Parameters that trained in the last fit (the head's included; with
         ``unfreeze_at``, once everything trains).
-    temperature_ : float
+    temperature_ : float or ndarray of shape (n_classes,)
         The logits are divided by it (``calibrate``); 1 without calibration.
+        Multi-label: one per label.
     calibration_ : dict
         Expected calibration error on the validation images "before" and
-        "after" temperature scaling (NaN without calibration).
+        "after" temperature scaling (NaN without calibration); multi-label:
+        their mean binary log loss.
     history_ : list of dict
         One row per epoch: ``epoch``, ``train_loss``, ``valid_loss``,
         ``valid_accuracy`` (NaN without a validation split), ``backbone_lr``
@@ -705,6 +724,7 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         "class_weight": [None, dict, StrOptions({"balanced"})],
         "label_smoothing": [Interval(Real, 0, 1, closed="left")],
         "calibrate": ["boolean"],
+        "tune_thresholds": ["boolean"],
         "tta": [None, StrOptions({"flip"})],
         "memory": [None, str, os.PathLike, HasMethods(["cache"])],
         "random_state": ["random_state"],
@@ -736,6 +756,7 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         class_weight: Any = None,
         label_smoothing: float = 0.0,
         calibrate: bool = True,
+        tune_thresholds: bool = False,
         tta: str | None = None,
         image_size: Any = None,
         mean: Any = None,
@@ -773,6 +794,7 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         self.class_weight = class_weight
         self.label_smoothing = label_smoothing
         self.calibrate = calibrate
+        self.tune_thresholds = tune_thresholds
         self.tta = tta
         self.image_size = image_size
         self.mean = mean
@@ -795,8 +817,12 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         ----------
         X : array-like of images or list of paths / PIL images
             Training images.
-        y : array-like of shape (n_samples,)
-            Class labels (ints, strings, ...); at least two classes.
+        y : array-like of shape (n_samples,) or (n_samples, n_labels)
+            Class labels (ints, strings, ...), at least two classes; or a
+            binary indicator matrix, one column per label, for images with
+            any number of labels (multi-label: sigmoid outputs trained with
+            ``BCEWithLogitsLoss``, one-vs-rest logistic probes, epochs
+            selected by the validation mean average precision).
         sample_weight : array-like of shape (n_samples,), default=None
             Weights of the images in the loss, the probe and the validation
             metrics (times the class weights).
@@ -808,9 +834,37 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         """
         return super().fit(X, y, sample_weight=sample_weight)
 
-    def _task(self, y: Any = None, fitted: bool = True) -> SingleLabel:
+    def _task(self, y: Any = None, fitted: bool = True) -> SingleLabel | MultiLabel:
+        if fitted and hasattr(self, "classes_"):
+            multilabel = getattr(self, "_multilabel", False)
+        else:
+            try:
+                columns = np.ndim(y) == 2 and np.shape(y)[1] > 1
+            except ValueError:  # ragged: sequences of labels
+                columns = True
+            # type_of_target names MultiLabelBinarizer for sequences of labels.
+            kind = type_of_target(y, input_name="y") if columns else "1d"
+            if columns and kind != "multilabel-indicator":
+                raise ValueError(
+                    f"y has shape {np.shape(y)} with values other than 0 and 1; "
+                    "FineTuneClassifier takes one label per image, shape "
+                    "(n_samples,), or a binary indicator matrix, one column per "
+                    "label (encode label sets with MultiLabelBinarizer)."
+                )
+            multilabel = columns
         classes = getattr(self, "classes_", None) if fitted else None
-        return SingleLabel(self.class_weight, self.label_smoothing, classes)
+        kind = MultiLabel if multilabel else SingleLabel
+        return kind(self.class_weight, self.label_smoothing, classes)
+
+    def _calibrate(self, z: np.ndarray, y: np.ndarray) -> None:
+        """Temperature scaling, then (multi-label) the thresholds of each label."""
+        super()._calibrate(z, y)
+        if not getattr(self, "_multilabel", False):
+            return
+        self.thresholds_ = np.full(len(self.classes_), 0.5)
+        if self.tune_thresholds and len(y):
+            proba = expit(z.astype(np.float64) / self.temperature_)
+            self.thresholds_ = MultiLabel.tune_thresholds(proba, y)
 
     def _logits_of(self, X: Any) -> np.ndarray:
         return self._outputs_of(X) / self.temperature_
@@ -828,9 +882,10 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         scores : ndarray of shape (n_samples,) or (n_samples, n_classes)
             For two classes, the logit of ``classes_[1]`` minus that of
             ``classes_[0]`` (positive means ``classes_[1]``), as sklearn expects.
+            Multi-label: each label's logit, (n_samples, n_classes).
         """
         logits = self._logits_of(X)
-        if logits.shape[1] == 2:
+        if logits.shape[1] == 2 and not getattr(self, "_multilabel", False):
             return logits[:, 1] - logits[:, 0]
         return logits
 
@@ -845,8 +900,12 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         Returns
         -------
         proba : ndarray of shape (n_samples, n_classes), dtype float64
-            Rows sum to 1; columns follow ``classes_``.
+            Rows sum to 1; columns follow ``classes_``. Multi-label: each
+            label's probability (the sigmoid of its logit), as
+            :class:`~sklearn.neural_network.MLPClassifier` gives them.
         """
+        if getattr(self, "_multilabel", False):
+            return expit(self._logits_of(X))
         return softmax(self._logits_of(X), axis=1)
 
     def predict_log_proba(self, X: Any) -> np.ndarray:
@@ -862,6 +921,8 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         log_proba : ndarray of shape (n_samples, n_classes)
             Log-probabilities; columns follow ``classes_``.
         """
+        if getattr(self, "_multilabel", False):
+            return -np.logaddexp(0, -self._logits_of(X))
         return log_softmax(self._logits_of(X), axis=1)
 
     def predict(self, X: Any) -> np.ndarray:
@@ -874,8 +935,12 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
 
         Returns
         -------
-        y : ndarray of shape (n_samples,)
-            Labels from ``classes_``.
+        y : ndarray of shape (n_samples,) or (n_samples, n_classes)
+            Labels from ``classes_``. Multi-label: the indicator matrix, 1
+            where a label's probability reaches its threshold
+            (``thresholds_``).
         """
         logits = self._logits_of(X)
+        if getattr(self, "_multilabel", False):
+            return (expit(logits) >= self.thresholds_).astype(np.int64)
         return self.classes_[logits.argmax(axis=1)]

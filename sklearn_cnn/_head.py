@@ -191,6 +191,17 @@ def fit_temperature(z: np.ndarray, y: np.ndarray) -> float:
     return float(np.exp(minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded").x))
 
 
+def fit_binary_temperature(z: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T > 0 that minimises the log loss of ``sigmoid(z / T)``
+    for one label's logits ``z`` and 0/1 targets ``y``."""
+
+    def nll(log_t: float) -> float:
+        t = z / np.exp(log_t)
+        return float(np.mean(np.logaddexp(0, t) - y * t))
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded").x))
+
+
 def expected_calibration_error(
     proba: np.ndarray, y: np.ndarray, bins: int = 10
 ) -> float:

@@ -25,12 +25,41 @@ import numpy as np
 import torch
 from sklearn import config_context
 from sklearn.linear_model import RidgeCV
+from sklearn.metrics import average_precision_score, precision_recall_curve
 from sklearn.utils.validation import check_array
 from torch.nn import functional as F
 
-from ._head import calibration, fit_probe, standardize
-from ._targets import check_targets, class_weights, example_weights, validation_split
+from ._head import calibration, fit_binary_temperature, fit_probe, standardize
+from ._targets import (
+    MIN_VALIDATION,
+    check_targets,
+    class_weights,
+    example_weights,
+    validation_split,
+)
 from ._training import Loss, chance_accuracy, chance_loss
+
+
+def random_split(
+    n: int, fraction: float | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted training and validation indices, not stratified (targets that
+    are numbers or sets of labels); fewer than ``MIN_VALIDATION`` validation
+    images train on everything, with a warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        split = validation_split(np.zeros(n, np.int64), 1, fraction, seed)
+    if caught:
+        n_val = max(math.ceil((fraction or 0) * n), 1)
+        warnings.warn(
+            f"validation_fraction={fraction} leaves {n_val} validation "
+            f"image(s) of {n}; selecting epochs needs at least {MIN_VALIDATION}. "
+            "Training on all the images and keeping the last epoch; pass "
+            "validation_fraction=None to say so, or more images.",
+            UserWarning,
+            stacklevel=6,  # the caller of the estimator's fit
+        )
+    return split
 
 
 class SingleLabel:
@@ -65,7 +94,7 @@ class SingleLabel:
         return encoded
 
     def fitted_attributes(self) -> dict[str, Any]:
-        return {"classes_": self.classes}
+        return {"classes_": self.classes, "_multilabel": False}
 
     def split(
         self, y: np.ndarray, fraction: float | None, seed: int
@@ -100,6 +129,235 @@ class SingleLabel:
 
     def calibration(self, z: np.ndarray, y: np.ndarray) -> tuple[Any, dict]:
         return calibration(z, y)
+
+
+# ---------------------------------------------------------------------------
+# Multi-label: a binary indicator matrix
+# ---------------------------------------------------------------------------
+
+
+def mean_average_precision(
+    z: np.ndarray, y: np.ndarray, w: np.ndarray | None = None
+) -> float:
+    """Average precision of each label's scores ``z`` against ``y``, averaged
+    over the labels that have both a positive and a negative image here
+    (NaN if none has)."""
+    both = (y.max(0) > 0) & (y.min(0) < 1)
+    if not both.any():
+        return math.nan
+    return float(
+        average_precision_score(
+            y[:, both], z[:, both], average="macro", sample_weight=w
+        )
+    )
+
+
+class MultiLabelLoss:
+    """Binary cross-entropy of each label (``BCEWithLogitsLoss``, with a
+    positive weight per label and label smoothing), averaged over the labels,
+    weighted by sample weights. Its validation score is the mean average
+    precision (``mean_average_precision``). Follows ``_training.Loss``'s
+    protocol."""
+
+    metric = "valid_average_precision"
+    class_weights = None
+
+    def __init__(
+        self, pos_weight: np.ndarray | None, smoothing: float, device: torch.device
+    ) -> None:
+        self.pos_weight = (
+            None
+            if pos_weight is None
+            else torch.as_tensor(pos_weight, dtype=torch.float32, device=device)
+        )
+        self.smoothing = smoothing
+
+    def weights(self, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def __call__(
+        self, out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = out.float()
+        target = target.to(out.device, torch.float32)
+        if self.smoothing:
+            target = target * (1 - self.smoothing) + self.smoothing / 2
+        pos_weight = None if self.pos_weight is None else self.pos_weight.to(out.device)
+        each = F.binary_cross_entropy_with_logits(
+            out, target, pos_weight=pos_weight, reduction="none"
+        )
+        weight = weight.to(out.device)
+        return (each.mean(1) * weight).sum(), weight.sum()
+
+    def score(
+        self, out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
+    ) -> float:
+        return mean_average_precision(
+            out.double().cpu().numpy(),
+            target.cpu().numpy(),
+            weight.double().cpu().numpy(),
+        )
+
+
+def _binary_log_loss(z: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(np.logaddexp(0, z) - y * z))
+
+
+class MultiLabel:
+    """Any number of labels per image, as a binary indicator matrix
+    (n_images, n_labels): ``class_weight`` ("balanced" or {label index:
+    weight}) gives each label's positives a weight, ``label_smoothing``
+    smooths the 0/1 targets; ``classes`` (the label indices) once fitted."""
+
+    metric = MultiLabelLoss.metric
+    names = ("validation mAP", "label prevalence")
+
+    def __init__(
+        self, class_weight: Any, label_smoothing: float, classes: np.ndarray | None
+    ) -> None:
+        self.class_weight, self.label_smoothing = class_weight, label_smoothing
+        self.classes = classes
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.classes)
+
+    def encode(self, y: Any, n_images: int) -> np.ndarray:
+        """The indicator matrix as float32 (one column per label)."""
+        y = np.asarray(y)
+        if y.ndim != 2 or y.dtype.kind not in "biuf":
+            raise ValueError(
+                "A multi-label y is a binary indicator matrix of shape (n_samples, "
+                "n_labels); encode label sets with "
+                "sklearn.preprocessing.MultiLabelBinarizer."
+            )
+        if len(y) != n_images:
+            raise ValueError(
+                f"X has {n_images} images but y has {len(y)} rows: pass one row "
+                "of labels per image, in the same order."
+            )
+        if not np.isin(y, (0, 1)).all():
+            raise ValueError(
+                "A multi-label y holds only 0 and 1 (or False and True): one "
+                "column per label, 1 where the image has it."
+            )
+        if (y.min(0) == y.max(0)).all():
+            raise ValueError(
+                "Every column of the multi-label y is constant (all 0 or all 1): "
+                "nothing to learn. Pass labels that some images have and others "
+                "lack; for one label per image, pass y of shape (n_samples,)."
+            )
+        if self.classes is not None and y.shape[1] != self.n_outputs:
+            raise ValueError(
+                f"warm_start=True but y has {y.shape[1]} labels while the fitted "
+                f"classifier has {self.n_outputs}. Fit with the same labels, or "
+                "set warm_start=False to start over."
+            )
+        self.classes = np.arange(y.shape[1])
+        return y.astype(np.float32)
+
+    def fitted_attributes(self) -> dict[str, Any]:
+        return {"classes_": self.classes, "_multilabel": True}
+
+    def split(
+        self, y: np.ndarray, fraction: float | None, seed: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return random_split(len(y), fraction, seed)
+
+    def weights(
+        self, y: np.ndarray, train_idx: np.ndarray, sample_weight: np.ndarray | None
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Each label's positive weight ("balanced": its negatives over its
+        positives among the training images), and the sample weights."""
+        cw = self.class_weight
+        if cw is None:
+            return None, sample_weight
+        if isinstance(cw, dict):
+            unknown = [k for k in cw if k not in set(self.classes.tolist())]
+            if unknown:
+                raise ValueError(
+                    f"class_weight has keys that are not labels of y: {unknown}. "
+                    f"A multi-label y's labels are its column indices, 0 to "
+                    f"{self.n_outputs - 1}."
+                )
+            pos = np.array([float(cw.get(k, 1.0)) for k in self.classes.tolist()])
+        else:  # "balanced"
+            positives = y[train_idx].sum(0)
+            pos = (len(train_idx) - positives) / np.maximum(positives, 1)
+        return pos, sample_weight
+
+    def loss(
+        self, class_weight: np.ndarray | None, device: torch.device
+    ) -> MultiLabelLoss:
+        return MultiLabelLoss(class_weight, self.label_smoothing, device)
+
+    def probe(
+        self, features: np.ndarray, y: np.ndarray, weights: np.ndarray | None,
+        seed: int,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """One-vs-rest logistic regressions (each as ``fit_probe``'s, its C by
+        3-fold CV), one row of the head per label; a label constant on these
+        images gets no weights and the bias of its (smoothed) frequency."""
+        rows, biases = [], []
+        for j in range(y.shape[1]):
+            column = y[:, j].astype(np.int64)
+            if column.min() == column.max():
+                share = (column.sum() + 0.5) / (len(column) + 1.0)
+                rows.append(np.zeros(features.shape[1]))
+                biases.append(math.log(share / (1 - share)))
+                continue
+            weight, bias = fit_probe(features, column, 2, weights, seed)
+            # Softmax over (z0, z1) is the sigmoid of z1 - z0.
+            rows.append(weight[1] - weight[0])
+            biases.append(bias[1] - bias[0])
+        return np.vstack(rows), np.array(biases)
+
+    def chance(
+        self, y: torch.Tensor, w: torch.Tensor, loss: MultiLabelLoss
+    ) -> tuple[float, float]:
+        """The loss of predicting each label's weighted frequency, and the
+        mean average precision of a random ranking (the labels' frequencies,
+        over the labels with both kinds of images)."""
+        if len(y) == 0:
+            return math.nan, math.nan
+        y, w = y.double(), w.double()
+        share = ((w[:, None] * y).sum(0) / w.sum()).clamp(1e-6, 1 - 1e-6)
+        logits = (share / (1 - share)).log().float().expand(len(y), -1)
+        total, weight = loss(logits, y.float(), w.float())
+        both = (share > 1e-6) & (share < 1 - 1e-6)
+        floor = float(share[both].mean()) if both.any() else math.nan
+        return float(total / weight), floor
+
+    def calibration(self, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, dict]:
+        """One temperature per label, minimising its validation log loss; the
+        mean binary log loss of the validation images before and after."""
+        temperatures = np.ones(z.shape[1])
+        for j in range(z.shape[1]):
+            if y[:, j].min() == y[:, j].max():
+                continue  # nothing to fit on
+            temperatures[j] = fit_binary_temperature(z[:, j], y[:, j])
+        return temperatures, {
+            "before": _binary_log_loss(z, y),
+            "after": _binary_log_loss(z / temperatures, y),
+        }
+
+    @staticmethod
+    def tune_thresholds(proba: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Each label's probability threshold with the highest F1 on the
+        validation images, halfway to the next lower probability (0.5 for a
+        label without positives there)."""
+        thresholds = np.full(proba.shape[1], 0.5)
+        for j in range(proba.shape[1]):
+            if y[:, j].max() == 0:
+                continue
+            precision, recall, cut = precision_recall_curve(y[:, j], proba[:, j])
+            f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+            best = cut[int(np.argmax(f1[:-1]))]
+            # Halfway to the next lower score: the cut itself is one image's
+            # probability, which images like it would fall either side of.
+            below = proba[:, j][proba[:, j] < best]
+            thresholds[j] = (best + below.max()) / 2 if below.size else best
+        return thresholds
 
 
 # ---------------------------------------------------------------------------
@@ -226,21 +484,7 @@ class Regression:
     def split(
         self, y: np.ndarray, fraction: float | None, seed: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        # Not stratified: one stratum.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            split = validation_split(np.zeros(len(y), np.int64), 1, fraction, seed)
-        if caught:
-            n_val = max(math.ceil((fraction or 0) * len(y)), 1)
-            warnings.warn(
-                f"validation_fraction={fraction} leaves {n_val} validation "
-                f"image(s) of {len(y)}; selecting epochs needs at least 20. "
-                "Training on all the images and keeping the last epoch; pass "
-                "validation_fraction=None to say so, or more images.",
-                UserWarning,
-                stacklevel=5,  # the caller of the regressor's fit
-            )
-        return split
+        return random_split(len(y), fraction, seed)
 
     def weights(
         self, y: np.ndarray, train_idx: np.ndarray, sample_weight: np.ndarray | None

@@ -1036,7 +1036,7 @@ def test_fit_on_cuda_then_load_on_cpu(tiny_builder, labelled_images):
         (np.r_[np.nan, np.arange(59) % 3.0], "missing label"),
         (np.array([None] + ["a", "b"] * 29 + ["a"], dtype=object), "missing label"),
         (np.linspace(0, 1, 60), "Unknown label type"),
-        (np.zeros((60, 2)), "y should be a 1d array"),
+        (np.zeros((60, 2)), "multi-label y is constant"),
         (None, "needs labels"),
     ],
     ids=["one-class", "length", "nan", "none", "continuous", "2d", "no-y"],
