@@ -391,7 +391,7 @@ def chance_accuracy(
 #: A trained epoch wrecked the network when it gave back more than this share
 #: of what the start (training loss) or the best epoch (validation accuracy)
 #: had over a network that learned nothing.
-WRECK_SHARE = 0.5
+WRECK_SHARE = 0.75
 #: Recoveries per fit, each at a tenth of the backbone's rate before it.
 MAX_RECOVERIES = 2
 
