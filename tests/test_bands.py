@@ -12,9 +12,9 @@ import torch
 import torchvision
 from numpy.testing import assert_allclose
 from PIL import Image
+from tiny_cnn import make_tiny_cnn, tiny
 from torch import nn
 
-from conftest import make_tiny_cnn, tiny
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier, load
 from sklearn_cnn._bands import adapted_weight, first_conv
 from sklearn_cnn._models import seeded

@@ -21,8 +21,8 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
+from tiny_cnn import colour_images, make_tiny_cnn
 
-from conftest import colour_images, make_tiny_cnn
 from sklearn_cnn import CNNFeatureTransformer, cache_size, clear_cache
 from sklearn_cnn._cache import (
     CACHE_DIRNAME,

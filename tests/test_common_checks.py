@@ -25,8 +25,8 @@ from sklearn.exceptions import DataConversionWarning, NotFittedError
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
+from tiny_cnn import colour_images, in_threads, make_tiny_cnn
 
-from conftest import colour_images, in_threads, make_tiny_cnn
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

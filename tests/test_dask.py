@@ -25,9 +25,9 @@ from sklearn.base import clone  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.model_selection import GridSearchCV  # noqa: E402
 from sklearn.pipeline import Pipeline  # noqa: E402
+from tiny_cnn import TinyCNN, colour_images, make_tiny_cnn, tiny  # noqa: E402
 
 import sklearn_cnn.dask as skdask  # noqa: E402
-from conftest import TinyCNN, colour_images, make_tiny_cnn, tiny  # noqa: E402
 from sklearn_cnn import CNNFeatureTransformer  # noqa: E402
 from sklearn_cnn.dask import featurize, local_cluster  # noqa: E402
 

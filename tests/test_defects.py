@@ -12,9 +12,9 @@ import pytest
 import torch
 from scipy.special import softmax
 from sklearn.utils import check_random_state
+from tiny_cnn import colour_images, make_tiny_cnn
 from torch import nn
 
-from conftest import colour_images, make_tiny_cnn
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier, list_layers
 from sklearn_cnn._head import expected_calibration_error, fit_temperature
 from sklearn_cnn._layers import Tap, Tapper

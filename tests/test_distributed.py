@@ -10,9 +10,9 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
+from tiny_cnn import make_tiny_cnn
 from torch import nn
 
-from conftest import make_tiny_cnn
 from sklearn_cnn import FineTuneClassifier
 from sklearn_cnn._distributed import _regroup, _shard
 from sklearn_cnn.distributed import fit_ddp

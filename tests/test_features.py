@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose, assert_array_equal
 from PIL import Image
+from tiny_cnn import tiny
 
-from conftest import tiny
 from sklearn_cnn import CNNFeatureTransformer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -25,9 +25,9 @@ from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import FunctionTransformer, Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import estimator_checks
+from tiny_cnn import TinyCNN, colour_images, make_tiny_cnn
 from torch import nn
 
-from conftest import TinyCNN, colour_images, make_tiny_cnn
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier
 from sklearn_cnn._freezing import _frozen_modules, _stages, apply_freeze
 from sklearn_cnn._layers import trace

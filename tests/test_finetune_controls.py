@@ -15,9 +15,9 @@ from sklearn import config_context
 from sklearn.ensemble import AdaBoostClassifier
 from sklearn.exceptions import NotFittedError
 from sklearn.pipeline import Pipeline
+from tiny_cnn import colour_images, make_tiny_cnn
 from torch import nn
 
-from conftest import colour_images, make_tiny_cnn
 from sklearn_cnn import FineTuneClassifier
 from sklearn_cnn._base import cpu_state
 from sklearn_cnn._head import (

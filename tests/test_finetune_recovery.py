@@ -15,8 +15,8 @@ import warnings
 
 import numpy as np
 import pytest
+from tiny_cnn import colour_images, make_tiny_cnn
 
-from conftest import colour_images, make_tiny_cnn
 from sklearn_cnn import FineTuneClassifier
 from sklearn_cnn._training import MAX_RECOVERIES, Guard
 

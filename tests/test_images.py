@@ -12,8 +12,7 @@ import pytest
 import torch
 from numpy.testing import assert_allclose, assert_array_equal
 from PIL import Image
-
-from conftest import make_tiny_cnn, tiny
+from tiny_cnn import make_tiny_cnn, tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from numpy.testing import assert_allclose
+from tiny_cnn import make_tiny_cnn
 from torch import nn
 
-from conftest import make_tiny_cnn
 from sklearn_cnn import CNNFeatureTransformer
 from sklearn_cnn._inference import foldable_pairs
 from sklearn_cnn._layers import Tap

@@ -24,11 +24,11 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MinMaxScaler, StandardScaler
+from tiny_cnn import make_tiny_cnn
 from torch import nn
 from torchvision.models import VisionTransformer
 from torchvision.ops.misc import Permute
 
-from conftest import make_tiny_cnn
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier
 from sklearn_cnn.inspection import ActivationMapDisplay, activation_maps
 
@@ -466,7 +466,7 @@ def test_grad_cam_beside_predictions_in_other_threads(data):
     same time on the same network (a ViT has no BatchNorm to fold, so
     prediction runs on the fitted module itself) are unchanged, and so are
     the maps."""
-    from conftest import in_threads
+    from tiny_cnn import in_threads
 
     (X, y, _), (Xt, _, _) = data
     clf = FineTuneClassifier(

@@ -12,9 +12,9 @@ import torch
 import torchvision
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.utils._param_validation import InvalidParameterError
+from tiny_cnn import TinyCNN, in_threads, make_tiny_cnn, tiny
 from torch import nn
 
-from conftest import TinyCNN, in_threads, make_tiny_cnn, tiny
 from sklearn_cnn import CNNFeatureTransformer, list_layers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

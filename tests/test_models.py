@@ -14,12 +14,12 @@ import torchvision
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.base import clone
 from sklearn.utils._param_validation import InvalidParameterError
+from tiny_cnn import TinyCNN, make_tiny_cnn, tiny
 from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights, WeightsEnum
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import TinyCNN, make_tiny_cnn, tiny
 from sklearn_cnn import CNNFeatureTransformer, list_layers
 from sklearn_cnn._images import Preprocessing
 

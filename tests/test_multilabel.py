@@ -16,8 +16,8 @@ from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.metrics import accuracy_score, average_precision_score
 from sklearn.model_selection import cross_val_score
 from sklearn.preprocessing import MultiLabelBinarizer
+from tiny_cnn import make_tiny_cnn
 
-from conftest import make_tiny_cnn
 from sklearn_cnn import FineTuneClassifier, load
 from sklearn_cnn._tasks import MultiLabel, MultiLabelLoss, mean_average_precision
 

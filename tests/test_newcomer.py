@@ -15,8 +15,8 @@ import warnings
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_cnn import make_tiny_cnn
 
-from conftest import make_tiny_cnn
 from sklearn_cnn import (
     CNNFeatureTransformer,
     _models,

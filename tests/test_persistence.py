@@ -13,11 +13,11 @@ import torch
 import torchvision
 from numpy.testing import assert_array_equal
 from sklearn.exceptions import NotFittedError
+from tiny_cnn import TinyCNN, in_threads, make_tiny_cnn, tiny
 from torchvision.models import WeightsEnum
 
 import sklearn_cnn
 import sklearn_cnn._persistence as persistence
-from conftest import TinyCNN, in_threads, make_tiny_cnn, tiny
 from sklearn_cnn import CNNFeatureTransformer, load
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -17,8 +17,8 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
 from sklearn.utils.validation import check_is_fitted
+from tiny_cnn import colour_images, make_tiny_cnn
 
-from conftest import colour_images, make_tiny_cnn
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier, load
 from sklearn_cnn._base import _same
 

@@ -19,8 +19,8 @@ from sklearn.metrics import r2_score
 from sklearn.model_selection import cross_val_score
 from sklearn.utils import estimator_checks
 from sklearn.utils._param_validation import InvalidParameterError
+from tiny_cnn import make_tiny_cnn
 
-from conftest import make_tiny_cnn
 from sklearn_cnn import FineTuneRegressor, load
 from sklearn_cnn._head import standardize
 from sklearn_cnn._layers import Tap

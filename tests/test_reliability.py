@@ -12,11 +12,11 @@ import pytest
 import torch
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.exceptions import NotFittedError
+from tiny_cnn import make_tiny_cnn, tiny
 
 import sklearn_cnn._base as base
 import sklearn_cnn._network as network
 import sklearn_cnn._runtime as runtime
-from conftest import make_tiny_cnn, tiny
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

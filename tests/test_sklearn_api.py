@@ -21,8 +21,8 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import estimator_checks
 from sklearn.utils._param_validation import InvalidParameterError
+from tiny_cnn import colour_images, make_tiny_cnn, tiny
 
-from conftest import colour_images, make_tiny_cnn, tiny
 from sklearn_cnn import CNNFeatureTransformer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -14,9 +14,9 @@ import torch
 from numpy.testing import assert_allclose, assert_array_equal
 from PIL import Image
 from sklearn.utils._param_validation import InvalidParameterError
+from tiny_cnn import make_tiny_cnn, tiny
 
 import sklearn_cnn._runtime as runtime
-from conftest import make_tiny_cnn, tiny
 from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier
 from sklearn_cnn._images import ImageDataset, Preprocessing, array_to_tensor
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_cnn import make_tiny_cnn, tiny
 
-from conftest import make_tiny_cnn, tiny
 from sklearn_cnn import CNNFeatureTransformer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

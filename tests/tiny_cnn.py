@@ -1,11 +1,22 @@
-"""The tiny CNN of the tests, in a module of its own: builders pickled into
-worker processes (joblib, Dask, DDP) are found there by name, where the name
-``conftest`` could mean the repository's root conftest instead."""
+"""What the test modules share besides fixtures: the tiny CNN, a transformer
+and labelled images made for it, and a thread helper.
+
+A module of its own, not ``conftest``: worker processes (joblib, Dask, DDP)
+that unpickle a test's builder or model import it by name, and there
+``conftest`` would be the repository's root conftest."""
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
+
+from sklearn_cnn import CNNFeatureTransformer
 
 
 class TinyCNN(nn.Module):
@@ -46,3 +57,45 @@ def make_tiny_cnn(seed: int = 0) -> TinyCNN:
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     return model
+
+
+def tiny(model: Any = None, **params: Any) -> CNNFeatureTransformer:
+    """A CNNFeatureTransformer of ``model`` (default: the seeded TinyCNN) in
+    exact float32; ``params`` set or override the others."""
+    model = functools.partial(make_tiny_cnn, 0) if model is None else model
+    return CNNFeatureTransformer(model, **{"precision": "fp32", **params})
+
+
+def colour_images(per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """16 x 16 images of 3 classes that a tiny CNN can tell apart (mean colour)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.array(["red", "green", "blue"]), per_class)
+    X = rng.integers(0, 96, size=(3 * per_class, 16, 16, 3), dtype=np.uint8)
+    for channel, name in enumerate(["red", "green", "blue"]):
+        X[y == name, :, :, channel] += 150
+    return X, y
+
+
+def in_threads(call: Callable[[int], Any], n: int = 4, repeat: int = 1) -> list[list]:
+    """``repeat`` results of ``call(i)`` from each of ``n`` threads released
+    together by a barrier (thread i's in item i); raises the first error that
+    a thread met."""
+    barrier = threading.Barrier(n)
+    results: list[list] = [[] for _ in range(n)]
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = [call(i) for _ in range(repeat)]
+        except BaseException as exc:  # noqa: BLE001 - raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
