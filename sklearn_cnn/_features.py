@@ -321,25 +321,47 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         return self
 
     def _measure_widths(self, example: torch.Tensor) -> None:
-        """Feature widths of each tapped layer, from one preprocessed image.
+        """Feature widths of each tapped layer: from the traced shapes, or
+        from one preprocessed image where those cannot tell.
 
-        A network that fits share (``memory=``) is never modified, and its
-        fits all see the same input shape: it is probed once per set of taps
-        and pooling, not once per fit (a 5 x 5 search: 26 one-image passes).
+        Kept with the network while its weights are unchanged, per set of
+        taps and pooling: fits that share the network (``memory=``) see the
+        same input shape.
         """
         key = ("widths", tuple(self._taps), self._pooling, tuple(self.layouts_))
         known = self._network.memo()
         widths = known.get(key)
         if widths is None:
-            with torch.inference_mode(), Tapper(self.model_, self._taps) as tapper:
-                tensors = tapper(example)
-            taps = self._taps or [Tap("")]
-            widths = known[key] = [
-                self._pool_tap(tap, t).shape[1]
-                for tap, t in zip(taps, tensors, strict=True)
-            ]
+            widths = known[key] = self._traced_widths() or self._probed_widths(example)
         self._widths = list(widths)
         self.n_features_out_ = int(sum(widths))
+
+    def _traced_widths(self) -> list[int] | None:
+        """The widths from the shapes the trace recorded, pooled on the meta
+        device (no computation); None where the trace lacks a shape or the
+        pooling cannot run there. Every batch checks them (``_check_widths``)."""
+        taps = self._taps or [Tap("")]
+        widths = []
+        for tap in taps:
+            shape = self.trace_.shape_of(tap)
+            if shape is None:
+                return None
+            try:
+                blank = torch.empty((1, *shape), device="meta")
+                widths.append(int(self._pool_tap(tap, blank).shape[1]))
+            except Exception:  # noqa: BLE001 - any failure: probe instead
+                return None
+        return widths
+
+    def _probed_widths(self, example: torch.Tensor) -> list[int]:
+        """The widths from a one-image forward pass."""
+        with torch.inference_mode(), Tapper(self.model_, self._taps) as tapper:
+            tensors = tapper(example)
+        taps = self._taps or [Tap("")]
+        return [
+            self._pool_tap(tap, t).shape[1]
+            for tap, t in zip(taps, tensors, strict=True)
+        ]
 
     def _key_parts(self) -> dict[str, Any]:
         return network_key_parts(

@@ -470,7 +470,10 @@ def test_a_builder_function_is_shared_by_identity(tmp_path, monkeypatch):
     assert not np.allclose(c.transform(X), a.transform(X))
 
 
-def test_a_shared_network_is_probed_once_per_layer_and_pooling(tmp_path, monkeypatch):
+def test_a_shared_network_is_not_run_to_measure_widths(tmp_path, monkeypatch):
+    """Feature widths come from the traced shapes (pooled on the meta device):
+    a fit that shares the network runs no image through it, for any layer
+    and pooling, and the widths are those a forward pass gives."""
     from collections import OrderedDict
 
     monkeypatch.setattr("sklearn_cnn._network.SHARED.size", 2)
@@ -481,18 +484,18 @@ def test_a_shared_network_is_probed_once_per_layer_and_pooling(tmp_path, monkeyp
     first = CNNFeatureTransformer("resnet18", layer="layer2", **params).fit(X)
     seen = []
     first.model_.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
-    again = CNNFeatureTransformer("resnet18", layer="layer2", **params).fit(X)
-    assert again.model_ is first.model_ and seen == []  # widths known
-    assert again.n_features_out_ == first.n_features_out_ == 128
-    # Another pooling (or layer) is probed, once, and has its own width.
-    flat = CNNFeatureTransformer(
-        "resnet18", layer="layer2", pooling="flatten", **params
-    ).fit(X)
-    assert seen == [1] and flat.n_features_out_ == 128 * 28 * 28  # at 224 px
-    CNNFeatureTransformer("resnet18", layer="layer2", pooling="flatten", **params).fit(
-        X
-    )
-    assert seen == [1]
+    for layer in ("layer2", "layer3", None):
+        for pooling in ("avg", "avgmax", "flatten"):
+            est = CNNFeatureTransformer(
+                "resnet18", layer=layer, pooling=pooling, **params
+            ).fit(X)
+            assert est.model_ is first.model_ and seen == []  # no pass in fit
+            probed = est._probed_widths(est._example(X))
+            assert est._widths == probed, (layer, pooling)
+            seen.clear()
+    assert first.n_features_out_ == 128
+    est = CNNFeatureTransformer("resnet18", layer="layer2", pooling="flatten", **params)
+    assert est.fit(X).n_features_out_ == 128 * 28 * 28 and seen == []  # at 224 px
 
 
 def test_a_shared_network_is_hashed_once(tmp_path, monkeypatch):
