@@ -852,6 +852,13 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
                     "label (encode label sets with MultiLabelBinarizer)."
                 )
             multilabel = columns
+            if self.tune_thresholds and not multilabel:
+                raise ValueError(
+                    "tune_thresholds=True tunes the threshold of each label of a "
+                    "multi-label y (a binary indicator matrix); y has one label "
+                    "per image. For two classes, wrap the classifier in "
+                    "sklearn.model_selection.TunedThresholdClassifierCV instead."
+                )
         classes = getattr(self, "classes_", None) if fitted else None
         kind = MultiLabel if multilabel else SingleLabel
         return kind(self.class_weight, self.label_smoothing, classes)
@@ -868,6 +875,13 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
 
     def _logits_of(self, X: Any) -> np.ndarray:
         return self._outputs_of(X) / self.temperature_
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # A binary indicator matrix as y: one sigmoid output per label.
+        tags.classifier_tags.multi_label = True
+        tags.target_tags.multi_output = True
+        return tags
 
     def decision_function(self, X: Any) -> np.ndarray:
         """The head's logits.

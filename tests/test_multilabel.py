@@ -75,6 +75,14 @@ def test_outputs_are_per_label(data, fitted):
     assert average_precision_score(Y, proba) > 0.95
 
 
+def test_tags_and_single_label_threshold_tuning(data):
+    X, Y = data
+    tags = make().__sklearn_tags__()
+    assert tags.classifier_tags.multi_label and tags.target_tags.multi_output
+    with pytest.raises(ValueError, match="TunedThresholdClassifierCV"):
+        make(tune_thresholds=True).fit(X, Y[:, 0])
+
+
 def test_two_labels_are_not_collapsed_into_one_score(data):
     X, Y = data
     clf = make(epochs=0).fit(X, Y[:, :2])
