@@ -13,6 +13,8 @@ EXAMPLES = [
     "plot_freeze.py",
     "plot_four_regimes.py",
     "plot_finetune_vs_scratch.py",
+    "plot_regression_counting.py",
+    "plot_multilabel_mosaics.py",
     "plot_multiband.py",
     "plot_similar_images.py",
     "plot_column_transformer.py",
