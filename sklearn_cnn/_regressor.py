@@ -80,7 +80,7 @@ default="squared_error"
     ----------
     n_outputs_ : int
         Number of targets per image.
-    y_mean_, y_scale_ : ndarray of shape (n_outputs_,)
+    y_mean_, y_scale_ : ndarray of shape (n_outputs,)
         The standardisation of the targets: the head predicts
         ``(y - y_mean_) / y_scale_``.
     model_, device_, preprocessing_, stem_, stages_, frozen_, \
