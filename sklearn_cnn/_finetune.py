@@ -456,7 +456,7 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         (the last one without a validation split) and the epochs left train
         at a tenth of the backbone's rate, at most twice a fit. A smaller dip
         is left to the selection: measured first epochs at 64 px lost up to
-        44 % of the lead and recovered, the wrecks at 160 px lost all of it.
+        46 % of the lead and recovered, the wrecks at 160 px lost all of it.
         A rule that only reacts costs the wrecked epoch where a fixed lower
         rate would lose the faster rate's gain on the other data sets (see
         the user guide).
