@@ -334,15 +334,23 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
     def _head_loss(
         self, features: torch.Tensor, y: np.ndarray, w: np.ndarray, loss: Loss
     ) -> float:
-        """The head's training loss on the frozen network's ``features``."""
+        """The head's training loss on the frozen network's ``features``.
+
+        Computed on the CPU, where the features are (the head is one linear
+        layer): no device memory, whatever the number of images.
+        """
         head = self.model_.get_submodule(self.head_)
-        param = next(head.parameters())
         with torch.inference_mode():
-            z = head(features.to(param.device, param.dtype)).float()
-            total, weight = loss(
+            weight, bias = (
+                None if p is None else p.detach().float().cpu()
+                for p in (head.weight, head.bias)
+            )
+            z = torch.nn.functional.linear(features.float(), weight, bias)
+            z = z.to(head.weight.device)  # where the loss's class weights are
+            total, weight_sum = loss(
                 z, torch.from_numpy(y).to(z.device), torch.from_numpy(w).to(z.device)
             )
-        return float(total / weight)
+        return float(total / weight_sum)
 
     def _fit_probe(
         self, features: torch.Tensor, y: np.ndarray, weights: np.ndarray | None,
