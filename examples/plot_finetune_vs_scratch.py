@@ -24,8 +24,9 @@ of the network's actual activations. In evaluation mode, which uses those
 running statistics, that network predicts the same class for every image,
 its own training images included (accuracy 0.1), although with the
 statistics of each batch (training mode) it does far better on them. That is
-not a failure to generalise but stale statistics. The from-scratch network below therefore uses PyTorch's
-default momentum, 0.1, with which the statistics follow the training. (The
+not a failure to generalise but stale statistics. The from-scratch network
+below therefore uses PyTorch's default momentum, 0.1, with which the
+statistics follow the training. (The
 pretrained network keeps its ImageNet statistics, ``batchnorm="frozen"``, so
 the momentum does not matter there.)
 """

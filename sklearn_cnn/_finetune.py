@@ -463,12 +463,8 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         network that learned nothing), the weights go back to the best epoch
         (the last one without a validation split) and the epochs left train
         at a tenth of the backbone's rate, at most twice a fit. A smaller dip
-        is left to the selection: measured first epochs at 64 px lost up to
-        46 % of the lead and recovered, the wrecks at 160 px lost all of it.
-        A rule that only reacts costs the wrecked epoch where a fixed lower
-        rate would lose the faster rate's gain on the other data sets (see
-        the user guide).
-        Recoveries show in ``history_`` (its ``backbone_lr`` column) and
+        is left to the selection (the measurements behind the rule are in
+        the user guide). Recoveries show in ``history_`` (its ``backbone_lr`` column) and
         ``backbone_lr_``; with a ``backbone_lr`` of your own they also warn.
     head_init : {"probe", "random"}, default="probe"
         "probe" fits the new head first as a logistic regression (standardized,

@@ -312,8 +312,7 @@ def _check_dask_images(X: da.Array) -> None:
         )
     if X.dtype.kind not in "uif":
         raise TypeError(
-            f"X has dtype {X.dtype}; images must be uint8 in [0, 255], uint16 or "
-            "float."
+            f"X has dtype {X.dtype}; images must be uint8 in [0, 255], uint16 or float."
         )
     if X.shape[0] == 0:
         raise ValueError("X is empty: pass at least one image.")
