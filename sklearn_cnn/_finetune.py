@@ -464,8 +464,9 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         (the last one without a validation split) and the epochs left train
         at a tenth of the backbone's rate, at most twice a fit. A smaller dip
         is left to the selection (the measurements behind the rule are in
-        the user guide). Recoveries show in ``history_`` (its ``backbone_lr`` column) and
-        ``backbone_lr_``; with a ``backbone_lr`` of your own they also warn.
+        the user guide). Recoveries show in ``history_`` (its
+        ``backbone_lr`` column) and ``backbone_lr_``; with a ``backbone_lr``
+        of your own they also warn.
     head_init : {"probe", "random"}, default="probe"
         "probe" fits the new head first as a logistic regression (standardized,
         ``C`` chosen by a 3-fold internal CV) on the frozen pretrained
