@@ -25,9 +25,15 @@ def _doctest_temporary_folder(request, monkeypatch):
         monkeypatch.undo()  # before the folder goes
 
 
-#: Doctests that start processes (DDP, a Dask cluster): integration, marked
-#: ``slow`` like the tests of the same kind, so ``-m "not slow"`` leaves them out.
-SLOW_DOCTESTS = ("sklearn_cnn._distributed.fit_ddp", "sklearn_cnn.dask.")
+#: Doctests that start processes (DDP, a Dask cluster) or fine-tune a network:
+#: marked ``slow`` like the tests of the same kind, so ``-m "not slow"`` leaves
+#: them out.
+SLOW_DOCTESTS = (
+    "sklearn_cnn._distributed.fit_ddp",
+    "sklearn_cnn.dask.",
+    "sklearn_cnn._finetune.FineTuneClassifier",
+    "sklearn_cnn._regressor.FineTuneRegressor",
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker

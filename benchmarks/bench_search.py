@@ -287,7 +287,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress shows in a log file
-    # The search uses LogisticRegression(): its default 100 iterations
+    # The search uses LogisticRegression(): its default 100 iterations
     # do not always converge on these features; that is the same for all runs.
     warnings.simplefilter("ignore", ConvergenceWarning)
     print(

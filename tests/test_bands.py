@@ -122,6 +122,7 @@ def test_rgb_repeated_k_times_gives_the_rgb_features(name, k, rgb):
     assert_allclose(est.transform(stacked), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_changing_only_extra_bands_changes_the_features(name, rgb):
     params = MODELS[name]()
@@ -296,6 +297,7 @@ def test_save_load_and_pickle_keep_the_adapted_stem(tmp_path):
     assert_allclose(again.transform(X), expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_finetuned_classifier_with_bands_saves_and_loads(tmp_path):
     X, y = _bands(13, "uint8"), np.array([0, 1] * 3)
     clf = FineTuneClassifier(
@@ -419,6 +421,7 @@ def test_sixteen_bit_png(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_search_layer_and_freeze_with_bands(tmp_path):
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV

@@ -140,6 +140,7 @@ def _search(memory, n_jobs=1) -> GridSearchCV:
     return GridSearchCV(pipe, {"cnn__layer": LAYERS}, cv=3, n_jobs=n_jobs)
 
 
+@pytest.mark.slow
 def test_layer_search_runs_the_network_once_per_image(tmp_path, probe):
     X, y = colour_images(10)  # 30 images
     fits = len(LAYERS) * 3 + 1  # candidates x folds, and the refit
@@ -425,6 +426,7 @@ def test_threads_filling_at_once_get_their_own_features(X, tmp_path):
         assert_allclose(got if i % 2 == 0 else got[::-1], expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_fits_with_memory_share_the_network_within_a_process(tmp_path, monkeypatch):
     monkeypatch.setattr("sklearn_cnn._network.SHARED.size", 2)
     X = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
@@ -546,6 +548,7 @@ def test_a_forward_edited_in_its_file_changes_the_network_digest(tmp_path, monke
     assert digests[0] == digests[2]
 
 
+@pytest.mark.slow
 def test_a_shared_network_edited_in_place_is_noticed(tmp_path, monkeypatch):
     """Weights written by hand after fit change the cache key (no stale rows)
     and the network is no longer handed to the next fit."""

@@ -473,6 +473,7 @@ def test_memory_reads_what_an_earlier_fit_stored(data, tmp_path, freeze):
                 assert got[k] == pytest.approx(want[k], nan_ok=True, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_memory_never_shares_between_different_networks(data, tmp_path):
     X, y = data
     params = {**FAST, **PREFIXED, "freeze": 2, "memory": str(tmp_path)}
@@ -491,6 +492,7 @@ def test_memory_never_shares_between_different_networks(data, tmp_path):
     assert counting_cnn.seen > len(X)
 
 
+@pytest.mark.slow
 def test_freeze_search_with_memory_scores_as_without(data, tmp_path):
     from sklearn.model_selection import GridSearchCV
 

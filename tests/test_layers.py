@@ -171,6 +171,7 @@ def test_single_torchvision_layer(resnet, images):
     assert est.layers_ == ["layer3"]
 
 
+@pytest.mark.slow
 def test_dotted_layer_name_on_mobilenet(images):
     shape = shapes_of(list_layers("mobilenet_v3_small", image_size=64))["features.6"]
     est = CNNFeatureTransformer("mobilenet_v3_small", None, layer="features.6")
@@ -179,6 +180,7 @@ def test_dotted_layer_name_on_mobilenet(images):
     assert est.get_feature_names_out()[0] == "features.6_0"
 
 
+@pytest.mark.slow
 def test_several_layers_concatenate_in_the_given_order(resnet, images):
     # bn1 is followed by an in-place ReLU and layer1.0.bn2 by `out += identity`:
     # regression, those ops overwrote tensors tapped earlier in the forward.

@@ -99,6 +99,7 @@ def test_weights_enum_and_names(weights, fake_download, images):
     assert est.preprocessing_ == RESNET_PREPROCESSING
 
 
+@pytest.mark.slow
 def test_weights_metadata_preprocessing_matches_torchvision(fake_download, images):
     state, _ = fake_download
     X = images[:2]
@@ -254,6 +255,7 @@ def test_state_dict_file(images, tmp_path, as_str, wrap):
     assert not np.array_equal(expected, tiny().fit_transform(images))
 
 
+@pytest.mark.slow
 def test_state_dict_file_for_torchvision_name(images, tmp_path, no_download):
     torch.manual_seed(1)
     module = torchvision.models.resnet18()
@@ -407,6 +409,7 @@ def random_cnn():
     return TinyCNN()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["resnet18", random_cnn], ids=["name", "builder"])
 def test_random_state_seeds_random_weights(model, images, no_download):
     def features(**params):
@@ -455,6 +458,7 @@ class NeedsSize(nn.Module):
         return self.fc(self.b(self.a(x)).mean((2, 3)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model, image_size, match",
     [

@@ -144,6 +144,7 @@ def test_the_start_is_one_vs_rest_logistic_probes(data):
         assert_allclose(multi[:, j], binary, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_selection_by_validation_mean_average_precision(data):
     X, Y = data
     clf = make(epochs=3, validation_fraction=0.3, early_stopping=True).fit(X, Y)
@@ -213,6 +214,7 @@ def test_thresholds_are_tuned_for_f1_only_when_asked(data):
 # -- weights, warm start, persistence, scikit-learn -------------------------------
 
 
+@pytest.mark.slow
 def test_sample_weight_and_warm_start(data):
     X, Y = data
     w = np.r_[np.ones(40), np.full(40, 3.0)]
@@ -247,6 +249,7 @@ def test_refit_on_single_labels_is_single_label_again(data, fitted):
     assert clf.predict(X).shape == (len(X),)
 
 
+@pytest.mark.slow
 def test_cross_validation(data):
     X, Y = data
     subset = cross_val_score(make(epochs=1), X, Y, cv=3)

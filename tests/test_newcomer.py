@@ -64,6 +64,7 @@ def silent_server():
         connection.close()
 
 
+@pytest.mark.slow
 def test_torchvision_download_fails_in_bounded_time_naming_url_and_offline_way(
     silent_server, tmp_path, monkeypatch
 ):
@@ -91,6 +92,7 @@ def test_torchvision_download_fails_in_bounded_time_naming_url_and_offline_way(
     assert socket.getdefaulttimeout() is None  # left as it was
 
 
+@pytest.mark.slow
 def test_timm_hub_download_fails_in_bounded_time_naming_url_and_offline_way(
     silent_server, tmp_path, monkeypatch
 ):

@@ -108,6 +108,7 @@ def test_round_trip_of_a_partial_of_a_class(images, tmp_path):
     assert_same_estimator(loaded, est, images)
 
 
+@pytest.mark.slow
 def test_round_trip_of_a_partial_of_a_classmethod(images, tmp_path):
     """The README's EfficientNet-Lite0: ``partial(EfficientNet.from_name, ...)``."""
     lite = pytest.importorskip("efficientnet_lite_pytorch")
@@ -134,6 +135,7 @@ def test_set_output_and_weights_path_survive(images, tmp_path):
     assert_array_equal(out.to_numpy(), est.transform(images).to_numpy())
 
 
+@pytest.mark.slow
 def test_architecture_that_depends_on_the_weights_is_rebuilt_offline(
     images, tmp_path, monkeypatch
 ):
@@ -171,6 +173,7 @@ def test_architecture_that_depends_on_the_weights_is_rebuilt_offline(
     assert "get_state_dict" not in vars(torchvision.models.GoogLeNet_Weights.DEFAULT)
 
 
+@pytest.mark.slow
 def test_threads_loading_named_weights_never_download(images, tmp_path, monkeypatch):
     def fake_download(self, *args, **kwargs):
         import sys

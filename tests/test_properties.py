@@ -126,6 +126,7 @@ def test_clone_is_an_unfitted_twin(params):
     assert_array_equal(twin.fit(X[:3]).transform(X), est.transform(X))
 
 
+@pytest.mark.slow
 @FAST
 @given(params=params)
 def test_save_load_and_pickle_round_trip_exactly(params):

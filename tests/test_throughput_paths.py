@@ -211,6 +211,7 @@ def test_model_that_does_not_compile_warns_and_falls_back(monkeypatch):
         assert_array_equal(est.transform(X), expected)
 
 
+@pytest.mark.slow
 def test_failure_at_the_first_compiled_call_falls_back(monkeypatch):
     def backend(gm, example_inputs):
         raise RuntimeError("backend exploded")

@@ -93,6 +93,7 @@ def resnet18_conv1() -> CNNFeatureTransformer:
     return CNNFeatureTransformer("resnet18", weights=None, layer="conv1")
 
 
+@pytest.mark.slow
 def test_extreme_aspect_ratio_cannot_allocate_gigabytes(tmp_path):
     # 1 x 1000 pixels: the shorter side to 256 px would make 256 x 256,000.
     strip = np.zeros((1, 1000, 3), np.uint8)
