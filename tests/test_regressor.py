@@ -271,6 +271,30 @@ def test_in_transformed_target_regressor_and_cross_validation(data):
     assert scores.shape == (3,) and np.isfinite(scores).all()
 
 
+def test_in_bagging_through_a_reshaping_pipeline(data):
+    # BaggingRegressor takes 2-D X only: images go in as rows and a
+    # FunctionTransformer gives them their shape back.
+    from sklearn.ensemble import BaggingRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    X, y = data
+    rows = X.reshape(len(X), -1)
+    bag = BaggingRegressor(
+        make_pipeline(
+            FunctionTransformer(lambda r: r.reshape(-1, *X.shape[1:])),
+            make(epochs=1),
+        ),
+        n_estimators=2,
+        random_state=0,
+    ).fit(rows, y[:, 0])
+    assert len(bag.estimators_) == 2
+    members = [est.predict(rows) for est in bag.estimators_]
+    assert not np.allclose(members[0], members[1])  # different bootstrap draws
+    assert_allclose(bag.predict(rows), np.mean(members, axis=0), rtol=1e-5)
+    assert bag.score(rows, y[:, 0]) > 0.5
+
+
 @pytest.mark.parametrize(
     "check",
     [
