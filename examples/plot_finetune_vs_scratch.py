@@ -133,9 +133,10 @@ for name, model in models.items():
     print(
         f"{name:>22}: validation accuracy {history['valid_accuracy'].iloc[0]:.2f}"
         f" at epoch 0, {history['valid_accuracy'].iloc[-1]:.2f} after "
-        f"{history['epoch'].iloc[-1]} epochs; training loss "
+        f"{history['epoch'].iloc[-1]} epochs;\n{'':>22}  training loss "
         f"{history['train_loss'].iloc[1]:.2f} -> {history['train_loss'].iloc[-1]:.2f};"
-        f" accuracy on its training images {model.score(X_train, y_train):.2f}, "
+        f"\n{'':>22}  accuracy on its training images "
+        f"{model.score(X_train, y_train):.2f}, "
         f"held out {model.score(X_test, y_test):.2f}"
     )
 

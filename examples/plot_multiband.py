@@ -121,7 +121,7 @@ for name, (params, bands) in variants.items():
         )
     print(
         f"{name:>22}: probe {results[name][0]:.2f}, fine-tuned "
-        f"{results[name][1]:.2f}; stem_ = {tuned.stem_}"
+        f"{results[name][1]:.2f}\n{'':>22}  stem_ = {tuned.stem_}"
     )
 print(f"(chance {1 / 9:.2f}; colour alone can tell at most 0.33)")
 print(f"{time.perf_counter() - began:.0f} s for the six fits")
