@@ -25,7 +25,8 @@ parts                 ``_inspect``, ``_inference`` (folded copy), ``_head``,
                       ``_freezing``, ``_optim``, ``_targets``, ``_folder``
 bottom                ``_models``, ``_runtime``, ``_bands`` (the first
                       convolution adapted to the images' bands),
-                      ``_images``, ``_layers``, ``_version``
+                      ``_images``, ``_image_array`` (ImageArray: images
+                      that folds share), ``_layers``, ``_version``
 ====================  =========================================================
 
 Where each parameter takes effect:
@@ -73,6 +74,8 @@ Process-wide state: ``_network.SHARED`` (networks that fits with ``memory=``
 share), ``_inference`` (folded copies, per network), ``_layers`` (tap hubs,
 per network), ``_cache._class_source`` (source digests, per class),
 ``_persistence`` (the estimator registry) and ``dask`` (networks on a worker);
+an :class:`ImageArray` keeps its images' digests for all its views (its
+images cannot change);
 each states its invalidation rule where it is defined.
 """
 
@@ -80,6 +83,7 @@ from ._cache import cache_size, clear_cache
 from ._features import CNNFeatureTransformer
 from ._finetune import FineTuneClassifier
 from ._folder import load_image_folder
+from ._image_array import ImageArray
 from ._inspect import list_layers
 from ._persistence import load
 from ._regressor import FineTuneRegressor
@@ -89,6 +93,7 @@ __all__ = [
     "CNNFeatureTransformer",
     "FineTuneClassifier",
     "FineTuneRegressor",
+    "ImageArray",
     "cache_size",
     "clear_cache",
     "list_layers",

@@ -48,6 +48,7 @@ import torch
 from blake3 import blake3
 from torch import nn
 
+from ._image_array import ImageArray
 from ._images import ArrayLikeImages, image_to_tensor
 from ._layers import Tap, Trace
 from ._network import Network
@@ -342,12 +343,22 @@ def image_digests(
     is hashed as its one channel, never repeated to three. Nothing is
     remembered between calls: an array may change in place between two
     calls, and a search's folds are new arrays (rows copied by indexing)
-    anyway, so every call reads the pixels it is given.
+    anyway, so every call reads the pixels it is given; except for an
+    :class:`~sklearn_cnn.ImageArray`, whose images nobody can change: each of
+    its images is hashed once for all its views.
     """
     # An augmenting wrapper's own preprocessing (see _images._fitted).
     preprocessing = getattr(preprocessing, "preprocess", preprocessing)
     bands = bool(getattr(preprocessing, "bands", False))
     unit_floats = bool(getattr(preprocessing, "unit_floats", True))
+    shared = X if isinstance(X, ImageArray) else getattr(X, "data", None)
+    if isinstance(shared, ImageArray):
+        # Read-only images that every fold's view shares: each hashed once.
+        images = ArrayLikeImages(shared.images)
+        return shared.memoized(
+            ("digest", bands, unit_floats),
+            lambda rows: _digests(_canonical(images.read(rows, unit_floats)), bands),
+        )
     if isinstance(X, (np.ndarray, ArrayLikeImages)):
         out = []
         for start in range(0, len(X), 256):
