@@ -16,13 +16,16 @@ estimators            ``_regressor`` (FineTuneRegressor, on
                       (what all share: building their network, the parameter
                       checks at fit), ``_tasks`` (what each kind of
                       fine-tuning decides: targets, loss, score, probe)
-persistence           ``_persistence`` (save/load; estimators register)
 training              ``_sources`` (what epochs train on), ``_training`` (the
                       epochs, selection, recovery, the data-parallel hook)
 storage               ``_cache`` (the activation cache on disk)
 the network           ``_network`` (the fitted network; the inference loop)
-parts                 ``_inspect``, ``_inference`` (folded copy), ``_head``,
-                      ``_freezing``, ``_optim``, ``_targets``, ``_folder``
+parts                 ``_inspect``, ``_cam`` (class activation maps),
+                      ``_inference`` (folded copy), ``_head``,
+                      ``_freezing``, ``_optim``, ``_targets``, ``_folder``,
+                      ``_persistence`` (the save file: format, checks, and
+                      the registry estimator classes fill; ``_base`` saves
+                      and rebuilds an estimator)
 bottom                ``_models``, ``_runtime``, ``_bands`` (the first
                       convolution adapted to the images' bands),
                       ``_images``, ``_image_array`` (ImageArray: images

@@ -15,16 +15,19 @@ import numpy as np
 import torch
 from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from ._bands import STEM_RULES
+from ._bands import STEM_RULES, adapt_stem
+from ._images import Preprocessing
+from ._inspect import probe_network
 from ._layers import Tap, Trace
-from ._models import check_image_size
+from ._models import build_architecture, check_image_size
 from ._network import SHARED, Network, network_key
-from ._persistence import save as _save
+from ._persistence import NETWORK, check_registered, write
 from ._persistence import snapshot_value as _snapshot_value
-from ._runtime import PRECISIONS, cpu_state, resolve_device
+from ._runtime import PRECISIONS, cpu_state, place, resolve_device
 
 _network_constraints: dict = {
     "model": [str, callable],
@@ -214,6 +217,13 @@ class ImageClassifierMixin:
         return super().score(X, y, sample_weight=sample_weight)
 
 
+#: Attributes that save() does not store: rebuilt on load with the network,
+#: or recomputed when needed (compiled code, the activation cache key).
+_NOT_SAVED = frozenset(
+    {"_network", "_taps", "_fitted_params", "_compiled", "_cache_parts"}
+)
+
+
 class NetworkMixin:
     """Builds and runs the network; the estimators add what they do with it.
 
@@ -381,7 +391,93 @@ class NetworkMixin:
         >>> load(path).n_features_out_
         512
         """
-        _save(self, path)
+        check_registered(type(self))
+        check_is_fitted(self)
+        if not hasattr(self, "_rebuild_for_load"):
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot be saved by save() yet."
+            )
+        self._check_params_unchanged()
+        params = self.get_params(deep=False)
+        fitted = {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in params and k not in _NOT_SAVED
+        }
+        network = self._network
+        fitted.update(
+            preprocessing_=network.preprocessing, _example_shape=network.example_shape
+        )
+        write(path, type(self), params, fitted, network.module)
+
+    @classmethod
+    def _from_saved(
+        cls, params: dict, fitted: dict, tensors: dict, path: str, device: Any
+    ) -> NetworkMixin:
+        """The estimator that ``save`` wrote (``_persistence.read``'s values)."""
+        estimator = cls(**params)
+        if device is not None:
+            estimator.set_params(device=device)
+        preprocessing, example_shape = (fitted.pop(k) for k in NETWORK)
+        for key, value in fitted.items():
+            setattr(estimator, key, value)
+        estimator._rebuild_network(preprocessing, tuple(example_shape), tensors, path)
+        return estimator
+
+    def _rebuild_network(
+        self,
+        preprocessing: Preprocessing,
+        example_shape: tuple[int, ...],
+        tensors: dict[str, torch.Tensor],
+        path: str,
+    ) -> None:
+        """Rebuild the network and what fit derived from it, then load the tensors.
+
+        The network is built from the parameters and traced on a blank image of
+        the size fit saw; then ``_rebuild_for_load(example)`` redoes the
+        estimator's own structural steps (taps, a classifier head), before the
+        saved tensors are loaded strictly.
+        """
+        self._fitted_params = {
+            name: _snapshot_value(getattr(self, name))
+            for name in self._inference_params
+        }
+        device = resolve_device(self.device)
+        module = build_architecture(self.model, self.weights).eval()
+        stem = None
+        if example_shape[0] != 3:  # a first convolution fit adapted to the bands
+            rgb = torch.zeros((1, 3, *example_shape[1:]))
+            # Its shape only (no random draw): the saved tensors fill it.
+            stem = adapt_stem(module, example_shape[0], "mean", rgb)
+            stem["rule"] = self.stem
+        module = place(module, device)
+        example = torch.zeros((1, *example_shape), device=device)
+        # As fit probes it: a network that needs contiguous tensors goes back to
+        # the contiguous format here too.
+        trace = probe_network(module, example)
+        self._network = Network(
+            module, preprocessing, device, self.precision, trace, example_shape, stem
+        )
+        self._rebuild_for_load(example)
+        module = self._network.module
+        expected = module.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        shapes = [
+            k
+            for k in expected
+            if k in tensors and tensors[k].shape != expected[k].shape
+        ]
+        if missing or unexpected or shapes:
+            raise ValueError(
+                f"The tensors in {path!r} do not fit the network rebuilt from its "
+                f"parameters (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                f"other shapes {shapes[:3]}): the model's code changed since it "
+                "was saved."
+            )
+        with torch.no_grad():
+            module.load_state_dict(tensors, strict=True)
+        place(module.eval(), device)
 
     # Pickling: the network travels on the CPU (see ``Network.__getstate__``),
     # so that an estimator fitted on a GPU loads on a machine without one; it

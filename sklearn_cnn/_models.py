@@ -361,6 +361,33 @@ def _timm_failure(name: str, exc: BaseException, timeout: float | None) -> str:
     )
 
 
+def build_architecture(model: Any, weights: Any) -> nn.Module:
+    """The network ``model`` names, without its weights (a save file's come
+    next), built offline.
+
+    torchvision builds some architectures differently when given weights
+    (inception's ``transform_input``, vit_h_14's image size): the builder gets
+    the arguments those weights imply (``offline_builder_kwargs``) instead of
+    the weights, so nothing is downloaded.
+    """
+    if isinstance(model, str) and model.startswith(TIMM_PREFIX):
+        return _build_timm(model[len(TIMM_PREFIX) :], None)
+    if isinstance(model, str):
+        kwargs = {}
+        if not (weights is None or _is_weights_file(weights)):
+            enum_member = _resolve_torchvision_weights(model, weights)
+            if enum_member is not None:
+                kwargs = offline_builder_kwargs(model, enum_member)
+        return torchvision.models.get_model(model, weights=None, **kwargs)
+    module = model()
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"model is a callable that returned {type(module).__name__}; it "
+            "must return a torch.nn.Module."
+        )
+    return module
+
+
 @contextlib.contextmanager
 def seeded(random_state: Any) -> Iterator[None]:
     """Seed torch's CPU generator inside the block (random initialisation),

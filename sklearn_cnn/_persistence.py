@@ -30,42 +30,18 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision
-from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from torchvision.models import WeightsEnum
 from torchvision.transforms import InterpolationMode
 
-from ._bands import adapt_stem
 from ._images import Preprocessing
-from ._inspect import probe_network
 from ._layers import Tap
-from ._models import (
-    TIMM_PREFIX,
-    _build_timm,
-    _is_weights_file,
-    _resolve_torchvision_weights,
-    offline_builder_kwargs,
-)
-from ._network import Network
-from ._runtime import place, resolve_device
 from ._version import __version__
 
 FORMAT = "sklearn_cnn"
 FORMAT_VERSION = 1
 _META_KEY, _DIGEST_KEY = "sklearn_cnn", "sha256"
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format
-
-#: Attributes not stored: rebuilt on load with the network, or recomputed when
-#: needed (compiled code, the activation cache key).
-_REBUILT = frozenset(
-    {
-        "_network",
-        "_taps",
-        "_fitted_params",
-        "_compiled",
-        "_cache_parts",
-    }
-)
 
 
 def snapshot_value(value: Any) -> Any:
@@ -305,13 +281,22 @@ def register(cls: type) -> type:
     return cls
 
 
+def check_registered(cls: type) -> None:
+    """Refuse a class that load() would not rebuild as itself."""
+    if _estimator_classes().get(cls.__name__) is not cls:
+        raise TypeError(
+            f"save() stores {' and '.join(sorted(_ESTIMATORS))}, not "
+            f"{cls.__name__} (a subclass would be loaded as its base class)."
+        )
+
+
 def _estimator_classes() -> dict[str, type]:
     return dict(_ESTIMATORS)
 
 
-#: What save() stores of the fitted network besides its tensors: what
-#: ``_rebuild`` needs to build it again.
-_NETWORK_FIELDS = ("preprocessing_", "_example_shape")
+#: What a save file holds of the fitted network besides its tensors: what
+#: rebuilding it needs (``NetworkMixin._from_saved``).
+NETWORK = ("preprocessing_", "_example_shape")
 
 
 def _umask() -> int:
@@ -321,18 +306,14 @@ def _umask() -> int:
     return mask
 
 
-def save(estimator: Any, path: str | os.PathLike) -> None:
-    """Write a fitted estimator to ``path``; see :func:`sklearn_cnn.load`."""
-    name = type(estimator).__name__
-    if _estimator_classes().get(name) is not type(estimator):
-        raise TypeError(
-            f"save() stores {' and '.join(sorted(_ESTIMATORS))}, not "
-            f"{name} (a subclass would be loaded as its base class)."
-        )
-    check_is_fitted(estimator)
-    if not hasattr(estimator, "_rebuild_for_load"):
-        raise NotImplementedError(f"{name} cannot be saved by save() yet.")
-    estimator._check_params_unchanged()
+def write(
+    path: str | os.PathLike, cls: type, params: dict, fitted: dict, module: nn.Module
+) -> None:
+    """Write an estimator of class ``cls`` to ``path``: its parameters and
+    fitted attributes (plain values, encoded as JSON) and ``module``'s tensors.
+    See :func:`sklearn_cnn.load`."""
+    check_registered(cls)
+    name = cls.__name__
 
     def encode_all(items: dict, refusal: str) -> dict:
         out = {}
@@ -345,23 +326,13 @@ def save(estimator: Any, path: str | os.PathLike) -> None:
                 ) from None
         return out
 
-    params = estimator.get_params(deep=False)
     encoded_params = encode_all(
         params,
         f"Cannot save {name} with {{key}}={{value!r}}: it is {{why}}. save() "
         "stores no code.",
     )
-    network = estimator._network
     fitted = encode_all(
-        {
-            **{
-                k: v
-                for k, v in estimator.__dict__.items()
-                if k not in params and k not in _REBUILT
-            },
-            "preprocessing_": network.preprocessing,
-            "_example_shape": network.example_shape,
-        },
+        fitted,
         f"Cannot save {name}: its attribute {{key!r}} is {{why}}, which save() "
         "cannot store.",
     )
@@ -375,7 +346,7 @@ def save(estimator: Any, path: str | os.PathLike) -> None:
             "fitted": fitted,
         }  # insertion order kept: history_ rows keep their column order
     )
-    tensors = _state_tensors(estimator.model_)
+    tensors = _state_tensors(module)
     digest = _digest(header, tensors)
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -467,6 +438,56 @@ def _read(path: str) -> tuple[str, str, dict[str, torch.Tensor]]:
     return header, digest, tensors
 
 
+def read(
+    path: str | os.PathLike, trusted: Iterable[str] = ()
+) -> tuple[type, dict, dict, dict[str, torch.Tensor]]:
+    """The class, parameters, fitted attributes and tensors of a save file,
+    checked and decoded (callables only from ``trusted``)."""
+    path = os.fspath(path)
+    header, digest, tensors = _read(path)
+    if _digest(header, tensors) != digest:
+        raise _corrupt(path, "its checksum does not match its content")
+    try:
+        info = json.loads(header)
+        classes = _estimator_classes()
+        cls = classes[info["estimator"]]
+        if info["format"] != FORMAT or info["format_version"] > FORMAT_VERSION:
+            raise ValueError(
+                f"{path!r} was written by a newer sklearn_cnn "
+                f"({info.get('sklearn_cnn_version')}): upgrade to load it."
+            )
+        params, fitted = info["params"], info["fitted"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise _corrupt(path, "an unexpected header") from None
+    trusted = frozenset(trusted)
+    needed = sorted(set(_callables(params)) | set(_callables(fitted)))
+    untrusted = [p for p in needed if p not in trusted]
+    if untrusted:
+        raise ValueError(
+            f"{path!r} rebuilds its estimator by importing and calling "
+            f"{untrusted}. Loading runs them: if you trust them, pass "
+            f"trusted={needed!r}."
+        )
+    unknown = set(params) - set(cls().get_params())
+    odd = [  # the network's fields are properties of the class
+        k
+        for k in fitted
+        if k.startswith("__") or (hasattr(cls, k) and k not in NETWORK)
+    ]
+    if unknown or odd or any(fitted.get(k) is None for k in NETWORK):
+        raise _corrupt(
+            path,
+            f"parameters {sorted(unknown)} unknown to this version of {cls.__name__}"
+            if unknown
+            else f"attributes {odd} that would replace methods"
+            if odd
+            else "no input shape",
+        )
+    params = {k: _decode(v, trusted) for k, v in params.items()}
+    fitted = {k: _decode(v, trusted) for k, v in fitted.items()}
+    return cls, params, fitted, tensors
+
+
 def load(
     path: str | os.PathLike,
     *,
@@ -514,138 +535,7 @@ def load(
     >>> bool((load(path).transform(X) == cnn.transform(X)).all())
     True
     """
-    path = os.fspath(path)
-    header, digest, tensors = _read(path)
-    if _digest(header, tensors) != digest:
-        raise _corrupt(path, "its checksum does not match its content")
-    try:
-        info = json.loads(header)
-        classes = _estimator_classes()
-        cls = classes[info["estimator"]]
-        if info["format"] != FORMAT or info["format_version"] > FORMAT_VERSION:
-            raise ValueError(
-                f"{path!r} was written by a newer sklearn_cnn "
-                f"({info.get('sklearn_cnn_version')}): upgrade to load it."
-            )
-        params, fitted = info["params"], info["fitted"]
-    except (KeyError, TypeError, json.JSONDecodeError):
-        raise _corrupt(path, "an unexpected header") from None
-    trusted = frozenset(trusted)
-    needed = sorted(set(_callables(params)) | set(_callables(fitted)))
-    untrusted = [p for p in needed if p not in trusted]
-    if untrusted:
-        raise ValueError(
-            f"{path!r} rebuilds its estimator by importing and calling "
-            f"{untrusted}. Loading runs them: if you trust them, pass "
-            f"trusted={needed!r}."
-        )
-    unknown = set(params) - set(cls().get_params())
-    network_fields = {k: fitted.pop(k, None) for k in _NETWORK_FIELDS}
-    odd = [k for k in fitted if k.startswith("__") or hasattr(cls, k)]
-    if unknown or odd or None in network_fields.values():
-        raise _corrupt(
-            path,
-            f"parameters {sorted(unknown)} unknown to this version of {cls.__name__}"
-            if unknown
-            else f"attributes {odd} that would replace methods"
-            if odd
-            else "no input shape",
-        )
-    estimator = cls(**{k: _decode(v, trusted) for k, v in params.items()})
-    if device is not None:
-        estimator.set_params(device=device)
-    for key, value in fitted.items():
-        setattr(estimator, key, _decode(value, trusted))
-    _rebuild(
-        estimator,
-        _decode(network_fields["preprocessing_"], trusted),
-        tuple(_decode(network_fields["_example_shape"], trusted)),
-        tensors,
-        path,
-    )
-    return estimator
-
-
-# ---------------------------------------------------------------------------
-# Rebuilding the network
-# ---------------------------------------------------------------------------
-
-
-def _architecture(model: Any, weights: Any) -> nn.Module:
-    """The network ``model`` names, with any weights: the file's come next.
-
-    torchvision builds some architectures differently when given weights
-    (inception's ``transform_input``, vit_h_14's image size): the builder gets
-    the arguments those weights imply (``offline_builder_kwargs``) instead of
-    the weights, so nothing is downloaded.
-    """
-    if isinstance(model, str) and model.startswith(TIMM_PREFIX):
-        return _build_timm(model[len(TIMM_PREFIX) :], None)
-    if isinstance(model, str):
-        kwargs = {}
-        if not (weights is None or _is_weights_file(weights)):
-            enum_member = _resolve_torchvision_weights(model, weights)
-            if enum_member is not None:
-                kwargs = offline_builder_kwargs(model, enum_member)
-        return torchvision.models.get_model(model, weights=None, **kwargs)
-    module = model()
-    if not isinstance(module, nn.Module):
-        raise TypeError(
-            f"model is a callable that returned {type(module).__name__}; it "
-            "must return a torch.nn.Module."
-        )
-    return module
-
-
-def _rebuild(
-    estimator: Any,
-    preprocessing: Preprocessing,
-    example_shape: tuple[int, ...],
-    tensors: dict[str, torch.Tensor],
-    path: str,
-) -> None:
-    """Rebuild the network and what fit derived from it, then load the tensors.
-
-    The network is built from the parameters and traced on a blank image of
-    the size fit saw; then the estimator's ``_rebuild_for_load(example)``
-    hook redoes its own structural steps (taps, a classifier head), before
-    the saved tensors are loaded strictly.
-    """
-    estimator._fitted_params = {
-        name: snapshot_value(getattr(estimator, name))
-        for name in estimator._inference_params
-    }
-    device = resolve_device(estimator.device)
-    module = _architecture(estimator.model, estimator.weights).eval()
-    stem = None
-    if example_shape[0] != 3:  # a first convolution fit adapted to the bands
-        rgb = torch.zeros((1, 3, *example_shape[1:]))
-        # Its shape only (no random draw): the saved tensors fill it.
-        stem = adapt_stem(module, example_shape[0], "mean", rgb)
-        stem["rule"] = estimator.stem
-    module = place(module, device)
-    example = torch.zeros((1, *example_shape), device=device)
-    # As fit probes it: a network that needs contiguous tensors goes back to
-    # the contiguous format here too.
-    trace = probe_network(module, example)
-    estimator._network = Network(
-        module, preprocessing, device, estimator.precision, trace, example_shape, stem
-    )
-    estimator._rebuild_for_load(example)
-    module = estimator._network.module
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shapes = [
-        k for k in expected if k in tensors and tensors[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"The tensors in {path!r} do not fit the network rebuilt from its "
-            f"parameters (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"other shapes {shapes[:3]}): the model's code changed since it was "
-            "saved."
-        )
-    with torch.no_grad():
-        module.load_state_dict(tensors, strict=True)
-    place(module.eval(), device)
+    cls, params, fitted, tensors = read(path, trusted)
+    # The class rebuilds itself (``NetworkMixin._from_saved``): found through
+    # the registry its classes fill, never imported from here.
+    return cls._from_saved(params, fitted, tensors, os.fspath(path), device)

@@ -424,7 +424,7 @@ def test_other_estimators_are_not_saved(tmp_path):
         pass
 
     with pytest.raises(TypeError, match="not Mine"):
-        persistence.save(Mine(), tmp_path / "x")
+        Mine().save(tmp_path / "x")
 
 
 # ---------------------------------------------------------------------------
