@@ -57,7 +57,7 @@ from ._persistence import register
 from ._runtime import resolve_device
 from ._sources import Sources
 from ._targets import check_sample_weight
-from ._tasks import MultiLabel, SingleLabel
+from ._tasks import MultiLabel, SingleLabel, cross_validated_logits
 from ._training import (
     EpochLoop,
     Guard,
@@ -261,14 +261,20 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
         else:
             self.best_epoch_ = self.history_[-1]["epoch"]
         self._calibrate(sources.valid_logits(loop), y[val_idx])
-        calibrated = getattr(self, "calibrate", False)  # a regressor has none
-        if probe and self.best_epoch_ == 0 and has_val and not calibrated:
+        if probe and self.best_epoch_ == 0 and has_val:
             # The probe head won: the validation images were only needed to
-            # tell, so refit it on all the training images, as a probe would be.
-            # Calibrated, it stays the head whose validation logits fitted the
-            # temperature (a refit would leave nothing held out to fit it on).
+            # tell, so refit it on all the training images, as a probe would be
+            # (a tenth more images: a point of accuracy at 160 px on
+            # Animal-MNIST). Its temperature then comes from the same probe's
+            # cross-validated logits, without which the refit head would keep
+            # a temperature fitted for another.
             both = torch.cat([features, sources.head_inputs("valid", set())])
-            self._fit_probe(both, y, weights, np.r_[train_idx, val_idx], seed)
+            rows = np.r_[train_idx, val_idx]
+            if getattr(self, "calibrate", False):  # a regressor has none
+                w = None if weights is None else weights[rows]
+                z = cross_validated_logits(self._task(), both.numpy(), y[rows], w, seed)
+                self._calibrate(z, y[rows])
+            self._fit_probe(both, y, weights, rows, seed)
         model.eval().requires_grad_(False)
         return status == "interrupted"
 
@@ -527,11 +533,9 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         bring no improvement over the best trained epoch, and keep the weights
         of the best epoch (highest validation accuracy, ties broken by the
         lower loss). The start (epoch 0, the probe head) is a candidate too;
-        when it wins with ``calibrate=False``, the probe is refitted on all the
-        training images, so that the result is the linear probe itself (with
-        ``calibrate=True`` it stays the head that the temperature was fitted
-        for). Without a validation split
-        every epoch runs and the last weights are kept.
+        when it wins, the probe is refitted on all the training images, so
+        that the result is the linear probe itself. Without a validation
+        split every epoch runs and the last weights are kept.
     n_iter_no_change : int, default=3
         Epochs without improvement before early stopping.
     class_weight : dict, "balanced" or None, default=None
@@ -589,11 +593,11 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         after training (temperature scaling), so that ``predict_proba`` is
         calibrated without the k refits of
         :class:`~sklearn.calibration.CalibratedClassifierCV`. The temperature
-        never changes ``predict``; but a winning probe head is then kept as
-        fitted on the training part, not refitted on all the images (see
-        ``early_stopping``), so that ``temperature_`` and ``calibration_``
-        describe the head that predicts. Without a validation split the
-        temperature is 1. Multi-label: one temperature per label.
+        never changes ``predict``. A winning probe head, refitted on all the
+        images (see ``early_stopping``), gets the temperature of the same
+        probe's cross-validated logits (3 folds) instead. Without a
+        validation split the temperature is 1. Multi-label: one temperature
+        per label.
     tune_thresholds : bool, default=False
         Multi-label only: after training (and calibration), set each label's
         probability threshold in ``predict`` to the one with the highest F1 on

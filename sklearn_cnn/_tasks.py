@@ -26,6 +26,7 @@ import torch
 from sklearn import config_context
 from sklearn.linear_model import RidgeCV
 from sklearn.metrics import average_precision_score, precision_recall_curve
+from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.utils.validation import check_array
 from torch.nn import functional as F
 
@@ -129,6 +130,29 @@ class SingleLabel:
 
     def calibration(self, z: np.ndarray, y: np.ndarray) -> tuple[Any, dict]:
         return calibration(z, y)
+
+
+def cross_validated_logits(
+    task: SingleLabel | MultiLabel,
+    features: np.ndarray,
+    y: np.ndarray,
+    weights: np.ndarray | None,
+    seed: int,
+) -> np.ndarray:
+    """Each image's logits from ``task.probe`` fitted on the other images (3
+    folds): what the temperature of a probe fitted on all of them is fitted
+    on. Every class needs 3 images (a validation split that selects epochs
+    leaves at least that many)."""
+    if y.ndim == 1:
+        folds = StratifiedKFold(3, shuffle=True, random_state=seed).split(features, y)
+    else:
+        folds = KFold(3, shuffle=True, random_state=seed).split(features)
+    z = np.empty((len(features), task.n_outputs))
+    for fit, out in folds:
+        w = None if weights is None else weights[fit]
+        weight, bias = task.probe(features[fit], y[fit], w, seed)
+        z[out] = features[out].astype(np.float64) @ weight.T + bias
+    return z
 
 
 # ---------------------------------------------------------------------------

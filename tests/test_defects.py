@@ -10,6 +10,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from numpy.testing import assert_allclose
 from scipy.special import softmax
 from sklearn.utils import check_random_state
 from tiny_cnn import colour_images, make_tiny_cnn
@@ -19,6 +20,7 @@ from sklearn_cnn import CNNFeatureTransformer, FineTuneClassifier, list_layers
 from sklearn_cnn._head import expected_calibration_error, fit_temperature
 from sklearn_cnn._layers import Tap, Tapper
 from sklearn_cnn._targets import validation_split
+from sklearn_cnn._tasks import SingleLabel, cross_validated_logits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,35 +43,36 @@ def noisy_labels():
 # --- calibrate: the temperature belongs to the head that predicts --------------
 
 
-def test_calibration_describes_the_probe_head_it_keeps(tiny_builder, noisy_labels):
+def test_a_winning_probe_head_is_refitted_and_its_temperature_cross_validated(
+    tiny_builder, noisy_labels
+):
     X, y = noisy_labels
     clf = FineTuneClassifier(tiny_builder, epochs=0, **FAST).fit(X, y)
+    plain = FineTuneClassifier(tiny_builder, epochs=0, calibrate=False, **FAST)
+    plain.fit(X, y)
     assert clf.best_epoch_ == 0 and clf.temperature_ != 1.0
-    # The validation images fit() held out, as fit draws them.
+    assert plain.temperature_ == 1.0 and np.isnan(plain.calibration_["after"])
+    # The same head as the uncalibrated fit's, refitted on every image ...
+    assert_allclose(
+        clf.decision_function(X) * clf.temperature_,
+        plain.decision_function(X),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    # ... and a temperature fitted on the logits of probes that did not see
+    # the image: the probe's procedure on the fit's images, in 3 folds.
     classes, y_enc = np.unique(y, return_inverse=True)
     seed = int(check_random_state(0).randint(2**31 - 1))
-    _, val = validation_split(y_enc, len(classes), 0.33, seed)
-    # The head that predicts, undivided by the temperature.
-    z = clf.decision_function(X[val]) * clf.temperature_
-    assert fit_temperature(z, y_enc[val]) == pytest.approx(clf.temperature_, rel=1e-6)
-    before = expected_calibration_error(softmax(z, axis=1), y_enc[val])
-    after = expected_calibration_error(
-        softmax(z / clf.temperature_, axis=1), y_enc[val]
-    )
-    assert clf.calibration_["before"] == pytest.approx(before, abs=1e-9)
-    assert clf.calibration_["after"] == pytest.approx(after, abs=1e-9)
-
-
-def test_uncalibrated_probe_head_is_refitted_on_every_image(tiny_builder, noisy_labels):
-    X, y = noisy_labels
-    kept = FineTuneClassifier(tiny_builder, epochs=0, **FAST).fit(X, y)
-    refit = FineTuneClassifier(tiny_builder, epochs=0, calibrate=False, **FAST)
-    refit.fit(X, y)
-    assert refit.temperature_ == 1.0 and np.isnan(refit.calibration_["after"])
-    # Refitted on the validation images too: another head than the kept one.
-    assert not np.allclose(
-        refit.decision_function(X), kept.decision_function(X) * kept.temperature_
-    )
+    train, val = validation_split(y_enc, len(classes), 0.33, seed)
+    rows = np.r_[train, val]
+    features = CNNFeatureTransformer(
+        tiny_builder, layer=None, precision="fp32", device="cpu"
+    ).fit_transform(X[rows])
+    task = SingleLabel(None, 0.0, classes)
+    z = cross_validated_logits(task, features, y_enc[rows], None, seed)
+    assert fit_temperature(z, y_enc[rows]) == pytest.approx(clf.temperature_, rel=1e-3)
+    before = expected_calibration_error(softmax(z, axis=1), y_enc[rows])
+    assert clf.calibration_["before"] == pytest.approx(before, abs=1e-3)
 
 
 # --- warm_start after set_params ------------------------------------------------
