@@ -46,11 +46,12 @@ from threadpoolctl import threadpool_limits
 
 from sklearn_cnn import CNNFeatureTransformer
 
-# The scikit-learn models here work on small matrices, where BLAS threads have
-# little to gain and, when other programs keep the cores busy, much to lose
-# waiting for each other: one BLAS thread is the safe choice (see "Threads" in
-# the user guide).
-threadpool_limits(1, user_api="blas")
+# One thread for BLAS and for torch's OpenMP: where other programs keep the
+# cores busy, threads that wait for each other cost far more than a second
+# core gains (on 2 cores beside one other job, 600 images through Lite0 took
+# 13.6 s on torch's two threads and 2 s on one; see "Threads" in the user
+# guide). On an idle machine of your own, leave this line out.
+threadpool_limits(1)
 
 LITE0 = {
     "model": functools.partial(EfficientNet.from_name, "efficientnet-lite0"),
