@@ -12,6 +12,11 @@ parameters: a torchvision name needs nothing else; a callable is stored as its
 import path (``"package.module:function"``, or a ``functools.partial`` of one
 with JSON arguments) and is imported and called on load only when the caller
 lists it in ``trusted``, as skops does for types it does not know.
+
+This module knows the file, not the estimators: ``write`` and ``read`` take
+and give plain values (parameters, fitted attributes, tensors); the estimator
+classes register themselves (``register``), and ``_base.NetworkMixin`` saves
+an estimator and rebuilds one from what ``read`` gives.
 """
 
 from __future__ import annotations
