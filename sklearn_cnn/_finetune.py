@@ -260,8 +260,13 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
             self.best_epoch_ = selection.restore()
         else:
             self.best_epoch_ = self.history_[-1]["epoch"]
-        self._calibrate(sources.valid_logits(loop), y[val_idx])
-        if probe and self.best_epoch_ == 0 and has_val:
+        refit = probe and self.best_epoch_ == 0 and has_val
+        # A winning probe head calibrated after its refit (a regressor has no
+        # ``calibrate``).
+        cross_validated = refit and getattr(self, "calibrate", False)
+        if not cross_validated:  # else the refit head's temperature replaces it
+            self._calibrate(sources.valid_logits(loop), y[val_idx])
+        if refit:
             # The probe head won: the validation images were only needed to
             # tell, so refit it on all the training images, as a probe would be
             # (a tenth more images: a point of accuracy at 160 px on
@@ -270,7 +275,7 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
             # a temperature fitted for another.
             both = torch.cat([features, sources.head_inputs("valid", set())])
             rows = np.r_[train_idx, val_idx]
-            if getattr(self, "calibrate", False):  # a regressor has none
+            if cross_validated:
                 w = None if weights is None else weights[rows]
                 z = cross_validated_logits(self._task(), both.numpy(), y[rows], w, seed)
                 self._calibrate(z, y[rows])

@@ -63,13 +63,9 @@ def random_split(
     return split
 
 
-class SingleLabel:
-    """One class per image: ``class_weight``, ``label_smoothing``; ``classes``
-    (sorted) once fitted, None before."""
-
-    metric = "valid_accuracy"
-    #: How the wreck guard names the validation score and its floor.
-    names = ("validation accuracy", "largest class")
+class _Labels:
+    """What the classification tasks share: ``class_weight``,
+    ``label_smoothing``, and ``classes`` once fitted (None before)."""
 
     def __init__(
         self, class_weight: Any, label_smoothing: float, classes: np.ndarray | None
@@ -80,6 +76,14 @@ class SingleLabel:
     @property
     def n_outputs(self) -> int:
         return len(self.classes)
+
+
+class SingleLabel(_Labels):
+    """One class per image; ``classes`` sorted."""
+
+    metric = "valid_accuracy"
+    #: How the wreck guard names the validation score and its floor.
+    names = ("validation accuracy", "largest class")
 
     def encode(self, y: Any, n_images: int) -> np.ndarray:
         """Encoded labels; the classes are learned unless already fitted (a
@@ -133,7 +137,7 @@ class SingleLabel:
 
 
 def cross_validated_logits(
-    task: SingleLabel | MultiLabel,
+    task: _Labels,
     features: np.ndarray,
     y: np.ndarray,
     weights: np.ndarray | None,
@@ -227,7 +231,7 @@ def _binary_log_loss(z: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.logaddexp(0, z) - y * z))
 
 
-class MultiLabel:
+class MultiLabel(_Labels):
     """Any number of labels per image, as a binary indicator matrix
     (n_images, n_labels): ``class_weight`` ("balanced" or {label index:
     weight}) gives each label's positives a weight, ``label_smoothing``
@@ -235,16 +239,6 @@ class MultiLabel:
 
     metric = MultiLabelLoss.metric
     names = ("validation mAP", "label prevalence")
-
-    def __init__(
-        self, class_weight: Any, label_smoothing: float, classes: np.ndarray | None
-    ) -> None:
-        self.class_weight, self.label_smoothing = class_weight, label_smoothing
-        self.classes = classes
-
-    @property
-    def n_outputs(self) -> int:
-        return len(self.classes)
 
     def encode(self, y: Any, n_images: int) -> np.ndarray:
         """The indicator matrix as float32 (one column per label)."""
