@@ -54,10 +54,10 @@ default="squared_error"
         of the target, linear beyond: robust to a few wrong targets) or
         absolute error (the median's loss).
     head_init : {"probe", "random"}, default="probe"
-        "probe" fits the head first as a ridge regression on standardised
-        pooled features of the un-augmented training images (alpha by
-        efficient leave-one-out over ``_tasks.RIDGE_ALPHAS``), folded into the
-        linear layer. "random" keeps PyTorch's default initialisation.
+        "probe" fits the head first as a ridge regression on the pooled
+        features of the un-augmented training images (alpha over
+        ``_tasks.RIDGE_ALPHAS``, and whether to standardise the features, by
+        efficient leave-one-out), folded into the linear layer. "random" keeps PyTorch's default initialisation.
     augment : "light", None or callable, default="light"
         As for :class:`FineTuneClassifier`; "light" crops slightly and mirrors.
         Set None (or an augmentation of your own) when a mirror image or a

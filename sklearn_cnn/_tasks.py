@@ -382,8 +382,8 @@ class MultiLabel(_Labels):
 # Regression
 # ---------------------------------------------------------------------------
 
-#: The ridge probe's alphas, on standardised features and targets: chosen by
-#: efficient leave-one-out (RidgeCV's default), as a user would tune a probe.
+#: The ridge probe's alphas, on standardised targets: chosen by efficient
+#: leave-one-out (RidgeCV's default), as a user would tune a probe.
 RIDGE_ALPHAS = tuple(np.logspace(-2, 5, 15))
 
 
@@ -516,16 +516,27 @@ class Regression:
         self, features: np.ndarray, y: np.ndarray, weights: np.ndarray | None,
         seed: int,
     ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        """A ridge regression on standardised features (alpha by efficient
-        leave-one-out over ``RIDGE_ALPHAS``), as the head's weight and bias:
-        closed form, so epoch 0 is the probe a user would fit."""
-        scaler, Zs = standardize(features)
-        with config_context(enable_metadata_routing=False):
-            ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(Zs, y, sample_weight=weights)
-        coef = np.atleast_2d(ridge.coef_)
-        weight = coef / scaler.scale_
+        """A ridge regression as the head's weight and bias: closed form, so
+        epoch 0 is the probe a user would fit. Alpha (over ``RIDGE_ALPHAS``)
+        and whether to standardise the features are chosen by efficient
+        leave-one-out: dividing nearly dead features by their tiny spread can
+        cost more than the scaling gains."""
+        raw = features.astype(np.float64)
+        scaler, standardised = standardize(features)
+        n = raw.shape[1]
+        best = None
+        for Z, mean, scale in (
+            (standardised, scaler.mean_, scaler.scale_),
+            (raw, np.zeros(n), np.ones(n)),
+        ):
+            with config_context(enable_metadata_routing=False):
+                ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(Z, y, sample_weight=weights)
+            if best is None or ridge.best_score_ > best[0].best_score_:
+                best = ridge, mean, scale
+        ridge, mean, scale = best
+        weight = np.atleast_2d(ridge.coef_) / scale
         intercept = np.atleast_1d(ridge.intercept_)
-        return weight, intercept - weight @ scaler.mean_
+        return weight, intercept - weight @ mean
 
     def chance(
         self, y: torch.Tensor, w: torch.Tensor, loss: RegressionLoss

@@ -24,7 +24,7 @@ from tiny_cnn import make_tiny_cnn
 from sklearn_cnn import FineTuneRegressor, load
 from sklearn_cnn._head import standardize
 from sklearn_cnn._layers import Tap
-from sklearn_cnn._tasks import RIDGE_ALPHAS, RegressionLoss
+from sklearn_cnn._tasks import RIDGE_ALPHAS, Regression, RegressionLoss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -154,19 +154,52 @@ def test_r2_score_matches_scikit_learn():
     assert got == pytest.approx(r2_score(t, z, sample_weight=w))
 
 
+def ridge_reference(Z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The ridge probe's predictions on ``Z``, by hand: RidgeCV (alpha by
+    leave-one-out) on the standardised or the raw features, whichever leaves
+    one out better."""
+    scaler, Zs = standardize(Z)
+    scaled = RidgeCV(alphas=RIDGE_ALPHAS).fit(Zs, y)
+    raw = RidgeCV(alphas=RIDGE_ALPHAS).fit(Z.astype(np.float64), y)
+    if scaled.best_score_ >= raw.best_score_:
+        return scaled.predict(Zs)
+    return raw.predict(Z.astype(np.float64))
+
+
 def test_the_start_is_the_ridge_probe(data):
-    """epochs=0 keeps the head the probe fitted: a RidgeCV (alpha by
-    leave-one-out) on the standardised pooled features of the frozen network,
-    predicting the standardised targets."""
+    """epochs=0 keeps the head the probe fitted: a RidgeCV on the pooled
+    features of the frozen network, predicting the standardised targets."""
     X, y = data
     reg = make(epochs=0).fit(X, y)
     # The head's input (32 pooled features), through the inference loop.
     Z = reg._run(X, [Tap(reg.head_, pre=True)], lambda o: o[0].float(), 32, "f")
-    scaler, Zs = standardize(Z)
     ys = (y - y.mean(0)) / y.std(0)
-    ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(Zs, ys)
     standardised = (reg.predict(X) - y.mean(0)) / y.std(0)
-    assert_allclose(standardised, ridge.predict(Zs), rtol=1e-4, atol=1e-4)
+    assert_allclose(standardised, ridge_reference(Z, ys), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scaled_wins", [True, False])
+def test_the_probe_standardises_only_where_it_leaves_one_out_better(scaled_wins):
+    """Standardising wins when the signal is in a feature of tiny scale; the
+    raw features win when standardising blows up nearly dead ones."""
+    rng = np.random.default_rng(0)
+    n = 60
+    x = rng.normal(size=n)
+    if scaled_wins:
+        F = np.c_[1e-3 * x, rng.normal(size=(n, 5))]
+        y = x + 0.1 * rng.normal(size=n)
+    else:
+        F = np.c_[x, np.zeros((n, 20))]
+        for j in range(1, 21):  # each fires, weakly, on two images
+            F[rng.choice(n, 2, replace=False), j] = 1e-3
+        y = x + 0.3 * rng.normal(size=n)
+    F = F.astype(np.float32)
+    scaler, Zs = standardize(F)
+    scaled = RidgeCV(alphas=RIDGE_ALPHAS).fit(Zs, y).best_score_
+    raw = RidgeCV(alphas=RIDGE_ALPHAS).fit(F.astype(np.float64), y).best_score_
+    assert (scaled > raw) == scaled_wins
+    weight, bias = Regression("squared_error").probe(F, y, None, 0)
+    assert_allclose(F @ weight.T + bias, ridge_reference(F, y)[:, None], atol=1e-6)
 
 
 def test_selection_keeps_the_probe_unless_an_epoch_beats_it(data):
