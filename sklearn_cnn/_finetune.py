@@ -32,7 +32,6 @@ from ._base import (
     ImageClassifierMixin,
     NetworkMixin,
     _network_constraints,
-    _same,
     restore_on_failure,
 )
 from ._cache import cache_directory
@@ -70,18 +69,15 @@ from ._training import (
 class FineTuneBase(NetworkMixin, BaseEstimator):
     """The fit that FineTuneClassifier and FineTuneRegressor share.
 
-    ``fit`` builds the network, installs a linear head with one output per
-    class or target, fits it as a probe on the frozen network's features and
-    trains (LP-FT), selecting the best epoch on a validation split. What
-    depends on the kind of target (encoding, split, weights, loss, validation
-    score, probe, calibration, predictions) is the task's (``_tasks``), which
-    a subclass builds in ``_task``; the subclass also holds the parameters.
+    ``fit`` builds the network, installs a linear head, fits it as a probe on
+    the frozen network's features and trains (LP-FT), selecting the best epoch
+    on a validation split. What depends on the kind of target is the task's
+    (``_tasks``), which a subclass builds in ``_task`` and holds parameters for.
     """
 
     def _task(self, y: Any = None, fitted: bool = True) -> Any:
-        """The task of this estimator for targets ``y`` (None: as fitted);
-        with ``fitted``, holding what the last fit learned of the targets
-        (classes, their scale): a warm start keeps it."""
+        """The task for targets ``y`` (None: as fitted); with ``fitted``,
+        holding what the last fit learned of the targets (classes, scale)."""
         raise NotImplementedError
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -105,7 +101,6 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
         """
         X = check_images(X, unit_floats=self.mean is None and self.std is None)
         resume = self.warm_start and hasattr(self, "model_")
-        # A warm start keeps what the task fitted (classes, target scale).
         task = self._task(y, fitted=resume)
         y_enc = task.encode(y, len(X))
         sw = check_sample_weight(sample_weight, len(X))
@@ -138,17 +133,13 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
         return self
 
     def _check_warm_start(self) -> None:
-        """A warm start trains the fitted network as fit built it: refuse the
-        parameters that would need it built anew."""
-        fitted = self._fitted_params
-        changed = [n for n, v in fitted.items() if not _same(getattr(self, n), v)]
+        """Refuse the parameters a warm start cannot apply to the built network."""
+        changed, what = self._changed_params()
         if changed:
-            what = ", ".join(
-                f"{n}={getattr(self, n)!r} (fitted with {fitted[n]!r})" for n in changed
-            )
             raise ValueError(
                 f"warm_start=True continues training the fitted network, which "
-                f"keeps the {', '.join(changed)} it was built with, but {what}. "
+                f"keeps the {', '.join(changed)} it was built with, but "
+                f"{', '.join(what)}. "
                 "Set them back to go on training, or set warm_start=False to fit "
                 "anew with the new value(s)."
             )
@@ -230,8 +221,6 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
                 if selection is None:
                     val_loss, val_acc = loop.evaluate()
                     if not self.history_:
-                        # The start's training loss when known (the probe's),
-                        # never a NaN.
                         known = {} if start_loss is None else {"train_loss": start_loss}
                         loop.log(
                             epoch=0, **known, valid_loss=val_loss,
@@ -261,18 +250,13 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
         else:
             self.best_epoch_ = self.history_[-1]["epoch"]
         refit = probe and self.best_epoch_ == 0 and has_val
-        # A winning probe head calibrated after its refit (a regressor has no
-        # ``calibrate``).
+        # A regressor has no ``calibrate``.
         cross_validated = refit and getattr(self, "calibrate", False)
-        if not cross_validated:  # else the refit head's temperature replaces it
+        if not cross_validated:
             self._calibrate(sources.valid_logits(loop), y[val_idx])
         if refit:
-            # The probe head won: the validation images were only needed to
-            # tell, so refit it on all the training images, as a probe would be
-            # (a tenth more images: a point of accuracy at 160 px on
-            # Animal-MNIST). Its temperature then comes from the same probe's
-            # cross-validated logits, without which the refit head would keep
-            # a temperature fitted for another.
+            # The probe head won: refit it on all the training images, and
+            # calibrate it on the same probe's cross-validated logits.
             both = torch.cat([features, sources.head_inputs("valid", set())])
             rows = np.r_[train_idx, val_idx]
             if cross_validated:
@@ -287,11 +271,10 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
         self, loop: EpochLoop, epochs: int, selection: Selection,
         generator: torch.Generator, has_val: bool,
     ) -> str:  # fmt: skip
-        """Train one phase of ``epochs`` epochs; when an epoch wrecks the
-        network (``loop.guard``), go back to the best weights and train the
-        epochs left at a tenth of the backbone's rate (at most
-        ``MAX_RECOVERIES`` times a fit). Returns ``loop.run``'s status, or
-        "restored" when the last epoch wrecked the network and was undone."""
+        """Train one phase of ``epochs`` epochs; an epoch that wrecks the
+        network (``loop.guard``) is undone and the epochs left train at a
+        tenth of the backbone's rate. Returns ``loop.run``'s status, or
+        "restored" when the last epoch was undone."""
         patience = self.n_iter_no_change if self.early_stopping and has_val else None
         while True:
             selection.new_phase()
@@ -333,8 +316,7 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
     def _guard(
         self, task: Any, loop: EpochLoop, loss: Loss, start_loss: float | None
     ) -> Guard:
-        """What tells a wrecked network in this fit (see ``Guard``), judged by
-        the task's validation score (accuracy, R²) and loss."""
+        """What tells a wrecked network in this fit (see ``Guard``)."""
         return Guard(
             chance_loss=task.chance(*loop.train.targets, loss)[0],
             start_loss=start_loss,
@@ -345,11 +327,8 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
     def _head_loss(
         self, features: torch.Tensor, y: np.ndarray, w: np.ndarray, loss: Loss
     ) -> float:
-        """The head's training loss on the frozen network's ``features``.
-
-        Computed on the CPU, where the features are (the head is one linear
-        layer): no device memory, whatever the number of images.
-        """
+        """The head's training loss on the frozen network's ``features``,
+        computed on the CPU, where they are."""
         head = self.model_.get_submodule(self.head_)
         with torch.inference_mode():
             weight, bias = (
