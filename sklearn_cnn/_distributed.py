@@ -40,9 +40,7 @@ from sklearn.utils import check_random_state
 from ._runtime import available_cpus, batches, resolve_device
 from ._training import DATA_PARALLEL
 
-# ---------------------------------------------------------------------------
-# Splitting batches among processes
-# ---------------------------------------------------------------------------
+# -- Splitting batches among processes ----------------------------------------
 
 
 def _shard(
@@ -114,9 +112,7 @@ def _regroup(stream: Iterator[Any], sizes: list[int]) -> Iterator[Any]:
         pending, held = ([rest], len(rest[0])) if len(rest[0]) else ([], 0)
 
 
-# ---------------------------------------------------------------------------
-# The processes
-# ---------------------------------------------------------------------------
+# -- The processes ------------------------------------------------------------
 
 
 def _free_port() -> int:

@@ -176,9 +176,7 @@ def set_head(head: nn.Linear, weight: np.ndarray, bias: np.ndarray) -> None:
         head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
 
 
-# ---------------------------------------------------------------------------
-# Calibration: one temperature for the logits, fitted on held-out images
-# ---------------------------------------------------------------------------
+# -- Calibration: one temperature for the logits, fitted on held-out images ---
 
 
 def fit_temperature(z: np.ndarray, y: np.ndarray) -> float:

@@ -69,9 +69,7 @@ WORKER_ENVIRON: dict[str, Any] = {
 _TRIM = "MALLOC_TRIM_THRESHOLD_"
 
 
-# ---------------------------------------------------------------------------
-# The cluster
-# ---------------------------------------------------------------------------
+# -- The cluster --------------------------------------------------------------
 
 
 def local_cluster(
@@ -170,9 +168,7 @@ def _warn_malloc_trim(client: Any) -> None:
         )
 
 
-# ---------------------------------------------------------------------------
-# What runs on the workers
-# ---------------------------------------------------------------------------
+# -- What runs on the workers -------------------------------------------------
 
 #: Per process: token -> (the thread that owns the shared network, network).
 #: Invalidation: the token names a fitted transformer's content; the ``_KEEP``
@@ -253,9 +249,7 @@ def _width(fitted: CNNFeatureTransformer) -> int:
     return int(fitted.n_features_out_)
 
 
-# ---------------------------------------------------------------------------
-# featurize
-# ---------------------------------------------------------------------------
+# -- featurize ----------------------------------------------------------------
 
 
 def _is_fitted(transformer: CNNFeatureTransformer) -> bool:
