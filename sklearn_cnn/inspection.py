@@ -18,12 +18,8 @@ largest where the evidence for the class is strongest:
 :class:`ActivationMapDisplay` draws them over the images, in scikit-learn's
 Display convention.
 
-Why not grad-cam or captum: Grad-CAM itself is a dozen lines (one hook, one
-``autograd.grad``). What those libraries leave to their users is what this
-module is for: finding the layer and its layout (their trackers' most common
-ViT questions are reshaping tokens and picking the layer), and the exact CAM
-of a scikit-learn pipeline, which neither offers. A dependency would add
-an install and a second notion of "target" without saving code here.
+Not grad-cam or captum: Grad-CAM is a dozen lines; what they leave to their
+users (the layer and its layout, a pipeline's exact CAM) is this module's job.
 """
 
 from __future__ import annotations
@@ -187,8 +183,7 @@ def _explain(
     batch_size: int = 16,
     images: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Maps, the network's input images (with ``images``) and the target of
-    each map (a label, or an output index)."""
+    """Maps, the input images (with ``images``) and each map's target."""
     if not (isinstance(batch_size, Integral) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}.")
     estimator = getattr(estimator, "best_estimator_", estimator)
@@ -239,8 +234,7 @@ def _explain(
 
 def _finish(raw: list[torch.Tensor], size: tuple[int, int], up: bool) -> torch.Tensor:
     """One map from the per-layer maps before the ReLU: clipped, then
-    upsampled (Grad-CAM's order); several layers are upsampled and summed
-    first."""
+    upsampled (Grad-CAM's order); several are upsampled and summed first."""
     if len(raw) == 1:
         clipped = raw[0].clamp(min=0)
         return upsample(clipped, size) if up else clipped
@@ -283,9 +277,7 @@ def _target_indices(target: Any, classes: Any, n: int) -> np.ndarray | None:
 
 
 def _network(estimator: Any) -> Network:
-    """The network of a fitted estimator: the one place that reads its
-    fitted internals (``model_``, ``preprocessing_``, ``device_``,
-    ``trace_``), and refuses parameters changed since fit."""
+    """The network of a fitted estimator (parameters unchanged since fit)."""
     check_is_fitted(estimator)
     estimator._check_params_unchanged()
     return Network(
@@ -335,7 +327,7 @@ class _GradCAM:
             chosen.append(index)
             return index
 
-        raw, _ = grad_cam(self.net, batch, self.layer, self.layout, choose)
+        raw = grad_cam(self.net, batch, self.layer, self.layout, choose)
         return [raw], chosen[0].numpy()
 
 
@@ -415,8 +407,7 @@ class _PipelineCAM:
                     f"features; got {type(step).__name__}."
                 )
             a, b = np.ones(width), np.zeros(width)
-            # The flags, not the attributes: StandardScaler(with_mean=False)
-            # still computes mean_, and does not subtract it.
+            # The flags: StandardScaler(with_mean=False) still computes mean_.
             if isinstance(step, StandardScaler):
                 if step.with_std:
                     a = 1.0 / step.scale_
@@ -472,8 +463,7 @@ class _PipelineCAM:
         if self.check_tap is not None:
             self._check_penultimate(tensors[0], tensors.pop())
         hw = tuple(batch.shape[-2:])
-        # Every output's score, from the pooled maps: checked against the
-        # pipeline's own, then used to pick the predicted class.
+        # Every output's score, checked against the pipeline's own.
         pooled = torch.cat(
             [
                 pool(t, "avg", lay, prefix).double().cpu()
@@ -485,7 +475,7 @@ class _PipelineCAM:
         self._check_scores(pooled.numpy(), scores)
         index, sign = self._choose(scores, wanted)
         w = self.weights[index] * sign[:, None]
-        raw, _ = linear_cam(tensors, self.layouts, prefix, hw, w)
+        raw = linear_cam(tensors, self.layouts, prefix, hw, w)
         return raw, index if not self.binary else np.where(sign > 0, 1, 0)
 
     def _choose(
