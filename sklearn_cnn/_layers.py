@@ -96,6 +96,14 @@ class Trace:
         return Counter(self.calls)
 
     @property
+    def first_calls(self) -> dict[str, int]:
+        """Module name -> position of its first (completed) call."""
+        first: dict[str, int] = {}
+        for i, name in enumerate(self.calls):
+            first.setdefault(name, i)
+        return first
+
+    @property
     def layers(self) -> list[Layer]:
         """Modules that run exactly once and return a tensor, in forward order."""
         counts = self.counts
