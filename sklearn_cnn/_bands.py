@@ -14,10 +14,8 @@ three rules (the ``stem`` parameter):
 - ``"random"``: a new random filter for every band (PyTorch's own
   initialisation of a convolution), drawn from the fit's seed.
 
-The first convolution is the first ``nn.Conv2d`` that runs in a forward pass
-(found by running one, stopped there), or for a timm model the one its
-``pretrained_cfg["first_conv"]`` names, as timm's own ``in_chans`` does; it
-must read the image itself (3 channels, of the image's size).
+The first convolution is the first ``nn.Conv2d`` that runs in a forward pass,
+or a timm model's ``pretrained_cfg["first_conv"]``; it must read the image.
 """
 
 from __future__ import annotations
@@ -122,11 +120,8 @@ def adapt_stem(
     module: nn.Module, bands: int, rule: str, example: torch.Tensor
 ) -> dict[str, Any]:
     """Give ``module``'s first convolution ``bands`` input channels by
-    ``rule``, in place; ``example`` is an RGB batch of the image size.
-
-    Returns what was done (the estimators' ``stem_``): the convolution's name,
-    the bands and the rule.
-    """
+    ``rule``, in place (``example``: an RGB batch of the image size); return
+    what was done (the estimators' ``stem_``)."""
     name, conv = first_conv(module, example)
     if rule == "repeat" and isinstance(getattr(module, "pretrained_cfg", None), dict):
         # A timm model: timm's own rule, as its in_chans applies it.

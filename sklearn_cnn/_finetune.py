@@ -43,12 +43,7 @@ from ._freezing import (
     phases,
     train_mode,
 )
-from ._head import (
-    drop_auxiliary_heads,
-    float_logits,
-    install_head,
-    set_head,
-)
+from ._head import drop_auxiliary_heads, float_logits, install_head, set_head
 from ._images import check_images
 from ._layers import trace
 from ._optim import SCHEDULES, make_optimizer, make_schedule, param_groups
@@ -57,13 +52,7 @@ from ._runtime import resolve_device
 from ._sources import Sources
 from ._targets import check_sample_weight
 from ._tasks import MultiLabel, SingleLabel, cross_validated_logits
-from ._training import (
-    EpochLoop,
-    Guard,
-    Loss,
-    PrefixSkip,
-    Selection,
-)
+from ._training import EpochLoop, Guard, Loss, PrefixSkip, Selection
 
 
 class FineTuneBase(NetworkMixin, BaseEstimator):
@@ -410,10 +399,7 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
     freeze : int, float, str, default=0
         What does not train. The *stages* are the model's top-level modules
         that hold parameters or buffers, in forward order (a never-called
-        ``nn.ModuleList`` such as EfficientNet's ``_blocks`` counts as its
-        blocks; ``stages_`` lists them after fit and an out-of-range value
-        lists them in its error). Parameter-free modules (ReLU, pooling) are
-        not stages: freezing them would change nothing.
+        ``nn.ModuleList`` counts as its blocks; ``stages_`` lists them).
 
         - int k: the first k stages (0: everything trains).
         - float f in [0, 1]: the first modules, in forward order, whose
@@ -426,10 +412,9 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         - ``"backbone"``: only the head trains.
 
         Frozen modules get no gradients, are left out of the optimizer and stay
-        in eval mode (BatchNorm statistics and dropout included). Autograd
-        records nothing for a frozen prefix, so no backward pass runs through
-        it; with only the head training and ``augment=None``, the backbone's
-        features are computed once and the epochs train the head on them.
+        in eval mode (BatchNorm statistics and dropout included); with only
+        the head training and ``augment=None``, the backbone's features are
+        computed once and the epochs train the head on them.
     lr : float, default=1e-3
         Peak learning rate of the new head.
     backbone_lr : float or None, default=None
@@ -466,11 +451,9 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         "random" keeps PyTorch's default initialisation.
     batchnorm : {"frozen", "train"}, default="frozen"
         "frozen": every BatchNorm keeps its pretrained running statistics (eval
-        mode), also in the layers that train; its scale and shift still train.
-        This is what Keras advises for small data sets: a few hundred steps at
-        small batch sizes move the statistics away from what the pretrained
-        weights expect. "train": BatchNorm layers in the trainable part update
-        their statistics (frozen ones never do).
+        mode), also in the layers that train; its scale and shift still train
+        (Keras's advice for small data). "train": BatchNorm layers in the
+        trainable part update their statistics (frozen ones never do).
     epochs : int, default=10
         Passes over the training images. 0 keeps the probe head (or the random
         one) without training.
@@ -500,12 +483,10 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
     augment : "light", None or callable, default="light"
         Training-time augmentation of each image (before normalization).
         "light": a random resized crop keeping 85-100 % of the area and a
-        horizontal flip (see ``light_augment`` for why so light). A callable
-        receives one (C, H, W) tensor, uint8 for integer images, and returns
-        one (every image of a batch must end up the same size); it draws its
-        randomness from torch's global generator, which ``fit`` seeds from
-        ``random_state``. Disable it (None) for images whose orientation
-        matters, e.g. digits and text.
+        horizontal flip. A callable receives one (C, H, W) tensor, uint8 for
+        integer images, and returns one of the batch's common size, drawing
+        from torch's global generator (seeded from ``random_state``). Disable
+        it (None) for images whose orientation matters, e.g. digits and text.
     validation_fraction : float or None, default=0.1
         Fraction of the training images held out (stratified, drawn from
         ``random_state``) to measure each epoch and select the best one. The
@@ -552,15 +533,12 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
     memory : None, str, path or joblib.Memory, default=None
         Cache on disk (as :class:`CNNFeatureTransformer` does) what a fit
         computes once per image without augmentation: the head's input (the
-        probe's features) and the outputs of a frozen prefix. A later fit on
-        the same images with the same pretrained network then reads them
-        instead of running the backbone: the other folds of a
-        ``GridSearchCV``, and its candidates that share a cut (every ``freeze``
-        shares the probe's features; candidates that differ in ``lr``, say,
-        share the prefix too). Entries are keyed by the images' pixels, the
-        network's code and current weights (its head aside), preprocessing,
-        precision and device, so they are used only where exact. None caches
-        nothing.
+        probe's features) and the outputs of a frozen prefix, which a later
+        fit on the same images with the same pretrained network reads instead
+        of running the backbone (the folds and candidates of a search).
+        Entries are keyed by the images' pixels, the network's code and
+        weights (its head aside), preprocessing, precision and device, so they
+        are used only where exact. None caches nothing.
     random_state : int, RandomState instance or None, default=None
         Seeds the head, the validation split, the shuffling, the augmentation
         and dropout. With a fixed value, two fits on the CPU give identical
@@ -575,20 +553,17 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
     calibrate : bool, default=True
         With a validation split: fit a temperature on the validation images
         after training (temperature scaling), so that ``predict_proba`` is
-        calibrated without the k refits of
-        :class:`~sklearn.calibration.CalibratedClassifierCV`. The temperature
-        never changes ``predict``. A winning probe head, refitted on all the
-        images (see ``early_stopping``), gets the temperature of the same
-        probe's cross-validated logits (3 folds) instead. Without a
-        validation split the temperature is 1. Multi-label: one temperature
-        per label.
+        calibrated without the refits of
+        :class:`~sklearn.calibration.CalibratedClassifierCV`; ``predict`` does
+        not change. A winning probe head, refitted on all the images, gets the
+        temperature of the same probe's cross-validated logits instead.
+        Without a validation split the temperature is 1. Multi-label: one
+        temperature per label.
     tune_thresholds : bool, default=False
         Multi-label only: after training (and calibration), set each label's
         probability threshold in ``predict`` to the one with the highest F1 on
-        the validation images (``thresholds_``) instead of 0.5. It trades
-        precision for recall per label, for an ``f1_score`` measured on
-        images like the validation ones; it needs enough positives of each
-        label there to be more than noise.
+        the validation images (``thresholds_``) instead of 0.5; it needs
+        enough positives of each label there to be more than noise.
     tta : {None, "flip"}, default=None
         Test-time augmentation in ``predict``, ``predict_proba`` and
         ``decision_function``: "flip" averages the logits of each image and of
@@ -671,10 +646,9 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
 
     Parameters take effect at ``fit``: after ``set_params`` of ``model``,
     ``weights``, ``image_size``, ``mean``, ``std`` or ``precision``, prediction
-    raises ``NotFittedError`` until ``fit`` runs again, rather than predict
-    with the old setting. On CUDA, a batch that runs out of memory is split
-    in halves (down to one image) with a warning: in prediction, and in
-    training, where the halves' gradients add up to the whole batch's.
+    raises ``NotFittedError`` until ``fit`` runs again. On CUDA, a batch that
+    runs out of memory is split in halves with a warning (in training, the
+    halves' gradients add up to the whole batch's).
 
     Examples
     --------

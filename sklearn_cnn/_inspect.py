@@ -69,15 +69,10 @@ def list_layers(
 
 
 def probe_network(module: nn.Module, example: torch.Tensor) -> Trace:
-    """``trace(module, example)``, with the failures a user can act on.
-
-    A network in channels_last memory format that fails (a forward written
-    with ``x.view(...)``, which needs contiguous tensors) goes back to the
-    contiguous format and is tried again; ``uses_channels_last(module)`` then
-    says so, and the batches follow. A network that fails on the probe's size
-    but runs on another raises a ValueError naming the size and the
-    ``image_size`` to set.
-    """
+    """``trace(module, example)``, with the failures a user can act on: a
+    channels_last network that fails (``x.view``) goes back to the contiguous
+    format; one that fails on this size but runs on another says which
+    ``image_size`` to set."""
     channels_last = uses_channels_last(module) and example.ndim == 4
     if channels_last:
         example = example.contiguous(memory_format=torch.channels_last)
