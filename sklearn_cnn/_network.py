@@ -35,7 +35,6 @@ from ._runtime import (
     auto_compile_pays,
     autocast,
     batches,
-    compiled_forward,
     halve_on_oom,
     place,
     progress,
@@ -220,14 +219,16 @@ class Network:
     def _compiled(
         self, network: nn.Module, taps: list[Tap], reuse_only: bool
     ) -> CompiledForward | None:
-        """The compiled tapped forward of ``network`` for ``taps``, kept while
-        the network stays the same (``reuse_only``: None if none is)."""
+        """The compiled tapped forward of ``network`` for ``taps`` (compiled
+        at its first full batch), kept while the network stays the same
+        (``reuse_only``: None if none is)."""
         key = (tuple(taps), self.dtype, str(self.device))
         cached = self.compiled
+        fresh = cached is not None and cached.fresh_for(network, key)
         if reuse_only:
-            fresh = cached is not None and cached.fresh_for(network, key)
             return cached if fresh and not cached.failed else None
-        self.compiled = compiled_forward(cached, network, taps, key)
+        if not fresh:
+            self.compiled = CompiledForward(network, taps, key)
         return self.compiled
 
     def stream(

@@ -76,10 +76,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def has_conv2d(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in module.modules())
-
-
 def place(
     module: nn.Module, device: torch.device, channels_last: bool | None = None
 ) -> nn.Module:
@@ -87,7 +83,7 @@ def place(
     ``channels_last``, or for None when it has a ``Conv2d``."""
     module.to(device)
     if channels_last is None:
-        channels_last = has_conv2d(module)
+        channels_last = any(isinstance(m, nn.Conv2d) for m in module.modules())
     if channels_last:
         module.to(memory_format=torch.channels_last)
     return module
@@ -331,20 +327,6 @@ class CompiledForward:
             return self._fn(images)
 
 
-def compiled_forward(
-    cached: CompiledForward | None,
-    module: nn.Module,
-    taps: Sequence[Any],
-    key: tuple,
-    verbose: bool = False,
-) -> CompiledForward:
-    """``cached`` if it was compiled for ``key`` and the current weights,
-    else a new one (compiled lazily, at its first full batch)."""
-    if cached is not None and cached.fresh_for(module, key):
-        return cached
-    return CompiledForward(module, taps, key, verbose)
-
-
 def auto_compile_pays(
     seconds_so_far: float, images_done: int, images_left: int
 ) -> bool:
@@ -358,11 +340,6 @@ def auto_compile_pays(
 # -- CUDA out of memory: halve the batch and retry ----------------------------
 
 T = TypeVar("T")
-
-
-def _free_device_memory() -> None:
-    if torch.cuda.is_initialized():  # never initialise CUDA just to free it
-        torch.cuda.empty_cache()
 
 
 def halve_on_oom(run: Callable[[int], T], size: int, *, what: str) -> tuple[T, int]:
@@ -396,7 +373,8 @@ def halve_on_oom(run: Callable[[int], T], size: int, *, what: str) -> tuple[T, i
                 ) from exc
             failed = True
         if failed:  # outside the except block: its frames' tensors are freed
-            _free_device_memory()
+            if torch.cuda.is_initialized():  # never initialise CUDA to free it
+                torch.cuda.empty_cache()
             smaller = size // 2
             warnings.warn(
                 f"The device ran out of memory in {what} with {size} images per "
