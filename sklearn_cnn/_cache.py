@@ -1,29 +1,20 @@
 """A disk cache of per-image activations: what ``memory=`` stores.
 
 Layout: ``<location>/sklearn_cnn/<key>/<random name>.shard``. A *key* names
-everything but the image and the layer that decides an activation (the
-network's code, structure and weights, the preprocessing, the pooling, the
-precision and the device); an *entry* is one image's array for one layer, found
-by a digest of the image's pixels. Entries are written in shards, one file per
-batch of images holding every layer filled for them, so a cache holds few
-files however many images and layers it has.
+everything but the image and the layer that decides an activation (network
+code and weights, preprocessing, pooling, precision, device); an *entry* is
+one image's array for one layer, found by a digest of its pixels. A shard
+holds one batch of images with every layer filled for them.
 
-Safety:
+Safety: a shard is written to a temporary file and moved into place with
+``os.replace`` (atomic), so readers never see part of one and processes may
+write at once; every part of it carries a BLAKE2b checksum, verified on every
+read (a shard that fails is deleted with a warning, its images computed
+again); and it records its key, which a reader checks.
 
-- A shard is written to a temporary file and moved into place with
-  ``os.replace`` (atomic): readers never see a partly written shard, and any
-  number of processes may write at once (they write different files).
-- Every part of a shard (header, digests, each layer's block) carries a
-  BLAKE2b checksum, verified on every read; a shard that fails is deleted with
-  a warning and its images are computed again, never returned.
-- A shard records its key, and a reader checks it: a shard copied into another
-  key's directory is refused.
-
-:class:`ActivationCache` is the storage, usable for any per-image arrays
-(``fetch``/``store`` by key, image digest and name); the rest of this module
-is what :class:`~sklearn_cnn.CNNFeatureTransformer` keys and stores with it,
-and the key of what :class:`~sklearn_cnn.FineTuneClassifier` stores (see
-``_sources``).
+:class:`ActivationCache` is the storage, for any per-image arrays; the rest
+of this module is what :class:`~sklearn_cnn.CNNFeatureTransformer` keys and
+stores with it, and the key of what fine-tuning stores (see ``_sources``).
 """
 
 from __future__ import annotations

@@ -176,18 +176,14 @@ def fit_ddp(
     -----
     What changes against one device:
 
-    * BatchNorm: with ``batchnorm="frozen"`` (the default) the statistics stay
-      the pretrained ones in every process. With ``batchnorm="train"``, each
-      process normalizes its part of the batch by that part's statistics,
-      and the running statistics are rank 0's (broadcast to the others before
-      each forward pass).
+    * BatchNorm with ``batchnorm="train"`` normalizes each process's part of
+      the batch by that part's statistics; the running statistics are rank
+      0's (``"frozen"``, the default, keeps the pretrained ones everywhere).
     * A step's loss is averaged per process, then over processes: exactly
-      the one-device loss when the parts carry equal weights (equal sizes,
-      no ``sample_weight`` or ``class_weight``), close otherwise.
+      the one-device loss when the parts carry equal weights, close otherwise.
     * Augmentation draws from each process's torch generator, seeded alike.
     * The probe, validation and calibration run in every process on all the
-      images: they cost what they cost on one device.
-    * ``random_state=None`` draws one seed here, shared by the processes.
+      images; ``random_state=None`` draws one seed, shared by the processes.
 
     The script that calls it must guard its entry point with
     ``if __name__ == "__main__":`` (the processes import it), and ``model``

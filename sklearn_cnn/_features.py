@@ -47,19 +47,17 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         use :func:`functools.partial` rather than a lambda so that it pickles).
     weights : None, str, path or torchvision WeightsEnum, default="DEFAULT"
         For a torchvision name: ``"DEFAULT"``, an enum name such as
-        ``"IMAGENET1K_V1"``, a ``WeightsEnum``, None (random weights) or the path
-        of a state-dict file. Enum weights are downloaded by torchvision on
-        first use. For a module of your own: the path of a state-dict file, or
-        None/"DEFAULT" to keep the module's weights. Files are read with
-        ``torch.load(weights_only=True)``.
+        ``"IMAGENET1K_V1"``, a ``WeightsEnum`` (downloaded on first use), None
+        (random weights) or the path of a state-dict file (read with
+        ``torch.load(weights_only=True)``). For a module of your own: a
+        state-dict file, or None/"DEFAULT" to keep the module's weights.
     layer : str, list of str or None, default=None
         Module name(s) from ``model.named_modules()``, as
         :func:`~sklearn_cnn.list_layers` shows them. None taps the input of the
         network's last ``nn.Linear`` (the pooled penultimate features); a model
-        without one gives its output. Several names concatenate their features
-        in the order given. Tapping an early layer stops the forward pass there.
-        A model whose forward returns a tuple, list or dict gives its first
-        tensor.
+        without one gives its output (its first tensor). Several names
+        concatenate their features in the order given. Tapping an early layer
+        stops the forward pass there.
     pooling : {"avg", "max", "avgmax", "gem", "cls", "flatten"}, default="avg"
         How a layer's output becomes a vector: global average, max, the mean of
         the two, generalized mean (p=3) over its spatial positions (or its patch
@@ -93,14 +91,12 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         (the network then takes 4 channels). See ``stem``.
     stem : {"repeat", "mean", "random"}, default="repeat"
         For images of other than 3 channels, how the network's first
-        convolution (found by a forward pass; a timm model's
-        ``pretrained_cfg["first_conv"]``) gets one input channel per band.
-        "repeat" is timm's ``adapt_input_conv``: for one band the sum of the
-        RGB filters; else band ``i`` gets the filter of RGB channel ``i % 3``,
-        scaled by ``3 / bands``, so that an RGB image repeated k times gives
-        the RGB image's features. "mean": every band gets the mean of the
-        RGB filters (scaled likewise). "random": new random filters from
-        ``random_state``. ``stem_`` says what was done.
+        convolution gets one input channel per band. "repeat" is timm's
+        ``adapt_input_conv``: for one band the sum of the RGB filters; else
+        band ``i`` gets the filter of RGB channel ``i % 3``, scaled by ``3 /
+        bands``. "mean": every band gets the mean of the RGB filters (scaled
+        likewise). "random": new random filters from ``random_state``.
+        ``stem_`` says what was done.
     batch_size : int or "auto", default="auto"
         Images per forward pass (it bounds peak memory, not the features).
         "auto": 64 on a GPU; on a CPU, which runs small batches fastest, a
@@ -170,11 +166,10 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
 
     Notes
     -----
-    Any ``X`` the estimators accept: uint8 or integer arrays N x H x W x C or
-    N x H x W in [0, 255], float arrays in [0, 1], lists of file paths, PIL
-    images or per-image arrays (sizes may differ when images are resized).
-    Grey and RGBA images become RGB. ``fit`` learns nothing from ``X``: it loads
-    the network and checks ``X`` and ``layer``.
+    ``X``: uint8 or integer arrays N x H x W x C or N x H x W in [0, 255],
+    float arrays in [0, 1], lists of file paths, PIL images or per-image
+    arrays (sizes may differ when images are resized). ``fit`` learns nothing
+    from ``X``: it loads the network and checks ``X`` and ``layer``.
 
     Parameters take effect at ``fit``: after ``set_params`` of ``model``,
     ``weights``, ``layer``, ``pooling``, ``image_size``, ``mean``, ``std`` or

@@ -71,23 +71,8 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> FineTuneBase:
-        """Fine-tune the network on images ``X`` and targets ``y``.
-
-        Parameters
-        ----------
-        X : array-like of images or list of paths / PIL images
-            Training images.
-        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
-            Targets, as the subclass takes them.
-        sample_weight : array-like of shape (n_samples,), default=None
-            Weights of the images in the loss, the probe and the validation
-            metrics.
-
-        Returns
-        -------
-        self : FineTuneBase
-            The fitted estimator.
-        """
+        """Fine-tune the network on images ``X`` and targets ``y`` (the
+        subclasses document their own)."""
         X = check_images(X, unit_floats=self.mean is None and self.std is None)
         resume = self.warm_start and hasattr(self, "model_")
         task = self._task(y, fitted=resume)
@@ -135,32 +120,31 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
 
     def _setup(self, X: Any, task: Any) -> None:
         self._build_network(X)
-        drop_auxiliary_heads(self.model_)
         for name, value in task.fitted_attributes().items():
             setattr(self, name, value)
-        self.head_, appended = install_head(
-            self.model_, self.trace_, task.n_outputs, self._example(X)
-        )
-        if appended:  # the trace now shows the head
-            self.trace_ = trace(self.model_, self._example(X))
+        self.head_ = self._install_head(task.n_outputs, self._example(X))
         self.stages_ = _stages(self.model_, self.trace_, self.head_)
         self.history_: list[dict] = []
         self.n_iter_ = 0
 
+    def _install_head(self, n_outputs: int, example: torch.Tensor) -> str:
+        """Drop the auxiliary heads and install the head (an appended one shows
+        in the trace); return its name."""
+        drop_auxiliary_heads(self.model_)
+        head, appended = install_head(self.model_, self.trace_, n_outputs, example)
+        if appended:
+            self.trace_ = trace(self.model_, example)
+        return head
+
     def _rebuild_for_load(self, example: torch.Tensor) -> None:
         """``sklearn_cnn.load`` rebuilt the network from the parameters: redo
-        fit's structural steps (auxiliary heads dropped, the head installed);
-        the saved weights are loaded next."""
-        drop_auxiliary_heads(self.model_)
-        n_outputs = self._task().n_outputs
-        head, appended = install_head(self.model_, self.trace_, n_outputs, example)
+        fit's structural steps; the saved weights are loaded next."""
+        head = self._install_head(self._task().n_outputs, example)
         if head != self.head_:
             raise ValueError(
                 f"The rebuilt network's head is {head!r}, not {self.head_!r}: the "
                 "model's code changed since the estimator was saved."
             )
-        if appended:
-            self.trace_ = trace(self.model_, example)
         self.model_.eval().requires_grad_(False)
 
     def _train(
@@ -582,13 +566,8 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         (0.5 unless ``tune_thresholds``).
     model_ : torch.nn.Module
         The fine-tuned network, in eval mode, on ``device_``.
-    device_ : torch.device
-        Where the network runs.
-    preprocessing_ : Preprocessing
-        Resize, crop, mean and std used for every image.
-    stem_ : dict or None
-        How the first convolution was adapted to the images' bands (as for
-        :class:`CNNFeatureTransformer`); None for RGB.
+    device_, preprocessing_, stem_ :
+        As for :class:`CNNFeatureTransformer`.
     stages_ : list of str
         The stages that an int ``freeze`` counts, in forward order.
     frozen_ : list of str

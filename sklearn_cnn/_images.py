@@ -1,22 +1,15 @@
 """Turn what users pass as images into preprocessed float tensors.
 
 Accepted inputs: arrays (N, H, W) / (N, H, W, C) of uint8 (or other integers
-in [0, 255]), uint16 (16-bit: divided by 65535) or floats (in [0, 1] for the
-weights' own mean and std; in any range once ``mean`` and ``std`` are given or
-fitted), array-likes with ``__array__`` (dask, xarray, h5py, zarr: read a batch
-at a time), and sequences of file paths (multi-band TIFF through ``tifffile``),
-PIL images or per-image arrays (which may differ in size). EXIF orientation is
-applied.
-
-Channels: 1 (grey, repeated to RGB), 3 (RGB) and 4 (RGBA, alpha dropped as
-PIL's ``convert("RGB")`` does) become RGB; any other number of channels (2, 5
-or more) is kept as bands, for a network whose first convolution ``_bands``
-adapted. ``Preprocessing.bands`` keeps every channel as a band, 1 and 4
-included (RGB + near-infrared).
+in [0, 255]), uint16 (divided by 65535) or floats (in [0, 1] unless ``mean``
+and ``std`` are given or fitted), array-likes (dask, xarray, h5py, zarr: read
+a batch at a time), and sequences of file paths, PIL images or per-image
+arrays. Channels: 1, 3 and 4 become RGB (grey repeated, alpha dropped); any
+other number is kept as bands (``Preprocessing.bands``: every channel).
 
 Files are untrusted input: a path that is not a regular file, a decompression
-bomb or an image whose aspect ratio would make resizing allocate gigabytes is
-refused with an error naming the file and its index in X.
+bomb or an image whose resize would allocate gigabytes is refused with an
+error naming the file and its index in X.
 """
 
 from __future__ import annotations

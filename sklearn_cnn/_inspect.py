@@ -24,16 +24,12 @@ def list_layers(
     """The layers of ``model`` that can be tapped, in forward order.
 
     Every module that runs exactly once in a forward pass and returns a tensor
-    is listed, nested ones included (``"layer3"`` and ``"layer3.1.conv2"``), in
-    the order their outputs are computed (a block after its sublayers). A module
-    object reused at several places (resnet's ``layer1.0.relu``, say) is left
-    out: its output would be ambiguous.
-
-    Each layer's layout says which axis of its output holds the channels, and
-    so what ``pooling`` reduces: ``"NCHW"`` (convolution maps), ``"NHWC"``
-    (Swin stages, ConvNeXt block internals, MaxViT windows), ``"NLD"`` (ViT
-    tokens), ``"NC"`` (vectors), or None where the network does not show it
-    (tap such a layer with ``layout=`` or ``pooling="flatten"``).
+    is listed, nested ones included, in the order their outputs are computed
+    (a block after its sublayers); a module reused at several places is left
+    out. Each layer's layout says which axis holds the channels: ``"NCHW"``,
+    ``"NHWC"`` (Swin stages), ``"NLD"`` (ViT tokens), ``"NC"`` (vectors), or
+    None where the network does not show it (then tap it with ``layout=`` or
+    ``pooling="flatten"``).
 
     Parameters
     ----------

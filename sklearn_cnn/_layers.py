@@ -613,10 +613,7 @@ class Tapper:
                     entry = hub.hooks[tap] = [handle, 0]
                 entry[1] += 1
         self._hub = hub
-        stack = getattr(hub.local, "stack", None)
-        if stack is None:
-            stack = hub.local.stack = []
-        stack.append(self._call)
+        hub.local.__dict__.setdefault("stack", []).append(self._call)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -27,7 +27,6 @@ import uuid
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
 from numbers import Integral
 from typing import Any
 
@@ -421,19 +420,15 @@ def featurize(
     blocks = [
         da.from_delayed(
             dask.delayed(_features, pure=True)(
-                _block(X, start, chunk_size),
+                X[start : start + chunk_size],
                 fitted,
                 token,
                 dask_key_name=(f"sklearn-cnn-features-{call}", i),
             ),
-            shape=(len(_block(X, start, chunk_size)), width),
+            shape=(min(chunk_size, len(X) - start), width),
             dtype=np.float32,
             meta=np.empty((0, 0), dtype=np.float32),
         )
         for i, start in enumerate(range(0, len(X), chunk_size))
     ]
     return da.concatenate(blocks, axis=0)
-
-
-def _block(X: np.ndarray | Sequence, start: int, size: int) -> Any:
-    return X[start : start + size]

@@ -88,10 +88,9 @@ def activation_maps(
     layer : str or None, default=None
         Grad-CAM's layer, a name from :func:`~sklearn_cnn.list_layers` whose
         output is a map or tokens. None takes the last such layer (for a ViT
-        with a class token, the input norm of the last block: the patch
-        tokens after the last attention reach the head only through the
-        class token, so their gradients are zero). A pipeline's CAM reads the
-        layer its transformer pools; leave None (or name that layer).
+        with a class token, the last block's input norm: later patch tokens
+        have zero gradients). A pipeline's CAM reads the layer its transformer
+        pools; leave None (or name that layer).
     target : None, label or array-like of shape (n_samples,), default=None
         The class to explain: a label of ``classes_`` for every image, one
         label per image, or None for each image's predicted class. For a
@@ -124,31 +123,21 @@ def activation_maps(
 
     For the pipeline, let ``A_c(h, w)`` be channel ``c`` of the tapped map,
     ``w_c`` the linear model's coefficient of the class, ``b`` its intercept,
-    and let the scalers between them compute ``(x_c - mu_c) / s_c`` (a
-    ``StandardScaler``; any chain of the scalers above folds into one such
-    pair). Average pooling makes the class score
-
-    ``score = sum_c w_c (mean_hw A_c - mu_c) / s_c + b
-    = mean_hw M(h, w) + k``,
-
-    with ``M(h, w) = sum_c (w_c / s_c) A_c(h, w)`` and the constant
-    ``k = b - sum_c w_c mu_c / s_c``, the same for every position. The map
-    is ``M`` clipped at 0, as CAM does; ``k`` is left out, since it moves no
-    position ahead of another. The identity is checked on every batch
-    against the pipeline's own ``decision_function`` (``predict`` for a
-    regressor), so a final step that is not linear in its input is refused
-    rather than explained wrongly. With several tapped layers, their maps
-    are upsampled and summed. A transformer with ``layer=None`` pools the
-    input of the network's last linear layer; when that is the average of
-    a map (ResNet, EfficientNet: checked on the images), the CAM reads that
-    map.
+    and ``(x_c - mu_c) / s_c`` what the scalers between them compute (any
+    chain of them folds into one such pair). Average pooling makes the class
+    score ``mean_hw M(h, w) + k`` with ``M(h, w) = sum_c (w_c / s_c) A_c(h,
+    w)`` and a constant ``k``. The map is ``M`` clipped at 0, as CAM does. The
+    identity is checked on every batch against the pipeline's own
+    ``decision_function`` (``predict`` for a regressor), so a final step that
+    is not linear is refused rather than explained wrongly. With several
+    tapped layers, their maps are upsampled and summed. With ``layer=None``,
+    the CAM reads the map whose average the network's last linear layer
+    reads, where there is one (checked on the images).
 
     Grad-CAM weights each channel of the layer's output by the spatial mean
     of the gradient of the class's logit (before softmax and temperature),
-    sums them and clips at 0. Test-time augmentation (``tta``) is not
-    applied. A layer where those gradients are zero at every position (one
-    that reaches the output only through a class token) gives zero maps,
-    with a warning.
+    sums them and clips at 0; ``tta`` is not applied. A layer whose
+    gradients are zero at every position gives zero maps, with a warning.
 
     Examples
     --------
