@@ -201,9 +201,7 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
                             time=time.perf_counter() - start,
                         )  # fmt: skip
                     last = self.history_[-1]["epoch"]
-                    selection = Selection(
-                        last, val_acc, val_loss, model, len(val_idx) > 0
-                    )
+                    selection = Selection(last, val_acc, val_loss, model, has_val)
                     guard = self._guard(task, loop, loss, start_loss)
                 self.n_trainable_params_ = sum(
                     p.numel() for p in model.parameters() if p.requires_grad

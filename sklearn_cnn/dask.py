@@ -167,13 +167,6 @@ _LOCAL = threading.local()
 _KEEP = 2
 
 
-def _for_tasks(transformer: CNNFeatureTransformer) -> CNNFeatureTransformer:
-    # A shallow copy, sharing the network; no DataLoader workers in a worker.
-    net = copy.copy(transformer)
-    net.num_workers = 0
-    return net
-
-
 def _network(fitted: CNNFeatureTransformer, token: str) -> CNNFeatureTransformer:
     """This thread's network for ``token``, made once per process: the first
     thread to ask uses ``fitted``'s, other threads get their own deep copy."""
@@ -181,8 +174,9 @@ def _network(fitted: CNNFeatureTransformer, token: str) -> CNNFeatureTransformer
     with _LOCK:
         entry = _NETWORKS.get(token)
         if entry is None:
-            entry = (thread, _for_tasks(fitted))
-            _NETWORKS[token] = entry
+            shared = copy.copy(fitted)  # the same network
+            shared.num_workers = 0  # no DataLoader workers in a Dask worker
+            entry = _NETWORKS[token] = (thread, shared)
             while len(_NETWORKS) > _KEEP:
                 _NETWORKS.popitem(last=False)
         else:
