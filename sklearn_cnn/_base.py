@@ -202,6 +202,12 @@ class ImageClassifierMixin:
         return super().score(X, y, sample_weight=sample_weight)
 
 
+#: The parameters ``Network.build`` takes.
+_BUILD_PARAMS = (
+    "model", "weights", "image_size", "mean", "std", "device", "precision",
+    "bands", "stem",
+)  # fmt: skip
+
 #: Attributes that save() does not store: rebuilt on load with the network,
 #: or recomputed when needed (compiled code, the activation cache key).
 _NOT_SAVED = frozenset(
@@ -276,20 +282,13 @@ class NetworkMixin:
         _check_triplet(self.std, "std")
         check_image_size(self.image_size)  # before the network is built
         self._record_params()
+        params = {name: getattr(self, name) for name in _BUILD_PARAMS}
         key = None
         if share:
-            key = network_key(
-                type(self).__name__, self.model, self.weights, self.random_state,
-                self.image_size, self.mean, self.std, self.device, self.precision,
-                self.bands, self.stem,
-            )  # fmt: skip
+            key = network_key(type(self).__name__, self.random_state, params)
         network = SHARED.get(key, X) if key is not None else None
         if network is None:
-            network = Network.build(
-                self.model, self.weights, image_size=self.image_size,
-                mean=self.mean, std=self.std, device=self.device,
-                precision=self.precision, X=X, bands=self.bands, stem=self.stem,
-            )  # fmt: skip
+            network = Network.build(X=X, **params)
             if key is not None:
                 SHARED.put(key, network)
         self._network = network

@@ -431,23 +431,13 @@ def _builder_identity(model: Any) -> Any:
     return None
 
 
-def network_key(
-    kind: str,
-    model: Any,
-    weights: Any,
-    random_state: Any,
-    image_size: Any,
-    mean: Any,
-    std: Any,
-    device: Any,
-    precision: str,
-    bands: str = "auto",
-    stem: str = "repeat",
-) -> tuple | None:
-    """What decides the network a fit builds, or None where that cannot be
-    told safely (see :func:`_builder_identity`; unseeded random weights; a
-    mean or std fitted to the images, which differ between folds)."""
-    builder = _builder_identity(model)
+def network_key(kind: str, random_state: Any, params: dict[str, Any]) -> tuple | None:
+    """What decides the network ``Network.build(**params)`` builds, or None
+    where that cannot be told safely (see :func:`_builder_identity`; unseeded
+    random weights; a mean or std fitted to the images, which differ between
+    folds)."""
+    builder = _builder_identity(params["model"])
+    weights, mean, std = params["weights"], params["mean"], params["std"]
     if builder is None or isinstance(mean, str) or isinstance(std, str):
         return None
     if weights is None and not isinstance(random_state, Integral):
@@ -457,6 +447,6 @@ def network_key(
         weights = (os.path.abspath(weights), info.st_mtime_ns, info.st_size)
     return (
         kind, builder, repr(weights), repr(random_state),
-        repr(image_size), repr(mean), repr(std), str(device), precision,
-        bands, stem,
+        repr(params["image_size"]), repr(mean), repr(std), str(params["device"]),
+        params["precision"], params["bands"], params["stem"],
     )  # fmt: skip
