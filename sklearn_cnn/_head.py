@@ -109,8 +109,9 @@ def standardize(features: np.ndarray) -> tuple[StandardScaler, np.ndarray]:
     scaler, whose spreads have a floor, and the standardised features."""
     Z = features.astype(np.float64)
     scaler = StandardScaler().fit(Z)
-    # Nearly dead features' tiny spreads would fold huge weights into the head,
-    # which jump once fine-tuning wakes them (benchmarks/README.md).
+    # Nearly dead features' tiny spreads would fold huge weights into the head
+    # (its outputs jump once fine-tuning wakes them): a floor at a tenth of the
+    # median spread (benchmarks/README.md).
     spread = scaler.scale_[scaler.var_ > 0]
     if spread.size:
         scaler.scale_ = np.maximum(scaler.scale_, SCALE_FLOOR * np.median(spread))

@@ -122,10 +122,8 @@ class Sources:
         outputs = [np.empty((len(index), *shape), np.float32) for shape in shapes]
         names = [entry_name(t) for t in taps]
         if directory is not None:
-            cache, (key, about) = (
-                ActivationCache(directory),
-                fine_tune_key(self.network, self.head),
-            )
+            cache = ActivationCache(directory)
+            key, about = fine_tune_key(self.network, self.head)
             if self.digests is None:
                 self.digests = image_digests(self.X, self.network.preprocessing)
             digests = [self.digests[i] for i in index]
@@ -168,20 +166,11 @@ class Sources:
             size = self.network.preprocessing.output_size
             skip = PrefixSkip(self.network.module, prefix[:-1], prefix[-1], (3, *size))
             if self._replays_exactly(skip):
-                return (
-                    skip,
-                    *(
-                        self._features(p, self.stored["prefix " + p])
-                        for p in self.index
-                    ),
-                    self.network.dtype,
-                )
-        return (
-            self.network.module,
-            self._images("train"),
-            self._images("valid"),
-            self.network.dtype,
-        )
+                outputs = (self.stored["prefix " + p] for p in self.index)
+                features = map(self._features, self.index, outputs)
+                return (skip, *features, self.network.dtype)
+        images = map(self._images, self.index)
+        return (self.network.module, *images, self.network.dtype)
 
     def _features(self, part: str, features: torch.Tensor) -> FeatureSource:
         i = self.index[part]
