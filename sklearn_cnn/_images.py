@@ -626,14 +626,14 @@ def check_channels(images: torch.Tensor, preprocess: Any, where: str) -> None:
     if got == expected:
         return
 
-    def what(n: int, rgb: bool) -> str:
+    def what(n: int) -> str:
+        rgb = n == 3 and not getattr(pre, "bands", False)
         return "RGB images (3 channels)" if rgb else f"images of {n} bands"
 
-    rgb = expected == 3 and not getattr(pre, "bands", False)
     raise ValueError(
-        f"{where}: {what(got, got == 3 and not getattr(pre, 'bands', False))}, "
-        f"but the network was fitted on {what(expected, rgb)}. Pass images "
-        "with the channels fit saw, in the same order, or fit again on these."
+        f"{where}: {what(got)}, but the network was fitted on {what(expected)}. "
+        "Pass images with the channels fit saw, in the same order, or fit "
+        "again on these."
         + (
             " (1, 3 and 4 channels are read as grey, RGB and RGBA; with "
             "bands='all' every channel is a band.)"

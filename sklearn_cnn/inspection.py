@@ -668,20 +668,10 @@ class ActivationMapDisplay:
             As for :func:`activation_maps`.
         X : array-like of images or list of paths / PIL images
             Images to explain (a few: one axes each).
-        layer : str or None, default=None
-            See :func:`activation_maps`.
-        target : None, label or array-like, default=None
-            See :func:`activation_maps`; titles show it.
-        batch_size : int, default=16
-            Images per forward pass.
-        ax : matplotlib Axes, array-like of Axes or None, default=None
-            See :meth:`plot`.
-        alpha : float, default=0.5
-            Opacity of the maps.
-        cmap : str, default="jet"
-            Colour map of the maps.
-        n_cols : int, default=4
-            Columns of a new figure's grid.
+        layer, target, batch_size :
+            As for :func:`activation_maps`; titles show the targets.
+        ax, alpha, cmap, n_cols :
+            As for :meth:`plot`.
 
         Returns
         -------
