@@ -738,9 +738,8 @@ def _fill(
     about: dict[str, Any],
     stream: dict[str, Any],
 ) -> np.ndarray:
-    """One pass over the images ``index`` (pooling in the hooks): their
-    features, and every ``fill`` layer stored in shards as they accumulate."""
-    widths: list[int] = []
+    """One pass over the images ``index`` (at least one; pooling in the hooks):
+    their features, and every ``fill`` layer stored in shards as they come."""
     pending: dict[Tap, list[np.ndarray]] = {t: [] for t in fill}
     parts_out: list[np.ndarray] = []
     stored = done = pending_bytes = 0
@@ -765,8 +764,7 @@ def _fill(
         if absent:
             raise RuntimeError(f"Layers {absent} did not run in the forward pass.")
         parts = [pooled[t] for t in taps]
-        widths = [p.shape[1] for p in parts]
-        check_widths(widths)
+        check_widths([p.shape[1] for p in parts])
         parts_out.append(torch.cat(parts, dim=1).float().cpu().numpy())
         n = len(parts[0])
         for t, rows in pooled.items():
@@ -777,8 +775,6 @@ def _fill(
             flush()
     if done > stored:
         flush()
-    if not parts_out:
-        return np.empty((0, sum(widths)), np.float32)
     return np.concatenate(parts_out)
 
 

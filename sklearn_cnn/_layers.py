@@ -410,10 +410,8 @@ def _backward_kind(c: _Call, kinds: dict[int, str]) -> str | None:
 
 @dataclass(frozen=True)
 class Tap:
-    """Where to read a tensor: a module's output, or its input (``pre``).
-
-    The empty name is the network's own output.
-    """
+    """Where to read a tensor: a module's output, or its input (``pre``); the
+    empty name is the network's own output."""
 
     module: str
     pre: bool = False
@@ -421,12 +419,9 @@ class Tap:
 
 def resolve_layers(layer: Any, tr: Trace) -> tuple[list[str], list[Tap]]:
     """Validate ``layer`` against a trace; return display names and taps."""
-    if layer is None:
-        head = tr.head
-        if head is None:
-            # No classifier to strip: the network's own output is its features.
-            return [PENULTIMATE], []
-        return [PENULTIMATE], [Tap(head, pre=True)]
+    if layer is None:  # the classifier's input, else the network's output
+        taps = [] if tr.head is None else [Tap(tr.head, pre=True)]
+        return [PENULTIMATE], taps
     names = [layer] if isinstance(layer, str) else list(layer)
     if not names:
         raise ValueError("layer is an empty list: name at least one layer.")

@@ -22,6 +22,7 @@ import importlib
 import io
 import json
 import os
+import pathlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -163,8 +164,6 @@ def _decode(value: Any, trusted: frozenset[str]) -> Any:
         if tag == "__device__":
             return torch.device(body)
         if tag == "__path__":
-            import pathlib
-
             return pathlib.Path(body)
         if tag == "__weights__":
             return torchvision.models.get_weight(body)
