@@ -202,7 +202,12 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
                         )  # fmt: skip
                     last = self.history_[-1]["epoch"]
                     selection = Selection(last, val_acc, val_loss, model, has_val)
-                    guard = self._guard(task, loop, loss, start_loss)
+                    guard = Guard(  # what tells a wrecked network in this fit
+                        chance_loss=task.chance(*loop.train.targets, loss)[0],
+                        start_loss=start_loss,
+                        chance_accuracy=task.chance(*loop.valid.targets, loss)[1],
+                        names=task.names,
+                    )
                 self.n_trainable_params_ = sum(
                     p.numel() for p in model.parameters() if p.requires_grad
                 )
@@ -283,17 +288,6 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
                 )
             if epochs == 0:
                 return "restored"
-
-    def _guard(
-        self, task: Any, loop: EpochLoop, loss: Loss, start_loss: float | None
-    ) -> Guard:
-        """What tells a wrecked network in this fit (see ``Guard``)."""
-        return Guard(
-            chance_loss=task.chance(*loop.train.targets, loss)[0],
-            start_loss=start_loss,
-            chance_accuracy=task.chance(*loop.valid.targets, loss)[1],
-            names=task.names,
-        )
 
     def _head_loss(
         self, features: torch.Tensor, y: np.ndarray, w: np.ndarray, loss: Loss
