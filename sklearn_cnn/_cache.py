@@ -372,15 +372,13 @@ class _Shard:
                     raise _Corrupt(path, "written for another key or format")
                 if size != self.data_start + header["data_bytes"]:
                     raise _Corrupt(path, "truncated or extended after writing")
-                n = header["n"]
-                raw = f.read(n * _DIGEST)
+                raw = f.read(header["n"] * _DIGEST)
                 if _checksum(raw) != header["digests"]:
                     raise _Corrupt(path, "digest block checksum mismatch")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             if isinstance(exc, FileNotFoundError):
                 raise
             raise _Corrupt(path, f"unreadable ({type(exc).__name__})") from None
-        self.n = n
         self.digests = [raw[i : i + _DIGEST] for i in range(0, len(raw), _DIGEST)]
         self.blocks: dict[str, dict] = header["blocks"]
 
