@@ -296,8 +296,8 @@ def image_digests(
 
     ``preprocessing`` (the fitted :class:`~sklearn_cnn._images.Preprocessing`,
     None: colour, floats in [0, 1]) decides ``bands`` and ``unit_floats``.
-    Nothing is remembered between calls (an array may change in place), but
-    an :class:`~sklearn_cnn.ImageArray`'s images, hashed once for all views.
+    Nothing is remembered between calls (an array may change in place),
+    except an :class:`~sklearn_cnn.ImageArray`'s digests (its images cannot).
     """
     preprocessing = _fitted(preprocessing)
     bands = bool(getattr(preprocessing, "bands", False))
@@ -522,7 +522,7 @@ class ActivationCache:
     ) -> None:
         """Store ``arrays[name][i]`` for the image ``digests[i]``, in shards
         of at most ``MAX_SHARD_BYTES``; a failed write warns, never raises.
-        ``about`` (JSON-able) is kept in each shard's header, for people."""
+        ``about`` (JSON-able) is kept in each shard's header, for readers."""
         digests = list(digests)
         arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
         for name, a in arrays.items():
@@ -623,7 +623,7 @@ def fill_taps(trace: Trace, taps: Sequence[Tap], pooling: str) -> list[Tap]:
     """What a pass that misses the cache stores: the taps asked for, every
     layer down to the deepest one's depth (at least stages and blocks) and the
     classifier's input (or the output), so that the next candidate of a layer
-    search finds its layer cached; only the taps for flattened maps (too large).
+    search finds its layer cached. Flattened maps are too large: only the taps.
     """
     taps = list(taps)
     if pooling == "flatten":
@@ -662,8 +662,9 @@ def _about(net: Network, **parts: Any) -> dict[str, Any]:
 
 
 def network_key_parts(network: Network, pooling: str, layout: Any) -> dict[str, Any]:
-    """The part of a transformer's key that fit decides (the weights hashed
-    once while unchanged, ``Network.memo``); ``layout`` decides pooling too."""
+    """The part of a transformer's key that fit decides: the network (hashed
+    once while its weights are unchanged, ``Network.memo``), preprocessing,
+    pooling and layout."""
     memo = network.memo()
     if "digest" not in memo:
         memo["digest"] = module_digest(network.module)

@@ -396,7 +396,8 @@ def _load_file(
 ) -> torch.Tensor:
     """Image file ``X[index]`` -> (C, H, W) tensor, upright (as
     :func:`array_to_tensor`). The checks before decoding make untrusted files
-    safe: a faster decoder must keep them, and PIL's pixel limit."""
+    safe: a faster decoder must keep them, PIL's pixel limit and the EXIF
+    orientation."""
     where = describe_item(path, index)
     _check_path_text(path, index)
     try:

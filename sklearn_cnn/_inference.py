@@ -133,7 +133,8 @@ def _fold(net: nn.Module, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, s
         x = _probe(conv, next(conv.parameters()).device)
         if _same(fused, nn.Sequential(conv, bn), x, None):
             net.set_submodule(conv_name, fused)
-            net.set_submodule(bn_name, nn.Identity().eval())  # as a Tapper wants
+            # In eval mode, as the rest of the copy: a Tapper stops early only then.
+            net.set_submodule(bn_name, nn.Identity().eval())
             folded.append((conv_name, bn_name))
     return folded
 

@@ -660,7 +660,7 @@ def pool(
     Maps are reduced over their spatial axes, tokens (``"NLD"``) over the
     patch tokens after ``prefix_tokens`` ("cls": the first token). "avgmax" is
     timm's mean of average and max; "gem" is generalized-mean pooling (p=3,
-    clamped at 1e-6). ``layout`` is needed but for vectors and "flatten".
+    clamped at 1e-6). ``layout`` is needed except for vectors and "flatten".
     """
     rows = max(1, POOL_CHUNK // max(1, t[0].numel())) if len(t) else 1
     if t.ndim > 2 and how != "flatten" and len(t) > rows:

@@ -4,7 +4,7 @@ Images, augmented if ``augment`` says so; or, without augmentation, what the
 frozen part of the network computes, stored once per image (and with
 ``memory=`` on disk, for the next fit): the pooled features when only the head
 trains, else the frozen prefix's outputs, after which every epoch runs only
-the rest of the network (``PrefixSkip``, checked against the whole first).
+the rest of the network (``PrefixSkip``, checked against the whole network).
 """
 
 from __future__ import annotations

@@ -125,9 +125,9 @@ def activation_maps(
     ``w_c`` the linear model's coefficient of the class, ``b`` its intercept,
     and ``(x_c - mu_c) / s_c`` what the scalers between them compute (any
     chain of them folds into one such pair). Average pooling makes the class
-    score ``mean_hw M(h, w) + k`` with ``M(h, w) = sum_c (w_c / s_c) A_c(h,
-    w)`` and a constant ``k``. The map is ``M`` clipped at 0, as CAM does. The
-    identity is checked on every batch against the pipeline's own
+    score ``mean_hw M(h, w) + k``, with ``M(h, w) = sum_c (w_c / s_c) A_c(h, w)``
+    and ``k = b - sum_c w_c mu_c / s_c``. The map is ``M`` clipped at 0, as CAM
+    does. The identity is checked on every batch against the pipeline's own
     ``decision_function`` (``predict`` for a regressor), so a final step that
     is not linear is refused rather than explained wrongly. With several
     tapped layers, their maps are upsampled and summed. With ``layer=None``,
