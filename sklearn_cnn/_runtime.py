@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._images import collate_batch, raise_worker_failure
-from ._layers import drop_tap_hooks
+from ._layers import Tapper, drop_tap_hooks
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -255,8 +255,6 @@ class CompiledForward:
         key: tuple,
         verbose: bool = False,
     ) -> None:
-        from ._layers import Tapper
-
         self.key = key
         self.source = weakref.ref(module)  # not id(): ids are reused
         self.version = weights_version(module)
