@@ -107,12 +107,9 @@ def adapted_weight(weight: torch.Tensor, bands: int, rule: str) -> torch.Tensor:
             out = w.repeat(1, math.ceil(bands / 3), 1, 1)[:, :bands] * (3.0 / bands)
     elif rule == "mean":
         out = w.mean(1, keepdim=True).repeat(1, bands, 1, 1) * (3.0 / bands)
-    elif rule == "random":
+    else:  # "random" (the constraints checked the rule): Conv2d's own draw
         out = torch.empty(w.shape[0], bands, *w.shape[2:])
-        # nn.Conv2d.reset_parameters's draw, for the new fan-in.
         nn.init.kaiming_uniform_(out, a=math.sqrt(5))
-    else:
-        raise ValueError(f"stem must be one of {STEM_RULES}; got {rule!r}.")
     return out.to(weight.dtype)
 
 

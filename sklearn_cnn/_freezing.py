@@ -4,7 +4,7 @@ the train/eval mode of every module (``batchnorm``)."""
 from __future__ import annotations
 
 from itertools import takewhile
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -56,7 +56,7 @@ def _frozen_modules(
     names = [n for n, _ in model.named_modules() if n and not _is_head(n, head)]
     never_called = {n for n in names if n not in first}
     everything = set(names)
-    if isinstance(freeze, (bool, np.bool_)) or not isinstance(freeze, (str, Real)):
+    if isinstance(freeze, (bool, np.bool_)):  # bools pass the constraints as ints
         raise ValueError(
             f"freeze={freeze!r}: pass a number of stages (int), a fraction (float), "
             "a module name, 'backbone' or 0."
@@ -88,10 +88,8 @@ def _frozen_modules(
         if k == len(stages):
             return everything
         cut = first[stages[k - 1]]
-    else:  # a fraction
+    else:  # a fraction in [0, 1] (the constraints checked it)
         f = float(freeze)
-        if not 0.0 <= f <= 1.0:
-            raise ValueError(f"freeze={freeze!r}: a fraction must lie in [0, 1].")
         counted = sorted(
             (first[n], sum(p.numel() for p in m.parameters(recurse=False)))
             for n, m in model.named_modules()
