@@ -14,10 +14,8 @@ three rules (the ``stem`` parameter):
 - ``"random"``: a new random filter for every band (PyTorch's own
   initialisation of a convolution), drawn from the fit's seed.
 
-The first convolution is the first ``nn.Conv2d`` that runs in a forward pass
-(found by running one, stopped there), or for a timm model the one its
-``pretrained_cfg["first_conv"]`` names, as timm's own ``in_chans`` does; it
-must read the image itself (3 channels, of the image's size).
+The first convolution is the first ``nn.Conv2d`` that runs in a forward pass,
+or a timm model's ``pretrained_cfg["first_conv"]``; it must read the image.
 """
 
 from __future__ import annotations
@@ -109,12 +107,9 @@ def adapted_weight(weight: torch.Tensor, bands: int, rule: str) -> torch.Tensor:
             out = w.repeat(1, math.ceil(bands / 3), 1, 1)[:, :bands] * (3.0 / bands)
     elif rule == "mean":
         out = w.mean(1, keepdim=True).repeat(1, bands, 1, 1) * (3.0 / bands)
-    elif rule == "random":
+    else:  # "random" (the constraints checked the rule): Conv2d's own draw
         out = torch.empty(w.shape[0], bands, *w.shape[2:])
-        # nn.Conv2d.reset_parameters's draw, for the new fan-in.
         nn.init.kaiming_uniform_(out, a=math.sqrt(5))
-    else:
-        raise ValueError(f"stem must be one of {STEM_RULES}; got {rule!r}.")
     return out.to(weight.dtype)
 
 
@@ -122,11 +117,8 @@ def adapt_stem(
     module: nn.Module, bands: int, rule: str, example: torch.Tensor
 ) -> dict[str, Any]:
     """Give ``module``'s first convolution ``bands`` input channels by
-    ``rule``, in place; ``example`` is an RGB batch of the image size.
-
-    Returns what was done (the estimators' ``stem_``): the convolution's name,
-    the bands and the rule.
-    """
+    ``rule``, in place (``example``: an RGB batch of the image size); return
+    what was done (the estimators' ``stem_``)."""
     name, conv = first_conv(module, example)
     if rule == "repeat" and isinstance(getattr(module, "pretrained_cfg", None), dict):
         # A timm model: timm's own rule, as its in_chans applies it.

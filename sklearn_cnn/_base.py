@@ -67,9 +67,7 @@ def _check_triplet(value: Any, name: str) -> None:
         raise ValueError(f"std must be positive; got {value!r}.")
 
 
-# ---------------------------------------------------------------------------
-# Fit as a transaction: a failed fit leaves the estimator as it was
-# ---------------------------------------------------------------------------
+# -- Fit as a transaction: a failed fit leaves the estimator as it was --------
 
 
 def _module_snapshot(module: nn.Module) -> tuple[dict, dict, dict]:
@@ -93,19 +91,14 @@ def _module_restore(module: nn.Module, snapshot: tuple[dict, dict, dict]) -> Non
 
 @contextlib.contextmanager
 def restore_on_failure(estimator: Any, *, mutated: tuple[str, ...] = ()) -> Iterator:
-    """Leave ``estimator`` exactly as it was if the block raises.
-
-    Use it around the body of ``fit``: an unfitted estimator stays unfitted
-    (``NotFittedError``, not a half-set ``AttributeError``), a fitted one keeps
-    its previous fitted attributes, whatever the exception (``KeyboardInterrupt``
-    included: it is re-raised).
+    """Leave ``estimator`` exactly as it was if the block (``fit``'s body)
+    raises, whatever the exception (it is re-raised).
 
     The instance ``__dict__`` is snapshot (a shallow copy): attributes that the
-    block *rebinds* come back by themselves. Objects that the block changes *in
-    place* must be named in ``mutated``: a ``torch.nn.Module`` (a warm-started
-    ``model_``) is restored by value (weights copied to the CPU tensor by tensor,
-    ``requires_grad`` flags, train/eval modes), anything else (``history_``) by
-    a deep copy. A fit that builds everything anew needs no ``mutated``.
+    block *rebinds* come back by themselves. Objects that it changes *in place*
+    must be named in ``mutated``: a ``torch.nn.Module`` is restored by value
+    (weights, ``requires_grad`` flags, train/eval modes), anything else by a
+    deep copy.
 
     Examples
     --------
@@ -150,18 +143,13 @@ def restore_on_failure(estimator: Any, *, mutated: tuple[str, ...] = ()) -> Iter
         raise
 
 
-# ---------------------------------------------------------------------------
-# Parameters take effect at fit
-# ---------------------------------------------------------------------------
+# -- Parameters take effect at fit --------------------------------------------
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Whether two parameter values mean the same thing.
-
-    Lists, tuples and arrays compare by element (a saved and loaded ``mean``
-    comes back as a list), partials by their function and arguments, modules
-    and other objects by identity (their ``==``).
-    """
+    """Whether two parameter values mean the same thing: sequences by element
+    (a loaded ``mean`` is a list), partials by function and arguments, other
+    objects by their ``==``."""
     if a is b:
         return True
     if isinstance(a, functools.partial) and isinstance(b, functools.partial):
@@ -187,11 +175,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 class ImageClassifierMixin:
-    """``score`` with a docstring that speaks of images, not of a table.
-
-    scikit-learn's ``ClassifierMixin.score`` describes ``X`` as an array of
-    shape (n_samples, n_features); place this mixin left of it.
-    """
+    """``score`` with a docstring that speaks of images, not of a table (place
+    it left of ``ClassifierMixin``)."""
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Mean accuracy of ``predict(X)`` against ``y``.
@@ -217,6 +202,12 @@ class ImageClassifierMixin:
         return super().score(X, y, sample_weight=sample_weight)
 
 
+#: The parameters ``Network.build`` takes.
+_BUILD_PARAMS = (
+    "model", "weights", "image_size", "mean", "std", "device", "precision",
+    "bands", "stem",
+)  # fmt: skip
+
 #: Attributes that save() does not store: rebuilt on load with the network,
 #: or recomputed when needed (compiled code, the activation cache key).
 _NOT_SAVED = frozenset(
@@ -227,20 +218,12 @@ _NOT_SAVED = frozenset(
 class NetworkMixin:
     """Builds and runs the network; the estimators add what they do with it.
 
-    ``fit`` builds a :class:`~sklearn_cnn._network.Network` (or shares one,
-    see ``_build_network``); the fitted attributes ``model_``, ``device_``,
-    ``preprocessing_``, ``stem_`` (how the first convolution was adapted to
-    the images' bands) and ``trace_`` (what one forward pass revealed) are
-    views of it.
-
-    Parameters take effect at ``fit``: ``_build_network`` records the values
-    of ``_inference_params`` (the parameters that decide what inference
-    computes) and inference uses only what fit resolved from them. Inference
-    (``_run``) refuses to run once one of them has been changed by
-    ``set_params`` without a new fit, rather than silently compute with the
-    old value. ``batch_size``, ``num_workers``, ``compile`` and ``verbose`` do
-    not change the results and take effect at once; ``device`` takes effect
-    at the next fit or load.
+    ``fit`` builds a :class:`~sklearn_cnn._network.Network` (or shares one);
+    ``model_``, ``device_``, ``preprocessing_``, ``stem_`` and ``trace_`` are
+    views of it. Parameters take effect at ``fit``: inference (``_run``)
+    refuses to run once one of ``_inference_params`` changed since, rather
+    than compute with the old value; ``device`` takes effect at the next fit
+    or load, the others at once (they do not change the results).
     """
 
     #: Parameters whose value at fit decides what inference computes.
@@ -275,9 +258,21 @@ class NetworkMixin:
     def trace_(self, value: Trace) -> None:  # after a new head is installed
         self._network.trace = value
 
-    @property
-    def _autocast_dtype(self) -> torch.dtype | None:
-        return self._network.dtype
+    def _record_params(self) -> None:
+        """Remember the values of ``_inference_params`` the network is built with."""
+        self._fitted_params = {
+            name: _snapshot_value(getattr(self, name))
+            for name in self._inference_params
+        }
+
+    def _changed_params(self) -> tuple[list[str], list[str]]:
+        """The parameters changed since fit, and what each is and was."""
+        fitted = getattr(self, "_fitted_params", None) or {}
+        changed = [n for n, v in fitted.items() if not _same(getattr(self, n), v)]
+        what = [
+            f"{n}={getattr(self, n)!r} (fitted with {fitted[n]!r})" for n in changed
+        ]
+        return changed, what
 
     def _build_network(self, X: Any, share: bool = False) -> None:
         """Build the network (``_network.Network.build``); with ``share``, take
@@ -286,45 +281,25 @@ class NetworkMixin:
         _check_triplet(self.mean, "mean")
         _check_triplet(self.std, "std")
         check_image_size(self.image_size)  # before the network is built
-        self._fitted_params = {
-            name: _snapshot_value(getattr(self, name))
-            for name in self._inference_params
-        }
+        self._record_params()
+        params = {name: getattr(self, name) for name in _BUILD_PARAMS}
         key = None
         if share:
-            key = network_key(
-                type(self).__name__, self.model, self.weights, self.random_state,
-                self.image_size, self.mean, self.std, self.device, self.precision,
-                self.bands, self.stem,
-            )  # fmt: skip
+            key = network_key(type(self).__name__, self.random_state, params)
         network = SHARED.get(key, X) if key is not None else None
         if network is None:
-            network = Network.build(
-                self.model, self.weights, image_size=self.image_size,
-                mean=self.mean, std=self.std, device=self.device,
-                precision=self.precision, X=X, bands=self.bands, stem=self.stem,
-            )  # fmt: skip
+            network = Network.build(X=X, **params)
             if key is not None:
                 SHARED.put(key, network)
         self._network = network
 
     def _check_params_unchanged(self) -> None:
         """Refuse to run with parameters that changed since fit."""
-        fitted = getattr(self, "_fitted_params", None)
-        if fitted is None:
-            return
-        changed = [
-            name
-            for name, value in fitted.items()
-            if not _same(getattr(self, name), value)
-        ]
+        changed, what = self._changed_params()
         if changed:
-            what = "; ".join(
-                f"{name}={getattr(self, name)!r} (fitted with {fitted[name]!r})"
-                for name in changed
-            )
             raise NotFittedError(
-                f"{type(self).__name__}'s parameters changed after fit: {what}. "
+                f"{type(self).__name__}'s parameters changed after fit: "
+                f"{'; '.join(what)}. "
                 "Parameters take effect at fit: call fit again to use the new "
                 "value(s), or set them back."
             )
@@ -431,17 +406,10 @@ class NetworkMixin:
         tensors: dict[str, torch.Tensor],
         path: str,
     ) -> None:
-        """Rebuild the network and what fit derived from it, then load the tensors.
-
-        The network is built from the parameters and traced on a blank image of
-        the size fit saw; then ``_rebuild_for_load(example)`` redoes the
-        estimator's own structural steps (taps, a classifier head), before the
-        saved tensors are loaded strictly.
-        """
-        self._fitted_params = {
-            name: _snapshot_value(getattr(self, name))
-            for name in self._inference_params
-        }
+        """Rebuild the network from the parameters, traced on a blank image of
+        the size fit saw; ``_rebuild_for_load(example)`` redoes the estimator's
+        structural steps (taps, a head); then load the tensors strictly."""
+        self._record_params()
         device = resolve_device(self.device)
         module = build_architecture(self.model, self.weights).eval()
         stem = None
@@ -452,9 +420,7 @@ class NetworkMixin:
             stem["rule"] = self.stem
         module = place(module, device)
         example = torch.zeros((1, *example_shape), device=device)
-        # As fit probes it: a network that needs contiguous tensors goes back to
-        # the contiguous format here too.
-        trace = probe_network(module, example)
+        trace = probe_network(module, example)  # as fit does (memory format too)
         self._network = Network(
             module, preprocessing, device, self.precision, trace, example_shape, stem
         )
@@ -479,9 +445,8 @@ class NetworkMixin:
             module.load_state_dict(tensors, strict=True)
         place(module.eval(), device)
 
-    # Pickling: the network travels on the CPU (see ``Network.__getstate__``),
-    # so that an estimator fitted on a GPU loads on a machine without one; it
-    # moves to the device the parameters ask for on load.
+    # The network travels on the CPU (``Network.__getstate__``) and moves to
+    # ``device`` on load.
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         if "_network" in state:

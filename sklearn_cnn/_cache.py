@@ -1,29 +1,20 @@
 """A disk cache of per-image activations: what ``memory=`` stores.
 
 Layout: ``<location>/sklearn_cnn/<key>/<random name>.shard``. A *key* names
-everything but the image and the layer that decides an activation (the
-network's code, structure and weights, the preprocessing, the pooling, the
-precision and the device); an *entry* is one image's array for one layer, found
-by a digest of the image's pixels. Entries are written in shards, one file per
-batch of images holding every layer filled for them, so a cache holds few
-files however many images and layers it has.
+everything but the image and the layer that decides an activation (network
+code and weights, preprocessing, pooling, precision, device); an *entry* is
+one image's array for one layer, found by a digest of its pixels. A shard
+holds one batch of images with every layer filled for them.
 
-Safety:
+Safety: a shard is written to a temporary file and moved into place with
+``os.replace`` (atomic), so readers never see part of one and processes may
+write at once; every part of it carries a BLAKE2b checksum, verified on every
+read (a shard that fails is deleted with a warning, its images computed
+again); and it records its key, which a reader checks.
 
-- A shard is written to a temporary file and moved into place with
-  ``os.replace`` (atomic): readers never see a partly written shard, and any
-  number of processes may write at once (they write different files).
-- Every part of a shard (header, digests, each layer's block) carries a
-  BLAKE2b checksum, verified on every read; a shard that fails is deleted with
-  a warning and its images are computed again, never returned.
-- A shard records its key, and a reader checks it: a shard copied into another
-  key's directory is refused.
-
-:class:`ActivationCache` is the storage, usable for any per-image arrays
-(``fetch``/``store`` by key, image digest and name); the rest of this module
-is what :class:`~sklearn_cnn.CNNFeatureTransformer` keys and stores with it,
-and the key of what :class:`~sklearn_cnn.FineTuneClassifier` stores (see
-``_sources``).
+:class:`ActivationCache` is the storage, for any per-image arrays; the rest
+of this module is what :class:`~sklearn_cnn.CNNFeatureTransformer` keys and
+stores with it, and the key of what fine-tuning stores (see ``_sources``).
 """
 
 from __future__ import annotations
@@ -49,7 +40,7 @@ from blake3 import blake3
 from torch import nn
 
 from ._image_array import ImageArray
-from ._images import ArrayLikeImages, image_to_tensor
+from ._images import ArrayLikeImages, _fitted, image_to_tensor
 from ._layers import Tap, Trace
 from ._network import Network
 from ._version import __version__
@@ -157,11 +148,8 @@ def clear_cache(memory: str | os.PathLike | Any) -> None:
 
 
 def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
-    """The values of ``t`` in logical (contiguous) order, on the CPU.
-
-    The memory format (channels_last) does not change the digest. NumPy makes
-    the copies: torch's small parallel ops wait for busy threads.
-    """
+    """The values of ``t`` in logical order, on the CPU (the memory format does
+    not change the digest); NumPy copies, as torch's small ops wait for threads."""
     t = t.detach().cpu()
     if t.is_quantized:
         t = t.dequantize()
@@ -176,12 +164,8 @@ def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
 def _class_source(cls: type) -> bytes:
     """A digest of a module class's code: editing a ``forward`` changes the key.
 
-    The digest of the whole file that defines the class: reading it is cheap,
-    where ``inspect.getsource`` parses the file to find the class (44 ms a
-    file, half a second for resnet18's classes). A class without a file on
-    disk (a notebook cell) is read with ``inspect.getsource``. Keyed by the
-    class object, so a class redefined in a notebook (a new object) is read
-    again.
+    The whole defining file is hashed (cheaper than ``inspect.getsource``
+    parsing it), or the class's source where it has no file (a notebook cell).
     """
     try:
         path = inspect.getsourcefile(cls)
@@ -195,13 +179,7 @@ def _class_source(cls: type) -> bytes:
 
 def module_digest(module: nn.Module, skip: str | None = None) -> str:
     """A digest of a network: its classes' code, its structure (``repr``) and
-    the values of every parameter and buffer (but those of the submodule
-    ``skip``, if given).
-
-    Two networks share a digest only if they have the same code and the same
-    weights, whatever file or object they came from. It reads every weight
-    once (BLAKE2b, about 1 GB/s: 40 ms for resnet18).
-    """
+    every parameter and buffer (but those of the submodule ``skip``)."""
     h = hashlib.blake2b(digest_size=16)
     classes: dict[type, None] = {}
     for name, m in module.named_modules():
@@ -226,15 +204,13 @@ def key_of(parts: dict[str, Any]) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-#: Values compared at a time when telling whether an RGB image is grey: a
-#: multiple of 3 (whole pixels), small enough to stay in the CPU's cache.
+#: Values compared at a time by ``_is_grey``: whole pixels, in the CPU's cache.
 _GREY_CHUNK = 3 * 2**14
 
 
 @functools.lru_cache(maxsize=4)
 def _grey_mask(n: int) -> np.ndarray:
-    """``mask[j]``: whether value ``j`` and ``j + 1`` of interleaved RGB values
-    belong to the same pixel (``j % 3 != 2``). Read only, shared by threads."""
+    """``mask[j]``: whether RGB values ``j`` and ``j + 1`` share a pixel."""
     mask = np.ones(n, dtype=bool)
     mask[2::3] = False
     mask.flags.writeable = False
@@ -243,13 +219,8 @@ def _grey_mask(n: int) -> np.ndarray:
 
 def _is_grey(rgb: np.ndarray) -> bool:
     """Whether every pixel of a C-contiguous (H, W, 3) image has R == G == B,
-    bit for bit.
-
-    Each value is compared with the next one, a chunk at a time, and the
-    comparisons across two pixels masked out: contiguous reads that run at
-    memory speed (per-channel views run at a fifth of it), and a colour image
-    is told apart in its first chunk.
-    """
+    bit for bit: each value against the next, a chunk at a time (contiguous
+    reads, and a colour image is told in its first chunk)."""
     flat = rgb.reshape(-1)
     if flat.dtype.itemsize != 1:  # float32: compare the bits (-0.0 vs 0.0)
         flat = flat.view(f"u{flat.dtype.itemsize}")
@@ -274,17 +245,10 @@ def _header(kind: str, dtype: np.dtype, height: int, width: int) -> bytes:
 
 
 def _digest(image: np.ndarray, bands: bool = False) -> bytes:
-    """One image's digest: (H, W) or (H, W, C), uint8, uint16 or float32 (as
-    ``_canonical`` gives it).
-
-    What is hashed is what the network receives, once. As colour (``bands``
-    False): a grey image (or an RGB one whose channels are equal, or a
-    broadcast one) as its one channel with a "grey" tag, else its three
-    channels (alpha dropped); 2 or 5+ channels are bands. As ``bands``: every
-    channel, tagged with their number. An image whose values are not
-    contiguous is copied alone (a 300 x 300 crop: a few microseconds, where
-    300 row-by-row updates take 100).
-    """
+    """One image's digest (as ``_canonical`` gives it): of what the network
+    receives. As colour, a grey (or equal-channel, or broadcast) image is its
+    one channel, tagged "grey", else its three (alpha dropped); 2 or 5+
+    channels, or ``bands``, are every channel, tagged with their number."""
     height, width = image.shape[:2]
     channels = image.shape[2] if image.ndim == 3 else 1
     if bands or channels not in (1, 3, 4):
@@ -324,36 +288,22 @@ def _canonical(a: np.ndarray) -> np.ndarray:
 def image_digests(
     X: np.ndarray | ArrayLikeImages | list, preprocessing: Any = None
 ) -> list[bytes]:
-    """A 16-byte digest of each image of ``X`` (as ``check_images`` returns it).
+    """A 16-byte BLAKE3 digest of each image of ``X`` (as ``check_images``
+    returns it), taken as the network's preprocessing receives it (pixels as
+    uint8, uint16 or float32, RGB or bands, files decoded and upright): an
+    image has one digest however it is given, and images that differ in any
+    pixel, band, size or dtype differ.
 
-    The digest is taken of the image as the network's preprocessing receives
-    it: pixels as uint8, uint16 or float32, RGB (grey repeated, alpha
-    dropped) or bands, files decoded, EXIF orientation applied. So an image
-    has one digest whether it is given as grey, as RGB with three equal
-    channels, as an array row, a file or a PIL image, and wherever it is in
-    ``X``; images that differ in any pixel, band, size or dtype differ.
-
-    ``preprocessing`` is the fitted :class:`~sklearn_cnn._images.Preprocessing`
-    (None: colour images, floats in [0, 1]): with its ``bands``, every channel
-    is a band (a fourth channel is not alpha, one channel is not grey), and
-    its ``unit_floats`` decides which float images are accepted.
-
-    Each image's values are read once, in place, by BLAKE3 (a cryptographic
-    hash: crafted images cannot collide; 4-7 GB/s on one core): a grey image
-    is hashed as its one channel, never repeated to three. Nothing is
-    remembered between calls: an array may change in place between two
-    calls, and a search's folds are new arrays (rows copied by indexing)
-    anyway, so every call reads the pixels it is given; except for an
-    :class:`~sklearn_cnn.ImageArray`, whose images nobody can change: each of
-    its images is hashed once for all its views.
+    ``preprocessing`` (the fitted :class:`~sklearn_cnn._images.Preprocessing`,
+    None: colour, floats in [0, 1]) decides ``bands`` and ``unit_floats``.
+    Nothing is remembered between calls (an array may change in place),
+    except an :class:`~sklearn_cnn.ImageArray`'s digests (its images cannot).
     """
-    # An augmenting wrapper's own preprocessing (see _images._fitted).
-    preprocessing = getattr(preprocessing, "preprocess", preprocessing)
+    preprocessing = _fitted(preprocessing)
     bands = bool(getattr(preprocessing, "bands", False))
     unit_floats = bool(getattr(preprocessing, "unit_floats", True))
     shared = X if isinstance(X, ImageArray) else getattr(X, "data", None)
     if isinstance(shared, ImageArray):
-        # Read-only images that every fold's view shares: each hashed once.
         images = ArrayLikeImages(shared.images)
         return shared.memoized(
             ("digest", bands, unit_floats),
@@ -422,15 +372,13 @@ class _Shard:
                     raise _Corrupt(path, "written for another key or format")
                 if size != self.data_start + header["data_bytes"]:
                     raise _Corrupt(path, "truncated or extended after writing")
-                n = header["n"]
-                raw = f.read(n * _DIGEST)
+                raw = f.read(header["n"] * _DIGEST)
                 if _checksum(raw) != header["digests"]:
                     raise _Corrupt(path, "digest block checksum mismatch")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             if isinstance(exc, FileNotFoundError):
                 raise
             raise _Corrupt(path, f"unreadable ({type(exc).__name__})") from None
-        self.n = n
         self.digests = [raw[i : i + _DIGEST] for i in range(0, len(raw), _DIGEST)]
         self.blocks: dict[str, dict] = header["blocks"]
 
@@ -451,13 +399,9 @@ class _Shard:
 
 
 class ActivationCache:
-    """Per-image arrays on disk, by key, image digest and name.
-
-    ``fetch`` and ``store`` are all there is: a key (:func:`key_of` of what
-    decides the arrays), one digest per image (:func:`image_digests`) and a
-    name per array (a layer). Rows may have any shape and numeric dtype, so
-    pooled features and whole activation maps alike can be cached. Safe for
-    concurrent processes and threads; see the module's docstring.
+    """Per-image arrays on disk, by key (:func:`key_of`), image digest
+    (:func:`image_digests`) and name (a layer); rows of any shape and numeric
+    dtype. Safe for concurrent processes and threads (see the module).
 
     Parameters
     ----------
@@ -576,13 +520,9 @@ class ActivationCache:
         arrays: dict[str, np.ndarray],
         about: dict[str, Any] | None = None,
     ) -> None:
-        """Store ``arrays[name][i]`` for the image ``digests[i]``.
-
-        Written in shards of at most ``MAX_SHARD_BYTES``, each atomically. A
-        failure to write (disk full, read-only) warns and caches nothing; it
-        never fails the caller. ``about`` (JSON-able) is kept in each shard's
-        header, for people inspecting the cache.
-        """
+        """Store ``arrays[name][i]`` for the image ``digests[i]``, in shards
+        of at most ``MAX_SHARD_BYTES``; a failed write warns, never raises.
+        ``about`` (JSON-able) is kept in each shard's header, for readers."""
         digests = list(digests)
         arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
         for name, a in arrays.items():
@@ -680,15 +620,10 @@ def entry_name(tap: Tap) -> str:
 
 
 def fill_taps(trace: Trace, taps: Sequence[Tap], pooling: str) -> list[Tap]:
-    """What a pass that misses the cache stores: the taps asked for, then
-    every layer of ``trace`` down to the depth of the deepest one asked for
-    (at least two levels of the module tree: stages and blocks), and the
-    pretrained classifier's input (or the network's output without one).
-
-    The pass runs to the end of the network, so that the next candidate of a
-    layer search finds its layer cached. With ``pooling="flatten"`` only the
-    taps asked for are stored: flattened maps are too large to store
-    speculatively.
+    """What a pass that misses the cache stores: the taps asked for, every
+    layer down to the deepest one's depth (at least stages and blocks) and the
+    classifier's input (or the output), so that the next candidate of a layer
+    search finds its layer cached. Flattened maps are too large: only the taps.
     """
     taps = list(taps)
     if pooling == "flatten":
@@ -727,14 +662,12 @@ def _about(net: Network, **parts: Any) -> dict[str, Any]:
 
 
 def network_key_parts(network: Network, pooling: str, layout: Any) -> dict[str, Any]:
-    """The part of a transformer's key that fit decides: network, weights,
-    preprocessing, pooling. The weights are hashed once while they stay
-    unchanged (``Network.memo``), so once per process for a shared network.
-    """
+    """The part of a transformer's key that fit decides: the network (hashed
+    once while its weights are unchanged, ``Network.memo``), preprocessing,
+    pooling and layout."""
     memo = network.memo()
     if "digest" not in memo:
         memo["digest"] = module_digest(network.module)
-    # A user's layout hint decides how a layer of unknown layout is pooled.
     return _about(network, network=memo["digest"], pooling=pooling, layout=repr(layout))
 
 
@@ -763,13 +696,9 @@ def cached_transform(
     pooling: str,
     **stream: Any,
 ) -> np.ndarray:
-    """A transformer's features of ``X`` through the cache in ``directory``.
-
-    ``parts`` is the key fit decided (:func:`network_key_parts`). Images
-    already cached for every tapped layer are read; each other image (once,
-    even if ``X`` repeats it) goes through one full forward pass that stores
-    every layer :func:`fill_taps` names. ``stream`` goes to ``Network.stream``.
-    """
+    """A transformer's features of ``X`` through the cache in ``directory``
+    (``parts``: :func:`network_key_parts`): cached images are read, each other
+    one (once) goes through a pass that stores what :func:`fill_taps` names."""
     cache = ActivationCache(directory)
     about = {**parts, **_runtime_parts(network)}
     key = key_of(about)
@@ -808,12 +737,8 @@ def _fill(
     about: dict[str, Any],
     stream: dict[str, Any],
 ) -> np.ndarray:
-    """One forward pass over the images ``index`` (``Network.stream`` with
-    pooling in the hooks): their requested features, and every ``fill``
-    layer stored in shards as they accumulate. The pass runs on the network
-    transform runs on: cached rows are the numbers an uncached transform
-    gives."""
-    widths: list[int] = []
+    """One pass over the images ``index`` (at least one; pooling in the hooks):
+    their features, and every ``fill`` layer stored in shards as they come."""
     pending: dict[Tap, list[np.ndarray]] = {t: [] for t in fill}
     parts_out: list[np.ndarray] = []
     stored = done = pending_bytes = 0
@@ -838,8 +763,7 @@ def _fill(
         if absent:
             raise RuntimeError(f"Layers {absent} did not run in the forward pass.")
         parts = [pooled[t] for t in taps]
-        widths = [p.shape[1] for p in parts]
-        check_widths(widths)
+        check_widths([p.shape[1] for p in parts])
         parts_out.append(torch.cat(parts, dim=1).float().cpu().numpy())
         n = len(parts[0])
         for t, rows in pooled.items():
@@ -850,8 +774,6 @@ def _fill(
             flush()
     if done > stored:
         flush()
-    if not parts_out:
-        return np.empty((0, sum(widths)), np.float32)
     return np.concatenate(parts_out)
 
 

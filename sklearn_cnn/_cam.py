@@ -1,12 +1,8 @@
 """Class activation maps of a network: Grad-CAM and the exact linear CAM.
 
-Everything here works on a network (module, preprocessing, device, trace),
-never on an estimator: :mod:`sklearn_cnn.inspection` finds those parts in a
-fitted estimator and calls these functions.
-
-A map is computed at the resolution of the layer it reads, as (N, h, w)
-float64 on the CPU; :func:`upsample` brings it to the network's input
-resolution.
+Everything here works on a network, never on an estimator (that is
+:mod:`sklearn_cnn.inspection`'s part). A map is (N, h, w) float64 on the CPU,
+at the layer's resolution; :func:`upsample` brings it to the input's.
 """
 
 from __future__ import annotations
@@ -24,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._images import ImageDataset, Preprocessing
-from ._layers import Tap, Tapper, Trace, first_tensor, layout_kind, pool
+from ._layers import Tap, Tapper, Trace, first_tensor, layout_kind
 from ._runtime import uses_channels_last
 
 #: Layouts whose outputs have positions in the image (2-D grids or tokens).
@@ -56,12 +52,8 @@ def input_batches(net: Network, X: Any, batch_size: int) -> Iterator[torch.Tenso
 
 
 def unnormalize(net: Network, batch: torch.Tensor) -> np.ndarray:
-    """Network inputs back to (N, H, W, 3) floats in [0, 1], for display.
-
-    Images of other than 3 channels (bands) are shown as the grey mean of
-    their channels, each stretched to [0, 1] per image (their values need
-    not lie in [0, 1] once normalization is undone).
-    """
+    """Network inputs back to (N, H, W, 3) floats in [0, 1], for display
+    (bands: the grey mean of the channels, stretched to [0, 1] per image)."""
     pre = net.preprocessing
     x = batch.float()
     mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1)
@@ -96,14 +88,10 @@ def is_spatial(tr: Trace, tap: Tap) -> bool:
 
 
 def default_layer(tr: Trace) -> str:
-    """The layer Grad-CAM reads by default: the last one, in forward order,
-    whose output is a map with more than one position (or patch tokens).
-
-    With a class token, the tokens after the last attention reach the head
-    only through the class token: their gradients are zero at every patch.
-    The default is then the last token output *before* the last attention
-    (the input norm of the last block: what pytorch-grad-cam's documentation
-    recommends for ViTs, found here from the trace).
+    """The layer Grad-CAM reads by default: the last whose output is a map
+    with more than one position (or patch tokens). With a class token, the
+    last token output *before* the last attention (the tokens after it have
+    zero gradients), as pytorch-grad-cam recommends for ViTs.
     """
     layers = tr.layers
     last_attention = None
@@ -114,9 +102,7 @@ def default_layer(tr: Trace) -> str:
                 kind.__name__.lower()
             ):
                 last_attention = i
-    first_call = {}
-    for i, name in enumerate(tr.calls):
-        first_call.setdefault(name, i)
+    first_call = tr.first_calls
     found = None
     for layer in layers:
         if not is_spatial(tr, Tap(layer.name)):
@@ -140,9 +126,8 @@ def default_layer(tr: Trace) -> str:
 
 def map_before_head(tr: Trace) -> Tap | None:
     """For ``layer=None`` (the input of the last ``nn.Linear``): the last map
-    before the head, which that vector may be the average of (resnet's
-    ``avgpool`` input, EfficientNet's). Whether it is, is checked on the
-    data by the caller."""
+    before the head, which that vector may be the average of (the caller
+    checks on the data)."""
     head = tr.head
     if head is None:
         return None
@@ -161,12 +146,8 @@ def map_before_head(tr: Trace) -> Tap | None:
 def to_grid(
     t: torch.Tensor, layout: str, prefix: int, image_hw: tuple[int, int]
 ) -> torch.Tensor:
-    """A tapped output as (N, C, h, w) maps.
-
-    Tokens (``"NLD"``) lose their ``prefix`` class and register tokens, and
-    the patch tokens are laid on the grid of the image's aspect ratio
-    (row-major, as ViT and Swin order patches).
-    """
+    """A tapped output as (N, C, h, w) maps: tokens lose their ``prefix`` ones
+    and are laid row-major on the grid of the image's aspect ratio."""
     if layout == "NCHW":
         return t
     if layout == "NHWC":
@@ -216,17 +197,13 @@ def grad_cam(
     layer: str,
     layout: str,
     choose: Callable[[torch.Tensor], torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grad-CAM (Selvaraju et al. 2017) of one batch at ``layer``.
+) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017) of one batch at ``layer``, before the
+    ReLU; ``choose(logits)`` gives the output index to explain for each image.
 
-    ``choose(logits)`` gives the output index to explain for each image.
-    Returns the maps before the ReLU, (N, h, w) float64, and the logits.
-
-    The layer's output is detached and made a leaf that requires a gradient,
-    so that only the part of the network after it is differentiated, and the
-    network's parameters are neither touched nor given gradients; a clone of
-    it flows on, so that in-place operations after the layer (ResNet's
-    ``out += identity``) do not change the activations read.
+    The layer's output becomes a leaf that requires a gradient (only what
+    follows is differentiated; the parameters get none), and a clone of it
+    flows on (in-place operations after the layer do not change it).
     """
     module = net.module.get_submodule(layer)
     store: dict[str, torch.Tensor] = {}
@@ -266,7 +243,7 @@ def grad_cam(
             stacklevel=4,
         )
     weights = g.mean(dim=(2, 3), keepdim=True)  # alpha_c: pooled gradients
-    return (weights * a).sum(1).cpu(), logits.detach().cpu()
+    return (weights * a).sum(1).cpu()
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -297,29 +274,23 @@ def linear_cam(
     prefix: int,
     image_hw: tuple[int, int],
     weights: np.ndarray,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """``sum_c weights[c] * A_c(h, w)`` for each tapped map, before the ReLU.
-
-    ``weights`` (N, F) holds each image's coefficients over the features the
-    maps pool to, in their order (several layers: concatenated). Returns one
-    (N, h, w) float64 map per layer and the (N, F) float64 average-pooled
-    features (what the pipeline's transformer gives), so that the caller can
-    check the maps against the model's own scores.
-    """
+) -> list[torch.Tensor]:
+    """``sum_c weights[c] * A_c(h, w)`` for each tapped map, before the ReLU:
+    one (N, h, w) float64 map per layer; ``weights`` (N, F) holds each image's
+    coefficients over the maps' pooled features (layers concatenated)."""
     w = torch.as_tensor(weights, dtype=torch.float64)
-    out, pooled, start = [], [], 0
+    out, start = [], 0
     for t, layout in zip(maps, layouts, strict=True):
         grid = to_grid(t, layout, prefix, image_hw).double().cpu()
         c = grid.shape[1]
         out.append(torch.einsum("nc,nchw->nhw", w[:, start : start + c], grid))
-        pooled.append(pool(t, "avg", layout, prefix).double().cpu())
         start += c
     if start != w.shape[1]:
         raise ValueError(
             f"The tapped layers give {start} features but the linear model has "
             f"{w.shape[1]} coefficients."
         )
-    return out, torch.cat(pooled, dim=1)
+    return out
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,23 +1,11 @@
 """Fine-tuning on several devices with torch's DistributedDataParallel.
 
-``fit_ddp`` starts one process per device with ``torch.multiprocessing``; each
-runs the estimator's own ``fit`` on the same data with the same seed, so every
-process takes the same decisions (validation split, probe, permutation of each
-epoch, early stopping). The training loop's extension point
-(``_training.DATA_PARALLEL``), set only inside those processes, makes it
-data-parallel:
-
-* every global batch of ``batch_size`` images (the same permutation as on one
-  device) is split among the processes, each loading and augmenting only its
-  part (``_shard``);
-* the module that maps a batch to logits is wrapped in
-  ``DistributedDataParallel`` for the training epochs, which averages the
-  gradients of the parts: each optimizer step sees the whole global batch, as
-  on one device, and the parameters stay identical in every process;
-* validation, the probe and calibration run unwrapped, on all the images, in
-  every process (the same result everywhere, no communication).
-
-Rank 0's fitted estimator is sent back to the caller.
+``fit_ddp`` starts one process per device; each runs the estimator's own
+``fit`` on the same data with the same seed, so every process takes the same
+decisions. ``_training.DATA_PARALLEL``, set only inside those processes, splits
+every global batch among them (``_shard``) and wraps the training forward in
+``DistributedDataParallel``; validation, the probe and calibration run
+unwrapped on all the images. Rank 0's fitted estimator is sent back.
 """
 
 from __future__ import annotations
@@ -40,20 +28,15 @@ from sklearn.utils import check_random_state
 from ._runtime import available_cpus, batches, resolve_device
 from ._training import DATA_PARALLEL
 
-# ---------------------------------------------------------------------------
-# Splitting batches among processes
-# ---------------------------------------------------------------------------
+# -- Splitting batches among processes ----------------------------------------
 
 
 def _shard(
     order: list[int], batch_size: int, rank: int, world: int, drop_last: bool
 ) -> list[list[int]]:
-    """This process's part of each global batch of ``order``.
-
-    Global batches are ``batch_size`` consecutive entries of ``order``, as on
-    one device; process ``rank`` takes every ``world``-th image of each. A
-    global batch with fewer images than processes is skipped by all of them
-    (a process with no image would have no gradient to contribute).
+    """This process's part of each global batch of ``order`` (``batch_size``
+    consecutive entries): every ``world``-th image from ``rank``. A batch with
+    fewer images than processes is skipped by all (one would have no gradient).
     """
     out = []
     for start in range(0, len(order), batch_size):
@@ -75,9 +58,8 @@ class _DataParallel:
 
     def image_batches(self, dataset, batch_size, generator, drop_last,
                       loader) -> Iterator[Any]:  # fmt: skip
-        # The order a shuffling DataLoader draws from ``generator`` (its base
-        # seed first, then its RandomSampler, to the end), so that the global
-        # batches, this epoch and the next, are those of a fit on one device.
+        # A shuffling DataLoader's draws (base seed, sampler): the global
+        # batches of a fit on one device.
         torch.empty((), dtype=torch.int64).random_(generator=generator)
         sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
         order = list(sampler)
@@ -85,8 +67,7 @@ class _DataParallel:
         mine = [i for part in parts for i in part]
         sizes = [len(part) for part in parts]
         subset = torch.utils.data.Subset(dataset, mine)
-        # Consecutive parts of ``mine`` are this process's batches: load them
-        # in order, and regroup them by the sizes of the parts.
+        # Load the parts in order, regrouped by their sizes.
         stream = batches(subset, batch_size=max(sizes, default=1), **loader)
         return _regroup(stream, sizes)
 
@@ -94,8 +75,6 @@ class _DataParallel:
         if not any(p.requires_grad for p in module.parameters()):
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # Every trainable parameter takes part in each forward pass: auxiliary
-        # heads are dropped and frozen modules have no gradient.
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
@@ -114,9 +93,7 @@ def _regroup(stream: Iterator[Any], sizes: list[int]) -> Iterator[Any]:
         pending, held = ([rest], len(rest[0])) if len(rest[0]) else ([], 0)
 
 
-# ---------------------------------------------------------------------------
-# The processes
-# ---------------------------------------------------------------------------
+# -- The processes ------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -126,10 +103,11 @@ def _free_port() -> int:
 
 
 def _process(
-    rank: int, world: int, port: int, backend: str, device: str, threads: int,
-    estimator: Any, X: Any, y: Any, fit_params: dict, out: str,
+    rank: int, world: int, port: int, backend: str, devices: list[str],
+    threads: int, estimator: Any, X: Any, y: Any, fit_params: dict, out: str,
 ) -> None:  # fmt: skip
     """One process of ``fit_ddp``: join the group, fit, rank 0 writes the result."""
+    device = devices[rank]
     if sys.platform.startswith("linux"):
         # Gloo talks over the loopback interface only: the processes are local.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -198,18 +176,14 @@ def fit_ddp(
     -----
     What changes against one device:
 
-    * BatchNorm: with ``batchnorm="frozen"`` (the default) the statistics stay
-      the pretrained ones in every process. With ``batchnorm="train"``, each
-      process normalizes its part of the batch by that part's statistics,
-      and the running statistics are rank 0's (broadcast to the others before
-      each forward pass).
+    * BatchNorm with ``batchnorm="train"`` normalizes each process's part of
+      the batch by that part's statistics; the running statistics are rank
+      0's (``"frozen"``, the default, keeps the pretrained ones everywhere).
     * A step's loss is averaged per process, then over processes: exactly
-      the one-device loss when the parts carry equal weights (equal sizes,
-      no ``sample_weight`` or ``class_weight``), close otherwise.
+      the one-device loss when the parts carry equal weights, close otherwise.
     * Augmentation draws from each process's torch generator, seeded alike.
     * The probe, validation and calibration run in every process on all the
-      images: they cost what they cost on one device.
-    * ``random_state=None`` draws one seed here, shared by the processes.
+      images; ``random_state=None`` draws one seed, shared by the processes.
 
     The script that calls it must guard its entry point with
     ``if __name__ == "__main__":`` (the processes import it), and ``model``
@@ -245,9 +219,8 @@ def fit_ddp(
             f"batch_size={params['batch_size']} is smaller than n_devices="
             f"{n_devices}: each device needs at least one image of every batch."
         )
-    # One seed for every process: with random_state=None each would draw its
-    # own split and permutation. A RandomState travels as a copy to each
-    # process, and the caller's advances as one fit would advance it.
+    # One seed for every process; the caller's RandomState advances as one
+    # fit would advance it.
     random_state = params["random_state"]
     if random_state is None:
         seed = check_random_state(None).randint(2**31 - 1)
@@ -271,37 +244,20 @@ def fit_ddp(
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pkl")
-        port = _free_port()
+        group = (n_devices, _free_port(), backend, devices, threads)
         torch.multiprocessing.start_processes(
-            _entry,
-            args=(
-                n_devices,
-                port,
-                backend,
-                devices,
-                threads,
-                work,
-                X,
-                y,
-                fit_params,
-                out,
-            ),  # fmt: skip
+            _process,
+            args=(*group, work, X, y, fit_params, out),
             nprocs=n_devices,
             join=True,
             start_method="spawn",
         )
         with open(out, "rb") as f:  # written by rank 0 of this call
             fitted = pickle.load(f)
-    # Back to the caller's parameters (device, random_state, verbose), with
-    # rank 0's fitted attributes, on the device the caller's parameters say.
+    # Rank 0's fitted attributes, with the caller's parameters (and device).
     state = fitted.__getstate__()
     state.update(params)
     for name in [k for k in vars(estimator) if k.endswith("_")]:
         delattr(estimator, name)
     estimator.__setstate__(state)
     return estimator
-
-
-def _entry(rank: int, world: int, port: int, backend: str, devices: list[str],
-           *rest: Any) -> None:  # fmt: skip
-    _process(rank, world, port, backend, devices[rank], *rest)

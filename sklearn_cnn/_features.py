@@ -47,28 +47,24 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         use :func:`functools.partial` rather than a lambda so that it pickles).
     weights : None, str, path or torchvision WeightsEnum, default="DEFAULT"
         For a torchvision name: ``"DEFAULT"``, an enum name such as
-        ``"IMAGENET1K_V1"``, a ``WeightsEnum``, None (random weights) or the path
-        of a state-dict file. Enum weights are downloaded by torchvision on
-        first use. For a module of your own: the path of a state-dict file, or
-        None/"DEFAULT" to keep the module's weights. Files are read with
-        ``torch.load(weights_only=True)``.
+        ``"IMAGENET1K_V1"``, a ``WeightsEnum`` (downloaded on first use), None
+        (random weights) or the path of a state-dict file (read with
+        ``torch.load(weights_only=True)``). For a module of your own: a
+        state-dict file, or None/"DEFAULT" to keep the module's weights.
     layer : str, list of str or None, default=None
         Module name(s) from ``model.named_modules()``, as
         :func:`~sklearn_cnn.list_layers` shows them. None taps the input of the
         network's last ``nn.Linear`` (the pooled penultimate features); a model
-        without one gives its output. Several names concatenate their features
-        in the order given. Tapping an early layer stops the forward pass there.
-        A model whose forward returns a tuple, list or dict gives its first
-        tensor.
+        without one gives its output (its first tensor). Several names
+        concatenate their features in the order given. Tapping an early layer
+        stops the forward pass there.
     pooling : {"avg", "max", "avgmax", "gem", "cls", "flatten"}, default="avg"
         How a layer's output becomes a vector: global average, max, the mean of
         the two, generalized mean (p=3) over its spatial positions (or its patch
         tokens), the class token ("cls", for ViT tokens), or all values
-        flattened. Outputs that are already vectors are left as they are. The
-        channel axis is found from the network itself: (N, C, H, W) maps of
-        convolutions, (N, H, W, C) maps (Swin stages, ConvNeXt block
-        internals), (N, L, D) tokens (ViT encoders: "avg" is the mean of the
-        patch tokens, as timm does); :func:`~sklearn_cnn.list_layers` shows it.
+        flattened; vectors are left as they are. The channel axis is found
+        from the network (NCHW or NHWC maps, NLD tokens);
+        :func:`~sklearn_cnn.list_layers` shows it.
     layout : None, str or dict, default=None
         The layout of the tapped output where it cannot be found from the
         network (fit says so): "NCHW" (channels first), "NHWC" (channels last),
@@ -95,19 +91,16 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         (the network then takes 4 channels). See ``stem``.
     stem : {"repeat", "mean", "random"}, default="repeat"
         For images of other than 3 channels, how the network's first
-        convolution (found by a forward pass; a timm model's
-        ``pretrained_cfg["first_conv"]``) gets one input channel per band.
-        "repeat" is timm's ``adapt_input_conv``: for one band the sum of the
-        RGB filters; else band ``i`` gets the filter of RGB channel ``i % 3``,
-        scaled by ``3 / bands``, so that an RGB image repeated k times gives
-        the RGB image's features. "mean": every band gets the mean of the
-        RGB filters (scaled likewise). "random": new random filters from
-        ``random_state``. ``stem_`` says what was done.
+        convolution gets one input channel per band. "repeat" is timm's
+        ``adapt_input_conv``: for one band the sum of the RGB filters; else
+        band ``i`` gets the filter of RGB channel ``i % 3``, scaled by ``3 /
+        bands``. "mean": every band gets the mean of the RGB filters (scaled
+        likewise). "random": new random filters from ``random_state``.
+        ``stem_`` says what was done.
     batch_size : int or "auto", default="auto"
-        Images per forward pass; peak memory is bounded by it, not by the data.
-        The features do not depend on it. "auto": 64 on a GPU; on a CPU a
-        power of two near 400,000 pixels (8 images at 224 px, up to 128 for
-        small images), since a CPU runs small batches fastest.
+        Images per forward pass (it bounds peak memory, not the features).
+        "auto": 64 on a GPU; on a CPU, which runs small batches fastest, a
+        power of two near 400,000 pixels (8 images at 224 px, at most 128).
     device : "auto", str or torch.device, default="auto"
         "auto" runs on CUDA when available, else on the CPU.
     precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
@@ -117,34 +110,28 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
     num_workers : int or "auto", default=0
         DataLoader worker processes that decode and preprocess image files.
         "auto" uses one per CPU beyond the two running the network (at most
-        8) when there are enough files to pay for starting them, none on two
-        CPUs or fewer (a worker takes a core from the network), and none for
+        8) when there are enough files to pay for starting them; none for
         arrays and PIL images, which need no decoding.
     memory : None, str, path or joblib.Memory, default=None
         Cache the pooled activations on disk (in ``<location>/sklearn_cnn``)
         so that no image runs through the network twice: across folds, the
         candidates of a layer search, later fits and sessions. An image not
-        yet cached goes once through the whole network, and that pass stores
-        every layer down to the depth of the deepest one asked for (at least
-        stages and blocks, ``"layer3"`` and ``"layer3.1"``): a ``GridSearchCV``
-        over ``layer`` then runs the network once per image in all. Entries
-        are found by the image's pixels (array, file or PIL image alike, in
-        any order) and by everything that decides them: the network's code
-        and weights (their values, hashed once per fit), preprocessing,
-        pooling, precision and device. :func:`~sklearn_cnn.cache_size` gives
-        its size, :func:`~sklearn_cnn.clear_cache` deletes it; see the user
-        guide's "Caching activations". None caches nothing. Takes effect at
-        once: it does not change the features.
+        yet cached goes once through the whole network, which stores every
+        layer down to the depth of the deepest one asked for (at least stages
+        and blocks, ``"layer3"`` and ``"layer3.1"``). Entries are found by the
+        image's pixels (in any form and order) and by everything that decides
+        them: the network's code and weights, preprocessing, pooling,
+        precision and device. :func:`~sklearn_cnn.cache_size` gives its size,
+        :func:`~sklearn_cnn.clear_cache` deletes it. None caches nothing.
+        Takes effect at once: it does not change the features.
     compile : bool or "auto", default=False
         Run the network through :func:`torch.compile` (inductor, inference
         only). The compile, tens of seconds, is paid at the first
-        ``transform`` and reused while the fitted network stays the same; it
-        gains little at the small batches a CPU runs, hence not the default.
+        ``transform`` and reused while the fitted network stays the same.
         "auto" compiles during a ``transform`` whose images left are
-        predicted (from its first batches) to take over five minutes
-        uncompiled. The features agree with the uncompiled network's to float
-        tolerance; a model that does not compile runs uncompiled, with a
-        warning. ``verbose`` reports the compile time.
+        predicted to take over five minutes uncompiled. The features agree
+        with the uncompiled network's to float tolerance; a model that does
+        not compile runs uncompiled, with a warning.
     random_state : int, RandomState instance or None, default=None
         Seeds the random initialisation of the network when it has no
         pretrained weights (``weights=None``, or a callable that builds a
@@ -179,21 +166,17 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
 
     Notes
     -----
-    Any ``X`` the estimators accept: uint8 or integer arrays N x H x W x C or
-    N x H x W in [0, 255], float arrays in [0, 1], lists of file paths, PIL
-    images or per-image arrays (sizes may differ when images are resized).
-    Grey and RGBA images become RGB. ``fit`` learns nothing from ``X``: it loads
-    the network and checks ``X`` and ``layer``.
+    ``X``: uint8 or integer arrays N x H x W x C or N x H x W in [0, 255],
+    float arrays in [0, 1], lists of file paths, PIL images or per-image
+    arrays (sizes may differ when images are resized). ``fit`` learns nothing
+    from ``X``: it loads the network and checks ``X`` and ``layer``.
 
-    Parameters take effect at ``fit``. ``transform`` uses what fit resolved
-    (the network, its taps, pooling, preprocessing, precision); after
-    ``set_params`` of ``model``, ``weights``, ``layer``, ``pooling``,
-    ``image_size``, ``mean``, ``std`` or ``precision`` it raises
-    ``NotFittedError`` until ``fit`` runs again, rather than return the old
-    setting's features. ``batch_size``, ``num_workers`` and ``verbose`` do not
-    change the features and take effect at once; ``device`` at the next fit
-    or load. A fit that fails leaves the transformer as it was (unfitted, or
-    with its previous fit).
+    Parameters take effect at ``fit``: after ``set_params`` of ``model``,
+    ``weights``, ``layer``, ``pooling``, ``image_size``, ``mean``, ``std`` or
+    ``precision``, ``transform`` raises ``NotFittedError`` until ``fit`` runs
+    again. ``batch_size``, ``num_workers`` and ``verbose`` take effect at
+    once; ``device`` at the next fit or load. A fit that fails leaves the
+    transformer as it was.
 
     On CUDA, a batch that runs out of memory is split in halves (down to one
     image) with a warning, and the results stay the same. ``save(path)`` and
@@ -305,11 +288,9 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
             The fitted transformer.
         """
         X = check_images(X, unit_floats=self.mean is None and self.std is None)
-        # A fit that fails (unknown layer, bad weights) changes nothing.
         with restore_on_failure(self):
             with seeded(self.random_state):  # random weights, reproducibly
-                # With memory=, fits in one process (a search's candidates and
-                # folds) share the network: it is only read.
+                # With memory=, a search's fits share the (read-only) network.
                 self._build_network(X, share=self.memory is not None)
             self.layers_, self._taps = resolve_layers(self.layer, self.trace_)
             self.layouts_ = self._resolve_layouts()
@@ -321,13 +302,8 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         return self
 
     def _measure_widths(self, example: torch.Tensor) -> None:
-        """Feature widths of each tapped layer: from the traced shapes, or
-        from one preprocessed image where those cannot tell.
-
-        Kept with the network while its weights are unchanged, per set of
-        taps and pooling: fits that share the network (``memory=``) see the
-        same input shape.
-        """
+        """Feature widths of each tapped layer, from the traced shapes or one
+        image; kept with the network while its weights are unchanged."""
         key = ("widths", tuple(self._taps), self._pooling, tuple(self.layouts_))
         known = self._network.memo()
         widths = known.get(key)
@@ -337,12 +313,10 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         self.n_features_out_ = int(sum(widths))
 
     def _traced_widths(self) -> list[int] | None:
-        """The widths from the shapes the trace recorded, pooled on the meta
-        device (no computation); None where the trace lacks a shape or the
-        pooling cannot run there. Every batch checks them (``_check_widths``)."""
-        taps = self._taps or [Tap("")]
+        """The widths from the traced shapes, pooled on the meta device; None
+        where that cannot tell."""
         widths = []
-        for tap in taps:
+        for tap in self._tapped:
             shape = self.trace_.shape_of(tap)
             if shape is None:
                 return None
@@ -357,10 +331,9 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         """The widths from a one-image forward pass."""
         with torch.inference_mode(), Tapper(self.model_, self._taps) as tapper:
             tensors = tapper(example)
-        taps = self._taps or [Tap("")]
         return [
             self._pool_tap(tap, t).shape[1]
-            for tap, t in zip(taps, tensors, strict=True)
+            for tap, t in zip(self._tapped, tensors, strict=True)
         ]
 
     def _key_parts(self) -> dict[str, Any]:
@@ -371,6 +344,11 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
     @property
     def _pooling(self) -> str:
         return self._fitted_params["pooling"]
+
+    @property
+    def _tapped(self) -> list[Tap]:
+        """The taps, or the network's output for none."""
+        return self._taps or [Tap("")]
 
     def _resolve_layouts(self) -> list[str | None]:
         """The layout of each tapped output: the trace's, or the user's hint
@@ -387,8 +365,7 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
             if bad:
                 raise ValueError(f"layout values must be one of {LAYOUTS}; got {bad}.")
         layouts = []
-        taps = self._taps or [Tap("")]
-        for name, tap in zip(self.layers_, taps, strict=True):
+        for name, tap in zip(self.layers_, self._tapped, strict=True):
             shape = self.trace_.shape_of(tap) or ()
             found = self.trace_.layout_of(tap)
             given = hint.get(name) if isinstance(hint, dict) else hint
@@ -406,10 +383,6 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
     def _rebuild_for_load(self, example: torch.Tensor) -> None:
         """After the network is rebuilt by ``sklearn_cnn.load``: the taps."""
         _, self._taps = resolve_layers(self._fitted_params["layer"], self.trace_)
-
-    @property
-    def _n_features_out(self) -> int:
-        return self.n_features_out_
 
     def transform(self, X: Any) -> np.ndarray:
         """Run the network on ``X`` and return the pooled activations.
@@ -429,8 +402,6 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         directory = cache_directory(self.memory)
         if directory is not None:
             self._check_params_unchanged()
-            # The weights' digest is memoised while they stay unchanged: a
-            # network edited in place after fit gets a new key.
             return cached_transform(
                 directory, self._network, self._key_parts(), X, self._taps,
                 self.n_features_out_, self._pool_tap, self._check_widths,
@@ -491,14 +462,11 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         return super().set_output(transform=transform)
 
     def _pool_tap(self, tap: Tap, t: torch.Tensor) -> torch.Tensor:
-        """The features of one tapped tensor: the one place this is decided.
-
-        ``memory=`` pools every layer it stores through this method, so a
-        cached row is what an uncached transform would compute.
-        """
+        """The features of one tapped tensor: the one place this is decided
+        (``memory=`` stores what it gives for every layer)."""
         if not tap.module:
             t = network_output(t)
-        taps = self._taps or [Tap("")]
+        taps = self._tapped
         if tap in taps:  # what fit resolved, the user's hint included
             layout = self.layouts_[taps.index(tap)]
         else:  # another layer (``memory=`` stores them too)
@@ -506,7 +474,7 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         return pool(t, self._pooling, layout, self.trace_.prefix_tokens)
 
     def _pool_all(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        taps = self._taps or [Tap("")]  # no taps: the network's output
+        taps = self._tapped
         parts = [self._pool_tap(tap, t) for tap, t in zip(taps, tensors, strict=True)]
         self._check_widths([p.shape[1] for p in parts])
         return torch.cat(parts, dim=1)

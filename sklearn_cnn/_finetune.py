@@ -32,7 +32,6 @@ from ._base import (
     ImageClassifierMixin,
     NetworkMixin,
     _network_constraints,
-    _same,
     restore_on_failure,
 )
 from ._cache import cache_directory
@@ -44,12 +43,7 @@ from ._freezing import (
     phases,
     train_mode,
 )
-from ._head import (
-    drop_auxiliary_heads,
-    float_logits,
-    install_head,
-    set_head,
-)
+from ._head import drop_auxiliary_heads, float_logits, install_head, set_head
 from ._images import check_images
 from ._layers import trace
 from ._optim import SCHEDULES, make_optimizer, make_schedule, param_groups
@@ -58,54 +52,29 @@ from ._runtime import resolve_device
 from ._sources import Sources
 from ._targets import check_sample_weight
 from ._tasks import MultiLabel, SingleLabel, cross_validated_logits
-from ._training import (
-    EpochLoop,
-    Guard,
-    Loss,
-    PrefixSkip,
-    Selection,
-)
+from ._training import EpochLoop, Guard, Loss, PrefixSkip, Selection
 
 
 class FineTuneBase(NetworkMixin, BaseEstimator):
     """The fit that FineTuneClassifier and FineTuneRegressor share.
 
-    ``fit`` builds the network, installs a linear head with one output per
-    class or target, fits it as a probe on the frozen network's features and
-    trains (LP-FT), selecting the best epoch on a validation split. What
-    depends on the kind of target (encoding, split, weights, loss, validation
-    score, probe, calibration, predictions) is the task's (``_tasks``), which
-    a subclass builds in ``_task``; the subclass also holds the parameters.
+    ``fit`` builds the network, installs a linear head, fits it as a probe on
+    the frozen network's features and trains (LP-FT), selecting the best epoch
+    on a validation split. What depends on the kind of target is the task's
+    (``_tasks``), which a subclass builds in ``_task`` and holds parameters for.
     """
 
     def _task(self, y: Any = None, fitted: bool = True) -> Any:
-        """The task of this estimator for targets ``y`` (None: as fitted);
-        with ``fitted``, holding what the last fit learned of the targets
-        (classes, their scale): a warm start keeps it."""
+        """The task for targets ``y`` (None: as fitted); with ``fitted``,
+        holding what the last fit learned of the targets (classes, scale)."""
         raise NotImplementedError
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> FineTuneBase:
-        """Fine-tune the network on images ``X`` and targets ``y``.
-
-        Parameters
-        ----------
-        X : array-like of images or list of paths / PIL images
-            Training images.
-        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
-            Targets, as the subclass takes them.
-        sample_weight : array-like of shape (n_samples,), default=None
-            Weights of the images in the loss, the probe and the validation
-            metrics.
-
-        Returns
-        -------
-        self : FineTuneBase
-            The fitted estimator.
-        """
+        """Fine-tune the network on images ``X`` and targets ``y`` (the
+        subclasses document their own)."""
         X = check_images(X, unit_floats=self.mean is None and self.std is None)
         resume = self.warm_start and hasattr(self, "model_")
-        # A warm start keeps what the task fitted (classes, target scale).
         task = self._task(y, fitted=resume)
         y_enc = task.encode(y, len(X))
         sw = check_sample_weight(sample_weight, len(X))
@@ -138,49 +107,44 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
         return self
 
     def _check_warm_start(self) -> None:
-        """A warm start trains the fitted network as fit built it: refuse the
-        parameters that would need it built anew."""
-        fitted = self._fitted_params
-        changed = [n for n, v in fitted.items() if not _same(getattr(self, n), v)]
+        """Refuse the parameters a warm start cannot apply to the built network."""
+        changed, what = self._changed_params()
         if changed:
-            what = ", ".join(
-                f"{n}={getattr(self, n)!r} (fitted with {fitted[n]!r})" for n in changed
-            )
             raise ValueError(
                 f"warm_start=True continues training the fitted network, which "
-                f"keeps the {', '.join(changed)} it was built with, but {what}. "
+                f"keeps the {', '.join(changed)} it was built with, but "
+                f"{', '.join(what)}. "
                 "Set them back to go on training, or set warm_start=False to fit "
                 "anew with the new value(s)."
             )
 
     def _setup(self, X: Any, task: Any) -> None:
         self._build_network(X)
-        drop_auxiliary_heads(self.model_)
         for name, value in task.fitted_attributes().items():
             setattr(self, name, value)
-        self.head_, appended = install_head(
-            self.model_, self.trace_, task.n_outputs, self._example(X)
-        )
-        if appended:  # the trace now shows the head
-            self.trace_ = trace(self.model_, self._example(X))
+        self.head_ = self._install_head(task.n_outputs, self._example(X))
         self.stages_ = _stages(self.model_, self.trace_, self.head_)
         self.history_: list[dict] = []
         self.n_iter_ = 0
 
+    def _install_head(self, n_outputs: int, example: torch.Tensor) -> str:
+        """Drop the auxiliary heads and install the head (an appended one shows
+        in the trace); return its name."""
+        drop_auxiliary_heads(self.model_)
+        head, appended = install_head(self.model_, self.trace_, n_outputs, example)
+        if appended:
+            self.trace_ = trace(self.model_, example)
+        return head
+
     def _rebuild_for_load(self, example: torch.Tensor) -> None:
         """``sklearn_cnn.load`` rebuilt the network from the parameters: redo
-        fit's structural steps (auxiliary heads dropped, the head installed);
-        the saved weights are loaded next."""
-        drop_auxiliary_heads(self.model_)
-        n_outputs = self._task().n_outputs
-        head, appended = install_head(self.model_, self.trace_, n_outputs, example)
+        fit's structural steps; the saved weights are loaded next."""
+        head = self._install_head(self._task().n_outputs, example)
         if head != self.head_:
             raise ValueError(
                 f"The rebuilt network's head is {head!r}, not {self.head_!r}: the "
                 "model's code changed since the estimator was saved."
             )
-        if appended:
-            self.trace_ = trace(self.model_, example)
         self.model_.eval().requires_grad_(False)
 
     def _train(
@@ -230,8 +194,6 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
                 if selection is None:
                     val_loss, val_acc = loop.evaluate()
                     if not self.history_:
-                        # The start's training loss when known (the probe's),
-                        # never a NaN.
                         known = {} if start_loss is None else {"train_loss": start_loss}
                         loop.log(
                             epoch=0, **known, valid_loss=val_loss,
@@ -239,10 +201,13 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
                             time=time.perf_counter() - start,
                         )  # fmt: skip
                     last = self.history_[-1]["epoch"]
-                    selection = Selection(
-                        last, val_acc, val_loss, model, len(val_idx) > 0
+                    selection = Selection(last, val_acc, val_loss, model, has_val)
+                    guard = Guard(  # what tells a wrecked network in this fit
+                        chance_loss=task.chance(*loop.train.targets, loss)[0],
+                        start_loss=start_loss,
+                        chance_accuracy=task.chance(*loop.valid.targets, loss)[1],
+                        names=task.names,
                     )
-                    guard = self._guard(task, loop, loss, start_loss)
                 self.n_trainable_params_ = sum(
                     p.numel() for p in model.parameters() if p.requires_grad
                 )
@@ -261,18 +226,13 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
         else:
             self.best_epoch_ = self.history_[-1]["epoch"]
         refit = probe and self.best_epoch_ == 0 and has_val
-        # A winning probe head calibrated after its refit (a regressor has no
-        # ``calibrate``).
+        # A regressor has no ``calibrate``.
         cross_validated = refit and getattr(self, "calibrate", False)
-        if not cross_validated:  # else the refit head's temperature replaces it
+        if not cross_validated:
             self._calibrate(sources.valid_logits(loop), y[val_idx])
         if refit:
-            # The probe head won: the validation images were only needed to
-            # tell, so refit it on all the training images, as a probe would be
-            # (a tenth more images: a point of accuracy at 160 px on
-            # Animal-MNIST). Its temperature then comes from the same probe's
-            # cross-validated logits, without which the refit head would keep
-            # a temperature fitted for another.
+            # The probe head won: refit it on all the training images, and
+            # calibrate it on the same probe's cross-validated logits.
             both = torch.cat([features, sources.head_inputs("valid", set())])
             rows = np.r_[train_idx, val_idx]
             if cross_validated:
@@ -287,11 +247,10 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
         self, loop: EpochLoop, epochs: int, selection: Selection,
         generator: torch.Generator, has_val: bool,
     ) -> str:  # fmt: skip
-        """Train one phase of ``epochs`` epochs; when an epoch wrecks the
-        network (``loop.guard``), go back to the best weights and train the
-        epochs left at a tenth of the backbone's rate (at most
-        ``MAX_RECOVERIES`` times a fit). Returns ``loop.run``'s status, or
-        "restored" when the last epoch wrecked the network and was undone."""
+        """Train one phase of ``epochs`` epochs; an epoch that wrecks the
+        network (``loop.guard``) is undone and the epochs left train at a
+        tenth of the backbone's rate. Returns ``loop.run``'s status, or
+        "restored" when the last epoch was undone."""
         patience = self.n_iter_no_change if self.early_stopping and has_val else None
         while True:
             selection.new_phase()
@@ -330,26 +289,11 @@ class FineTuneBase(NetworkMixin, BaseEstimator):
             if epochs == 0:
                 return "restored"
 
-    def _guard(
-        self, task: Any, loop: EpochLoop, loss: Loss, start_loss: float | None
-    ) -> Guard:
-        """What tells a wrecked network in this fit (see ``Guard``), judged by
-        the task's validation score (accuracy, R²) and loss."""
-        return Guard(
-            chance_loss=task.chance(*loop.train.targets, loss)[0],
-            start_loss=start_loss,
-            chance_accuracy=task.chance(*loop.valid.targets, loss)[1],
-            names=task.names,
-        )
-
     def _head_loss(
         self, features: torch.Tensor, y: np.ndarray, w: np.ndarray, loss: Loss
     ) -> float:
-        """The head's training loss on the frozen network's ``features``.
-
-        Computed on the CPU, where the features are (the head is one linear
-        layer): no device memory, whatever the number of images.
-        """
+        """The head's training loss on the frozen network's ``features``,
+        computed on the CPU, where they are."""
         head = self.model_.get_submodule(self.head_)
         with torch.inference_mode():
             weight, bias = (
@@ -431,10 +375,7 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
     freeze : int, float, str, default=0
         What does not train. The *stages* are the model's top-level modules
         that hold parameters or buffers, in forward order (a never-called
-        ``nn.ModuleList`` such as EfficientNet's ``_blocks`` counts as its
-        blocks; ``stages_`` lists them after fit and an out-of-range value
-        lists them in its error). Parameter-free modules (ReLU, pooling) are
-        not stages: freezing them would change nothing.
+        ``nn.ModuleList`` counts as its blocks; ``stages_`` lists them).
 
         - int k: the first k stages (0: everything trains).
         - float f in [0, 1]: the first modules, in forward order, whose
@@ -447,10 +388,9 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         - ``"backbone"``: only the head trains.
 
         Frozen modules get no gradients, are left out of the optimizer and stay
-        in eval mode (BatchNorm statistics and dropout included). Autograd
-        records nothing for a frozen prefix, so no backward pass runs through
-        it; with only the head training and ``augment=None``, the backbone's
-        features are computed once and the epochs train the head on them.
+        in eval mode (BatchNorm statistics and dropout included); with only
+        the head training and ``augment=None``, the backbone's features are
+        computed once and the epochs train the head on them.
     lr : float, default=1e-3
         Peak learning rate of the new head.
     backbone_lr : float or None, default=None
@@ -487,11 +427,9 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         "random" keeps PyTorch's default initialisation.
     batchnorm : {"frozen", "train"}, default="frozen"
         "frozen": every BatchNorm keeps its pretrained running statistics (eval
-        mode), also in the layers that train; its scale and shift still train.
-        This is what Keras advises for small data sets: a few hundred steps at
-        small batch sizes move the statistics away from what the pretrained
-        weights expect. "train": BatchNorm layers in the trainable part update
-        their statistics (frozen ones never do).
+        mode), also in the layers that train; its scale and shift still train
+        (Keras's advice for small data). "train": BatchNorm layers in the
+        trainable part update their statistics (frozen ones never do).
     epochs : int, default=10
         Passes over the training images. 0 keeps the probe head (or the random
         one) without training.
@@ -521,12 +459,10 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
     augment : "light", None or callable, default="light"
         Training-time augmentation of each image (before normalization).
         "light": a random resized crop keeping 85-100 % of the area and a
-        horizontal flip (see ``light_augment`` for why so light). A callable
-        receives one (C, H, W) tensor, uint8 for integer images, and returns
-        one (every image of a batch must end up the same size); it draws its
-        randomness from torch's global generator, which ``fit`` seeds from
-        ``random_state``. Disable it (None) for images whose orientation
-        matters, e.g. digits and text.
+        horizontal flip. A callable receives one (C, H, W) tensor, uint8 for
+        integer images, and returns one of the batch's common size, drawing
+        from torch's global generator (seeded from ``random_state``). Disable
+        it (None) for images whose orientation matters, e.g. digits and text.
     validation_fraction : float or None, default=0.1
         Fraction of the training images held out (stratified, drawn from
         ``random_state``) to measure each epoch and select the best one. The
@@ -573,15 +509,12 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
     memory : None, str, path or joblib.Memory, default=None
         Cache on disk (as :class:`CNNFeatureTransformer` does) what a fit
         computes once per image without augmentation: the head's input (the
-        probe's features) and the outputs of a frozen prefix. A later fit on
-        the same images with the same pretrained network then reads them
-        instead of running the backbone: the other folds of a
-        ``GridSearchCV``, and its candidates that share a cut (every ``freeze``
-        shares the probe's features; candidates that differ in ``lr``, say,
-        share the prefix too). Entries are keyed by the images' pixels, the
-        network's code and current weights (its head aside), preprocessing,
-        precision and device, so they are used only where exact. None caches
-        nothing.
+        probe's features) and the outputs of a frozen prefix, which a later
+        fit on the same images with the same pretrained network reads instead
+        of running the backbone (the folds and candidates of a search).
+        Entries are keyed by the images' pixels, the network's code and
+        weights (its head aside), preprocessing, precision and device, so they
+        are used only where exact. None caches nothing.
     random_state : int, RandomState instance or None, default=None
         Seeds the head, the validation split, the shuffling, the augmentation
         and dropout. With a fixed value, two fits on the CPU give identical
@@ -596,20 +529,17 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
     calibrate : bool, default=True
         With a validation split: fit a temperature on the validation images
         after training (temperature scaling), so that ``predict_proba`` is
-        calibrated without the k refits of
-        :class:`~sklearn.calibration.CalibratedClassifierCV`. The temperature
-        never changes ``predict``. A winning probe head, refitted on all the
-        images (see ``early_stopping``), gets the temperature of the same
-        probe's cross-validated logits (3 folds) instead. Without a
-        validation split the temperature is 1. Multi-label: one temperature
-        per label.
+        calibrated without the refits of
+        :class:`~sklearn.calibration.CalibratedClassifierCV`; ``predict`` does
+        not change. A winning probe head, refitted on all the images, gets the
+        temperature of the same probe's cross-validated logits instead.
+        Without a validation split the temperature is 1. Multi-label: one
+        temperature per label.
     tune_thresholds : bool, default=False
         Multi-label only: after training (and calibration), set each label's
         probability threshold in ``predict`` to the one with the highest F1 on
-        the validation images (``thresholds_``) instead of 0.5. It trades
-        precision for recall per label, for an ``f1_score`` measured on
-        images like the validation ones; it needs enough positives of each
-        label there to be more than noise.
+        the validation images (``thresholds_``) instead of 0.5; it needs
+        enough positives of each label there to be more than noise.
     tta : {None, "flip"}, default=None
         Test-time augmentation in ``predict``, ``predict_proba`` and
         ``decision_function``: "flip" averages the logits of each image and of
@@ -628,13 +558,8 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
         (0.5 unless ``tune_thresholds``).
     model_ : torch.nn.Module
         The fine-tuned network, in eval mode, on ``device_``.
-    device_ : torch.device
-        Where the network runs.
-    preprocessing_ : Preprocessing
-        Resize, crop, mean and std used for every image.
-    stem_ : dict or None
-        How the first convolution was adapted to the images' bands (as for
-        :class:`CNNFeatureTransformer`); None for RGB.
+    device_, preprocessing_, stem_ :
+        As for :class:`CNNFeatureTransformer`.
     stages_ : list of str
         The stages that an int ``freeze`` counts, in forward order.
     frozen_ : list of str
@@ -692,10 +617,9 @@ class FineTuneClassifier(ImageClassifierMixin, ClassifierMixin, FineTuneBase):
 
     Parameters take effect at ``fit``: after ``set_params`` of ``model``,
     ``weights``, ``image_size``, ``mean``, ``std`` or ``precision``, prediction
-    raises ``NotFittedError`` until ``fit`` runs again, rather than predict
-    with the old setting. On CUDA, a batch that runs out of memory is split
-    in halves (down to one image) with a warning: in prediction, and in
-    training, where the halves' gradients add up to the whole batch's.
+    raises ``NotFittedError`` until ``fit`` runs again. On CUDA, a batch that
+    runs out of memory is split in halves with a warning (in training, the
+    halves' gradients add up to the whole batch's).
 
     Examples
     --------

@@ -25,12 +25,8 @@ PLUGIN_PHOTO_SUFFIXES = frozenset(
 
 
 def image_suffixes() -> frozenset[str]:
-    """File suffixes PIL can decode, lower case (".jpg", ".png", ...).
-
-    Read at each call, so that a plugin registered later (pillow-heif's
-    ``register_heif_opener()``) counts. Stub formats (HDF5, GRIB, BUFR, WMF off
-    Windows) and MPEG (a video's header) identify files but decode no pixels.
-    """
+    """File suffixes PIL can decode, lower case, read at each call (a plugin
+    registered later counts); stub formats and MPEG decode no pixels."""
 
     def decodes(fmt: str) -> bool:
         factory = Image.OPEN[fmt][0]
@@ -94,11 +90,8 @@ class _Skipped:
 
 
 def _unreadable(paths: list[str], root: str) -> dict[str, str]:
-    """The files among ``paths`` that do not decode, with the reason.
-
-    Each file is decoded as the estimators decode it (the same checks, the whole
-    image), on a few threads: PIL releases the GIL while it decodes.
-    """
+    """The files among ``paths`` that do not decode as the estimators decode
+    them, with the reason (on a few threads: PIL releases the GIL)."""
 
     def problem(path: str) -> str | None:
         try:
@@ -119,22 +112,15 @@ def load_image_folder(
 
     The layout of torchvision's ``ImageFolder``: ``path/<class>/<image>``,
     images possibly in nested folders below their class folder. Only the paths
-    are listed, nothing is decoded: the estimators read the files batch by
-    batch, and sklearn can split and index the lists.
+    are listed, nothing is decoded.
 
-    What archives, notebooks and file managers leave behind is skipped, never
-    read as a class or an image: hidden files and folders (``.DS_Store``,
-    ``.ipynb_checkpoints``, macOS's ``._*`` AppleDouble files), ``__MACOSX``
-    and similar junk folders, files whose suffix is not an image format PIL
-    reads, anything that is not a regular file (a pipe, a broken link) and
-    files lying directly in ``path``. A class folder with no image left is
-    dropped with a warning.
-
-    A truncated or corrupt file is listed like any other, and fails the batch
-    that reads it, possibly hours into a run. ``verify=True`` decodes every
-    file once, as the estimators will, and leaves out (with a warning naming
-    them and why) those that do not decode: worth it for a scraped or copied
-    folder, before a long fit.
+    What archives, notebooks and file managers leave behind is skipped: hidden
+    files and folders (``.DS_Store``, ``.ipynb_checkpoints``, ``._*``),
+    ``__MACOSX`` and similar junk folders, files whose suffix is not an image
+    format PIL reads, anything that is not a regular file and files lying
+    directly in ``path``. A class folder with no image left is dropped with a
+    warning. A corrupt file fails the batch that reads it, possibly hours into
+    a run, unless ``verify=True`` finds it first.
 
     Parameters
     ----------

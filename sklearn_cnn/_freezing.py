@@ -3,7 +3,8 @@ the train/eval mode of every module (``batchnorm``)."""
 
 from __future__ import annotations
 
-from numbers import Integral, Real
+from itertools import takewhile
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -15,26 +16,15 @@ _BACKBONE = "backbone"
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def _first_calls(tr: Trace) -> dict[str, int]:
-    """Module name -> position of its first (completed) call in the forward."""
-    first: dict[str, int] = {}
-    for i, name in enumerate(tr.calls):
-        first.setdefault(name, i)
-    return first
-
-
 def _has_state(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 def _stages(model: nn.Module, tr: Trace, head: str) -> list[str]:
-    """Top-level modules that hold parameters or buffers, in forward order.
-
-    A container that is never called itself (``nn.ModuleList``) and one that
-    holds the head (``classifier = Sequential(Dropout, Linear)``) are expanded
-    into their children; the head is not a stage.
-    """
-    first = _first_calls(tr)
+    """Top-level modules that hold parameters or buffers, in forward order; a
+    never-called container (``nn.ModuleList``) and one that holds the head are
+    expanded into their children, and the head is not a stage."""
+    first = tr.first_calls
     found: list[str] = []
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -60,17 +50,13 @@ def _is_head(name: str, head: str) -> bool:
 def _frozen_modules(
     model: nn.Module, tr: Trace, head: str, stages: list[str], freeze: Any
 ) -> set[str]:
-    """Names of the modules that ``freeze`` freezes (kept in eval mode).
-
-    Everything is in forward order: a module is frozen when its first call ends
-    at or before the cut. Modules the forward never calls are always frozen.
-    Freezing every backbone parameter is the same as ``"backbone"``.
-    """
-    first = _first_calls(tr)
+    """Names of the modules that ``freeze`` freezes (kept in eval mode): those
+    whose first call ends at or before the cut, and those never called."""
+    first = tr.first_calls
     names = [n for n, _ in model.named_modules() if n and not _is_head(n, head)]
     never_called = {n for n in names if n not in first}
     everything = set(names)
-    if isinstance(freeze, (bool, np.bool_)):
+    if isinstance(freeze, (bool, np.bool_)):  # bools pass the constraints as ints
         raise ValueError(
             f"freeze={freeze!r}: pass a number of stages (int), a fraction (float), "
             "a module name, 'backbone' or 0."
@@ -102,10 +88,8 @@ def _frozen_modules(
         if k == len(stages):
             return everything
         cut = first[stages[k - 1]]
-    elif isinstance(freeze, Real):
+    else:  # a fraction in [0, 1] (the constraints checked it)
         f = float(freeze)
-        if not 0.0 <= f <= 1.0:
-            raise ValueError(f"freeze={freeze!r}: a fraction must lie in [0, 1].")
         counted = sorted(
             (first[n], sum(p.numel() for p in m.parameters(recurse=False)))
             for n, m in model.named_modules()
@@ -114,20 +98,14 @@ def _frozen_modules(
         total = sum(n for _, n in counted) + _root_params(model)
         if f == 0.0 or total == 0:
             return never_called
-        # The prefix of modules whose size is closest to f: a module joins it
-        # while that brings the frozen count nearer to f * total, so that one
-        # large module (shufflenet's conv5, 58 %) is not frozen for f = 0.5.
+        # A module joins the prefix while that brings it nearer to f * total
+        # (one large module is not frozen for f = 0.5).
         cut, acc = -1, _root_params(model)
         for pos, n in counted:
             if acc + n / 2 >= f * total:
                 break
             acc += n
             cut = pos
-    else:
-        raise ValueError(
-            f"freeze={freeze!r}: pass a number of stages (int), a fraction (float), "
-            "a module name, 'backbone' or 0."
-        )
     frozen = {n for n in names if n in first and first[n] <= cut} | never_called
     trainable = [
         p
@@ -185,12 +163,7 @@ def frozen_summary(
 
 def frozen_prefix(stages: list[str], frozen: set[str]) -> list[str]:
     """The stages, from the first, that are all frozen."""
-    prefix = []
-    for stage in stages:
-        if stage not in frozen:
-            break
-        prefix.append(stage)
-    return prefix
+    return list(takewhile(frozen.__contains__, stages))
 
 
 def phases(

@@ -28,9 +28,8 @@ PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 _PROBE_MAX_ITER = 1000
 #: The probe divides each feature by at least this fraction of the median spread.
 SCALE_FLOOR = 0.1
-#: Up to this many feature values, the probe's BLAS runs on one thread: L-BFGS
-#: makes many small BLAS calls, for which threads cost far more than they give
-#: when cores are shared (figures in benchmarks/README.md).
+#: Up to this many feature values, the probe's BLAS runs on one thread (L-BFGS's
+#: many small calls; figures in benchmarks/README.md).
 PROBE_ONE_THREAD = 2**24
 
 
@@ -55,8 +54,7 @@ def float_logits(outputs: list[Any]) -> torch.Tensor:
 
 class _AppendedHead:
     """Forward hook for a model without ``nn.Linear``: its pooled output goes
-    through a new linear head registered as the submodule ``name``.
-    A class, not a closure, so that the model still pickles."""
+    through the new head ``name`` (a class, so that the model pickles)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -66,12 +64,8 @@ class _AppendedHead:
 
 
 def drop_auxiliary_heads(model: nn.Module) -> None:
-    """Remove the auxiliary classifiers of inception_v3 and googlenet.
-
-    They run only in training mode, their logits are discarded here, and
-    inception's needs 299 px images: without them any size that the main
-    branch takes trains.
-    """
+    """Remove the auxiliary classifiers of inception_v3 and googlenet (their
+    logits are discarded, and inception's needs 299 px images)."""
     if getattr(model, "aux_logits", False):
         model.aux_logits = False
         for name in ("AuxLogits", "aux1", "aux2"):
@@ -82,11 +76,9 @@ def drop_auxiliary_heads(model: nn.Module) -> None:
 def install_head(
     model: nn.Module, tr: Trace, n_classes: int, example: torch.Tensor
 ) -> tuple[str, bool]:
-    """Replace the last ``nn.Linear`` by a fresh one with ``n_classes`` outputs.
-
-    A model without one gets a head appended on its globally average-pooled
-    output. Returns the head's module name and whether it was appended.
-    """
+    """Replace the last ``nn.Linear`` by a fresh one with ``n_classes`` outputs
+    (a model without one gets one on its average-pooled output); return the
+    head's module name and whether it was appended."""
     name = tr.head
     if name is not None:
         old = model.get_submodule(name)
@@ -117,11 +109,9 @@ def standardize(features: np.ndarray) -> tuple[StandardScaler, np.ndarray]:
     scaler, whose spreads have a floor, and the standardised features."""
     Z = features.astype(np.float64)
     scaler = StandardScaler().fit(Z)
-    # Nearly dead features (ReLU outputs that fire on a few images) have a
-    # tiny spread, and dividing by it folds weights 100x the others' into the
-    # head: once fine-tuning wakes such a feature up, the outputs jump. A floor
-    # at a tenth of the median spread keeps them in proportion, at no cost to
-    # the probe's accuracy (figures in benchmarks/README.md).
+    # Nearly dead features' tiny spreads would fold huge weights into the head
+    # (its outputs jump once fine-tuning wakes them): a floor at a tenth of the
+    # median spread (benchmarks/README.md).
     spread = scaler.scale_[scaler.var_ > 0]
     if spread.size:
         scaler.scale_ = np.maximum(scaler.scale_, SCALE_FLOOR * np.median(spread))
@@ -135,13 +125,10 @@ def fit_probe(
     weights: np.ndarray | None,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A logistic regression on standardized features, as the head's weight and
-    bias (``n_classes`` rows): scikit-learn's probe folded into one linear layer.
-
-    ``weights`` are per-image (class weight times sample weight). ``C`` comes
-    from a stratified 3-fold CV over ``PROBE_CS`` by log-loss, or is 1 where a
-    class has fewer than 3 images.
-    """
+    """A logistic regression on standardized features, folded into the head's
+    weight and bias (``n_classes`` rows); ``weights`` are per image. ``C``
+    comes from a stratified 3-fold CV over ``PROBE_CS`` by log-loss (1 where a
+    class has fewer than 3 images)."""
     scaler, Zs = standardize(features)
     # Our own search: plain fit parameters, whatever the caller's routing.
     one_thread = Zs.size <= PROBE_ONE_THREAD
@@ -176,9 +163,7 @@ def set_head(head: nn.Linear, weight: np.ndarray, bias: np.ndarray) -> None:
         head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
 
 
-# ---------------------------------------------------------------------------
-# Calibration: one temperature for the logits, fitted on held-out images
-# ---------------------------------------------------------------------------
+# -- Calibration: one temperature for the logits, fitted on held-out images ---
 
 
 def fit_temperature(z: np.ndarray, y: np.ndarray) -> float:

@@ -13,13 +13,11 @@ class ImageArray:
     """Images that a search's folds share instead of copying.
 
     ``GridSearchCV``, ``cross_validate`` and the like copy the rows of a NumPy
-    ``X`` for every fit and every score: a search of 7 layers over 5 folds
-    copies each image 35 times, and a transformer with ``memory=`` reads every
-    copy again to recognise its images. For images of a few hundred pixels a
-    side those copies cost more than the network's pass over them. An
-    ImageArray holds one read-only copy of the images: indexing it, as
-    scikit-learn does for each fold, gives a view that shares them, and each
-    image's digest for the cache is computed once for all views.
+    ``X`` for every fit and every score, and a transformer with ``memory=``
+    reads every copy again to recognise its images. An ImageArray holds one
+    read-only copy of the images: indexing it, as scikit-learn does for each
+    fold, gives a view that shares them, and each image's digest for the cache
+    is computed once for all views.
 
     Use it where ``X`` is a NumPy array of large images and a search or
     cross-validation runs with ``memory=``; the estimators take it wherever
@@ -125,11 +123,8 @@ class ImageArray:
         return self._base
 
     def memoized(self, key: Hashable, compute: Callable[[list[int]], list]) -> list:
-        """One value per image of this view, computed once for all views.
-
-        ``compute(rows)`` returns the values of the images ``images[rows]``;
-        ``key`` names the kind of value (and whatever it depends on).
-        """
+        """One value per image of this view, computed once for all views:
+        ``compute(rows)`` gives those of ``images[rows]``, ``key`` names them."""
         table = self._memo.setdefault(key, {})
         rows = self.rows.tolist()
         missing = [r for r in dict.fromkeys(rows) if r not in table]

@@ -1,22 +1,15 @@
 """Turn what users pass as images into preprocessed float tensors.
 
 Accepted inputs: arrays (N, H, W) / (N, H, W, C) of uint8 (or other integers
-in [0, 255]), uint16 (16-bit: divided by 65535) or floats (in [0, 1] for the
-weights' own mean and std; in any range once ``mean`` and ``std`` are given or
-fitted), array-likes with ``__array__`` (dask, xarray, h5py, zarr: read a batch
-at a time), and sequences of file paths (multi-band TIFF through ``tifffile``),
-PIL images or per-image arrays (which may differ in size). EXIF orientation is
-applied.
-
-Channels: 1 (grey, repeated to RGB), 3 (RGB) and 4 (RGBA, alpha dropped as
-PIL's ``convert("RGB")`` does) become RGB; any other number of channels (2, 5
-or more) is kept as bands, for a network whose first convolution ``_bands``
-adapted. ``Preprocessing.bands`` keeps every channel as a band, 1 and 4
-included (RGB + near-infrared).
+in [0, 255]), uint16 (divided by 65535) or floats (in [0, 1] unless ``mean``
+and ``std`` are given or fitted), array-likes (dask, xarray, h5py, zarr: read
+a batch at a time), and sequences of file paths, PIL images or per-image
+arrays. Channels: 1, 3 and 4 become RGB (grey repeated, alpha dropped); any
+other number is kept as bands (``Preprocessing.bands``: every channel).
 
 Files are untrusted input: a path that is not a regular file, a decompression
-bomb or an image whose aspect ratio would make resizing allocate gigabytes is
-refused with an error naming the file and its index in X.
+bomb or an image whose resize would allocate gigabytes is refused with an
+error naming the file and its index in X.
 """
 
 from __future__ import annotations
@@ -40,14 +33,11 @@ from torchvision.transforms.v2 import functional as TF
 class Preprocessing:
     """How an image becomes the network's input.
 
-    ``resize`` is ``None`` (keep the size), an int (the shorter side, as
-    torchvision's weights transforms do) or ``(h, w)``; ``crop`` is ``None`` or
-    ``(h, w)`` taken from the centre after resizing. ``mean`` and ``std`` hold
-    one value per channel the network takes (3 for RGB, else one per band), in
-    the units of the scaled pixels (uint8 / 255, uint16 / 65535, floats as
-    they are). ``bands``: every channel is a band (1 and 4 channels are not
-    grey and RGBA). ``unit_floats``: float images must lie in [0, 1] (the
-    weights' own mean and std assume it).
+    ``resize``: None, an int (the shorter side, as torchvision's weights
+    transforms do) or ``(h, w)``; ``crop``: None or a centre ``(h, w)``.
+    ``mean`` and ``std``: one value per channel, in scaled pixels (uint8 / 255,
+    uint16 / 65535). ``bands``: every channel is a band (1 and 4 channels are
+    not grey and RGBA). ``unit_floats``: float images must lie in [0, 1].
     """
 
     resize: int | tuple[int, int] | None
@@ -77,11 +67,7 @@ class Preprocessing:
         return self.normalize(self.geometry(image))
 
     def geometry(self, image: torch.Tensor) -> torch.Tensor:
-        """Resize and crop, in the input's dtype (uint8 resizes fastest).
-
-        torchvision returns the image itself when it already has the target
-        size, so images of the network's size cost nothing here.
-        """
+        """Resize and crop, in the input's dtype (uint8 resizes fastest)."""
         if self.resize is not None:
             size = (
                 list(self.resize) if isinstance(self.resize, tuple) else [self.resize]
@@ -94,22 +80,16 @@ class Preprocessing:
         return image
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 in [0, 255] (divided by 255) or float -> ``(x - mean) / std``,
-        float32.
-
-        One conversion to a new float32 tensor (never the caller's memory), in
-        the input's memory format, then one fused multiply-add over it:
-        ``x * scale + shift`` with ``scale = 1 / (255 std)`` for uint8.
-        """
+        """uint8 (divided by 255) or float -> ``(x - mean) / std``, float32: a
+        new tensor in the input's memory format, then one fused multiply-add."""
         x = image.to(torch.float32, copy=True)
         div = 255.0 if image.dtype == torch.uint8 else 1.0
         scale = torch.tensor([1.0 / (s * div) for s in self.std])
         shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)])
         c, h, w = x.shape[-3:]
         if x.movedim(-3, -1).is_contiguous():
-            # H x W x C in memory (an array's layout, channels_last): rows of
-            # W * C values with the per-channel factors tiled along them, so
-            # that the inner loop is long and vectorizes (C = 3 would not).
+            # channels_last: rows of W * C values, the factors tiled along them
+            # (a long inner loop that vectorizes).
             rows = x.movedim(-3, -1).view(-1, w * c)
             scale, shift = scale.repeat(w), shift.repeat(w)
         elif x.is_contiguous():
@@ -127,13 +107,9 @@ def _is_path(x: Any) -> bool:
 
 
 class ArrayLikeImages:
-    """An array-like ``X`` that is not a NumPy array (a dask or xarray array,
-    an h5py or zarr dataset), read one batch at a time.
-
-    The whole array never has to fit in memory: each batch is read with one
-    slice when its indices are consecutive (the order of ``transform``), else
-    with sorted unique indices (what h5py requires) and reordered here. Values
-    are checked batch by batch, as they are read.
+    """An array-like ``X`` that is not a NumPy array (dask, xarray, h5py,
+    zarr), read and checked one batch at a time: one slice for consecutive
+    indices, else sorted unique indices (what h5py requires), reordered here.
     """
 
     def __init__(self, data: Any) -> None:
@@ -179,12 +155,8 @@ class ArrayLikeImages:
 
 
 def _in_this_thread() -> contextlib.AbstractContextManager:
-    """In a DataLoader worker, dask computes in the worker's own thread.
-
-    A worker is a fork of a process whose dask thread pool may already exist:
-    the copy of that pool has no threads, and a compute on it waits forever
-    (measured: a dask X with num_workers=2 hung).
-    """
+    """In a DataLoader worker, dask computes in the worker's own thread: the
+    forked copy of a dask thread pool has no threads and would hang."""
     if "dask" in sys.modules and torch.utils.data.get_worker_info() is not None:
         import dask
 
@@ -202,13 +174,9 @@ def _describe(indices: list[int]) -> str:
 def check_images(
     X: Any, unit_floats: bool = True
 ) -> np.ndarray | ArrayLikeImages | list:
-    """Validate ``X`` without copying or modifying it; return an indexable view.
-
-    Arrays come back as arrays (a read-only view is fine), other array-likes
-    with a shape and a dtype (dask, xarray, h5py) as :class:`ArrayLikeImages`,
-    read lazily; sequences come back as lists. Raises a ValueError or TypeError
-    that names the problem and the fix. With ``unit_floats``, float images
-    must lie in [0, 1] (see :class:`Preprocessing`).
+    """Validate ``X`` without copying it; return arrays as they are, other
+    array-likes as :class:`ArrayLikeImages` (read lazily), sequences as lists.
+    Errors name the problem and the fix. ``unit_floats``: see ``Preprocessing``.
     """
     if isinstance(X, Image.Image):
         raise TypeError(
@@ -319,9 +287,8 @@ def _check_shape(shape: tuple[int, ...], dtype: np.dtype) -> None:
 
 
 def _check_float(a: np.ndarray, what: str, fix: str) -> None:
-    """Float pixels must be finite and in [0, 1] (they are never clipped): a
-    ValueError naming ``what`` and, for the range, ``fix`` (formatted with the
-    largest magnitude as ``peak``)."""
+    """Float pixels must be finite and in [0, 1] (never clipped); ``fix`` is
+    formatted with the largest magnitude as ``peak``."""
     _check_finite(a, what)
     lo, hi = float(a.min()), float(a.max())
     if lo < 0.0 or hi > 1.0:
@@ -388,19 +355,16 @@ def _check_finite(a: np.ndarray, what: str) -> None:
 def array_to_tensor(a: np.ndarray, batched: bool, bands: bool = False) -> torch.Tensor:
     """(H, W) or (H, W, C) array, or a batch of them -> (..., C', H, W) tensor.
 
-    1, 3 and 4 channels become RGB (grey repeated, alpha dropped) unless
-    ``bands``; other numbers of channels are kept as bands. uint8 stays uint8
-    (resizing is cheaper there); uint16 becomes float32 divided by 65535;
-    other integers become uint8, floats become float32. Never writes to ``a``.
+    1, 3 and 4 channels become RGB unless ``bands``; others stay bands. uint8
+    stays uint8, uint16 becomes float32 / 65535, other integers uint8, floats
+    float32. Never writes to ``a``.
     """
     if a.dtype == np.uint16:
-        # 16-bit: exact in float32, scaled to [0, 1] as uint8 / 255 is later.
         t = torch.from_numpy(a.astype(np.float32) / np.float32(65535.0))
         return _channels_first(t, a.ndim == (3 if batched else 2), bands)
     dtype = np.uint8 if a.dtype.kind in "iu" else np.float32
-    # torch.from_numpy shares memory: copy read-only arrays (torch wants them
-    # writable), reversed views such as img[:, ::-1] (torch has no negative
-    # strides) and anything that needs a dtype change; never write to them.
+    # torch.from_numpy shares memory: copy read-only arrays and reversed views
+    # (torch has no negative strides).
     a = np.asarray(a, dtype=dtype)
     if not a.flags.writeable or any(s < 0 for s in a.strides):
         a = a.copy()
@@ -430,13 +394,10 @@ def describe_item(item: Any, index: int) -> str:
 def _load_file(
     path: str | os.PathLike, index: int, unit_floats: bool = True, bands: bool = False
 ) -> torch.Tensor:
-    """Image file ``X[index]`` -> (C, H, W) tensor, upright (RGB unless it has
-    bands, see :func:`array_to_tensor`).
-
-    The checks before decoding are what makes untrusted files safe; a faster
-    decoder (``torchvision.io.decode_jpeg``) must keep them, PIL's pixel limit
-    (it has none) and the EXIF orientation (``apply_exif_orientation=True``).
-    """
+    """Image file ``X[index]`` -> (C, H, W) tensor, upright (as
+    :func:`array_to_tensor`). The checks before decoding make untrusted files
+    safe: a faster decoder must keep them, PIL's pixel limit and the EXIF
+    orientation."""
     where = describe_item(path, index)
     _check_path_text(path, index)
     try:
@@ -499,14 +460,8 @@ _TIFF_SUFFIXES = (".tif", ".tiff")
 
 def _read_tiff(path: str | os.PathLike, where: str) -> np.ndarray | None:
     """A TIFF file as one (H, W) or (H, W, bands) array, read by tifffile
-    (None without it: PIL then reads what it can).
-
-    The layout comes from the file's axes: YX (grey), YXS (samples last), SYX
-    or CYX (planar bands); leading axes of length 1 are dropped. Pages of
-    unknown meaning (QYX: an array written without a layout) could hold
-    bands first or last, and several images are not one image: both are
-    refused rather than guessed.
-    """
+    (None without it, or for grey: PIL reads it). The layout comes from the
+    file's axes (YXS, SYX, CYX); pages of unknown meaning are refused."""
     try:
         import tifffile
     except ImportError:
@@ -557,8 +512,7 @@ def _close(im: Image.Image | None) -> None:
 
 
 def _exif_orientation(im: Image.Image) -> int:
-    """The EXIF orientation tag (1 = as stored); 1 when the EXIF is unreadable,
-    as image viewers do."""
+    """The EXIF orientation tag (1 = as stored, or unreadable)."""
     try:
         return int(im.getexif().get(0x0112, 1))  # 0x0112: Orientation
     except Exception:  # noqa: BLE001 - malformed EXIF must not lose the image
@@ -568,9 +522,7 @@ def _exif_orientation(im: Image.Image) -> int:
 def _pil_to_tensor(
     im: Image.Image, where: str, bands: bool = False, unit_floats: bool = True
 ) -> torch.Tensor:
-    if _exif_orientation(im) in range(2, 9):
-        # Phone photos store the sensor's pixels and the rotation to show them.
-        # (Only then: exif_transpose copies the image even when nothing changes.)
+    if _exif_orientation(im) in range(2, 9):  # exif_transpose always copies
         im = ImageOps.exif_transpose(im)
     if im.mode in ("I", "F") or im.mode.startswith("I;"):
         # 16- and 32-bit grey: convert("RGB") would clip at 255.
@@ -592,8 +544,7 @@ def _pil_to_tensor(
 
 def _wide_grey(im: Image.Image, where: str, unit_floats: bool = True) -> np.ndarray:
     """A 16- or 32-bit grey PIL image as a float32 array in [0, 1], scaled, not
-    clipped; values that cannot be scaled without a guess are refused (floats
-    may lie in any range without ``unit_floats``)."""
+    clipped (floats in any range without ``unit_floats``)."""
     a = np.asarray(im)
     if im.mode == "F" and not unit_floats:
         _check_finite(a, f"{where} is a 32-bit float image (PIL mode 'F') and")
@@ -617,22 +568,16 @@ def _wide_grey(im: Image.Image, where: str, unit_floats: bool = True) -> np.ndar
     return a.astype(np.float32) / np.float32(65535.0)
 
 
-#: The most pixels an image may have after the preprocessing's resize when that
-#: resize enlarges it: 2**24 pixels are 192 MiB as float32 RGB. Only an extreme
-#: aspect ratio gets there (a 1 x 5000 image whose shorter side goes to 256 px
-#: would be 256 x 1,280,000 pixels, 3.7 GiB). A batch of an array is resized
-#: in parts of at most that many pixels.
+#: The most pixels an image may have after a resize that enlarges it (192 MiB
+#: as float32 RGB: only an extreme aspect ratio gets there); a batch of an
+#: array is resized in parts of at most that many pixels.
 MAX_RESIZED_PIXELS = 2**24
 
 
 def check_resize(preprocess: Any, height: int, width: int, where: str) -> int | None:
-    """Refuse an image that the preprocessing's resize would blow up.
-
-    Returns the number of pixels the image has after resizing its shorter
-    side, or None when the preprocessing does not do that.
-    """
-    pre = getattr(preprocess, "preprocess", preprocess)  # an augmenting wrapper
-    size = getattr(pre, "resize", None)
+    """Refuse an image that the preprocessing's resize would blow up; return
+    its pixels after resizing its shorter side (None: no such resize)."""
+    size = getattr(_fitted(preprocess), "resize", None)
     if not isinstance(size, int) or height <= 0 or width <= 0:
         return None  # (h, w) or no resize: the output size is fixed or the input's
     scale = size / min(height, width)
@@ -653,8 +598,7 @@ def check_resize(preprocess: Any, height: int, width: int, where: str) -> int | 
 def image_to_tensor(
     item: Any, index: int, unit_floats: bool = True, bands: bool = False
 ) -> torch.Tensor:
-    """One element of a list X -> (C, H, W) uint8 or float tensor: RGB, or
-    bands (see :func:`array_to_tensor`)."""
+    """One element of a list X -> (C, H, W) tensor (see :func:`array_to_tensor`)."""
     if _is_path(item):
         return _load_file(item, index, unit_floats, bands)
     if isinstance(item, Image.Image):
@@ -683,14 +627,14 @@ def check_channels(images: torch.Tensor, preprocess: Any, where: str) -> None:
     if got == expected:
         return
 
-    def what(n: int, rgb: bool) -> str:
+    def what(n: int) -> str:
+        rgb = n == 3 and not getattr(pre, "bands", False)
         return "RGB images (3 channels)" if rgb else f"images of {n} bands"
 
-    rgb = expected == 3 and not getattr(pre, "bands", False)
     raise ValueError(
-        f"{where}: {what(got, got == 3 and not getattr(pre, 'bands', False))}, "
-        f"but the network was fitted on {what(expected, rgb)}. Pass images "
-        "with the channels fit saw, in the same order, or fit again on these."
+        f"{where}: {what(got)}, but the network was fitted on {what(expected)}. "
+        "Pass images with the channels fit saw, in the same order, or fit "
+        "again on these."
         + (
             " (1, 3 and 4 channels are read as grey, RGB and RGBA; with "
             "bands='all' every channel is a band.)"
@@ -704,13 +648,8 @@ def band_statistics(
     X: np.ndarray | ArrayLikeImages | list, bands: bool = False
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The mean and standard deviation of each channel over every pixel of
-    ``X`` (as :func:`check_images` returns it), in the scaled units the
-    network's normalisation sees (uint8 / 255, uint16 / 65535).
-
-    Accumulated in float64, a batch at a time. A constant channel gets a
-    standard deviation of 1 (it normalises to 0 rather than to a division by
-    zero).
-    """
+    ``X``, in scaled units, accumulated in float64 a batch at a time (a
+    constant channel gets a standard deviation of 1)."""
     total = squares = None
     count = 0
 
@@ -749,11 +688,8 @@ def band_statistics(
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Index -> preprocessed (3, h, w) float tensor, for a torch DataLoader.
-
-    ``__getitems__`` lets the DataLoader fetch a whole batch of an array at once,
-    so that resizing and normalizing run vectorized instead of per image.
-    """
+    """Index -> preprocessed (C, h, w) float tensor, for a torch DataLoader;
+    ``__getitems__`` preprocesses a batch of an array at once."""
 
     def __init__(
         self, X: np.ndarray | ArrayLikeImages | list, preprocess: Preprocessing
@@ -789,8 +725,7 @@ class ImageDataset(torch.utils.data.Dataset):
             )
             images = array_to_tensor(batch, batched=True, bands=bands)
             check_channels(images, pre, "X")
-            # Elongated images each below the limit still add up in one batch
-            # before the crop: resize at most MAX_RESIZED_PIXELS at a time.
+            # Elongated images still add up in one batch before the crop.
             step = len(images) if pixels is None else MAX_RESIZED_PIXELS // pixels
             if step >= len(images):
                 return self.preprocess(images)
@@ -825,13 +760,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 class WorkerFailure:
-    """What a DataLoader worker returns instead of a batch it could not make
-    (a bad file, bad values): the main process raises ``error`` as it is.
-
-    Raised in the worker, torch would wrap it in a message holding the worker's
-    traceback and, once the iterator is dropped, wait about 5 s per worker to
-    shut them down (measured: 10.5 s with 2 workers; 0.4 s this way).
-    """
+    """What a DataLoader worker returns instead of a batch it could not make:
+    the main process raises ``error`` as it is (raised in the worker, torch
+    would wrap it, and wait seconds per worker to shut them down)."""
 
     def __init__(self, error: Exception) -> None:
         self.error = error
@@ -862,15 +793,10 @@ def _first_image(X: Any, unit_floats: bool, bands: bool) -> torch.Tensor:
 def band_preprocessing(
     pre: Preprocessing, X: Any, bands: bool, mean: Any, std: Any
 ) -> Preprocessing:
-    """``pre`` for the channels of the images of ``X``.
-
-    ``mean`` and ``std`` are the estimator's parameters: None (the weights'
-    RGB values, which ``pre`` holds; for bands, repeated as the "repeat" stem
-    repeats the RGB filters, and their average for one band), one value per
-    channel (which ``pre`` holds), or "fit" (estimated from ``X``,
-    :func:`band_statistics`). Float images may lie in any range unless both
-    are None.
-    """
+    """``pre`` for the channels of the images of ``X``, given the estimator's
+    ``mean`` and ``std``: None (the weights' RGB values, repeated over bands
+    as the "repeat" stem repeats filters, averaged for one band), one value
+    per channel, or "fit" (:func:`band_statistics`)."""
     unit_floats = mean is None and std is None
     n = _first_image(X, unit_floats, bands).shape[-3]
     stats = None

@@ -1,27 +1,15 @@
 """The network inference runs: a private copy of the fitted one with each
 BatchNorm folded into the convolution before it, and the convolution and
-linear weights stored in the autocast dtype. A network with nothing to fold
-runs as fitted, without a copy (the casts alone gain too little for the
-memory: 1.03x on resnet18).
+linear weights stored in the autocast dtype (what ``torch.compile``'s
+``freezing`` does, without the compile). A network with nothing to fold runs
+as fitted, without a copy (the casts alone gain too little).
 
-Both rewrites are what ``torch.compile(..., options={"freezing": True})``
-does, without the compile: a BatchNorm in eval mode is an affine map per
-channel, so it folds into the convolution's weights and bias (one pass over
-memory less per pair), and autocast in inference mode casts every weight at
-every forward, which a weight already in its dtype skips. Measured against
-the fitted network in one process (``CNNFeatureTransformer.transform``, 128
-images at 224 px, 2-core AMD EPYC): resnet18 1.25x in float32 and 1.08x in
-bf16, EfficientNet-Lite0 1.36x and 1.21x.
-
-Pairs are found in one pass of the first image to transform (a BatchNorm
-whose input was a convolution's output that nothing else read), and each
-rewrite is checked on a made-up input: a fold that changes the layer's output
-beyond float tolerance (a convolution that standardizes its weights, say) is
-not made, nor a weight cast that changes it under autocast. Every layer can
-still be tapped: a tap of a folded convolution's output (or of its
-BatchNorm's input) reads the fitted convolution run on the same input. The
-copy is made anew whenever the fitted network's modules, tensors or hooks
-change.
+Pairs are found in one pass of the first image (a BatchNorm whose input was a
+convolution's output that nothing else read), and each rewrite is checked on
+a made-up input: one that changes the layer's output beyond float tolerance is
+not made. A tap of a folded convolution's output reads the fitted convolution
+run on the same input. The copy is made anew whenever the fitted network's
+modules, tensors or hooks change.
 """
 
 from __future__ import annotations
@@ -52,9 +40,7 @@ _LOCK = threading.Lock()
 
 class _Readers(TorchFunctionMode):
     """Counts the torch operations that read each watched tensor, outside
-    BatchNorms' own forwards. A mode is per thread: other threads running
-    networks meanwhile are not seen (``torch.fx`` tracing, which patches
-    ``nn.Module.__call__`` for every thread, would break them)."""
+    BatchNorms' own forwards (a mode is per thread, unlike ``torch.fx``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -147,8 +133,7 @@ def _fold(net: nn.Module, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, s
         x = _probe(conv, next(conv.parameters()).device)
         if _same(fused, nn.Sequential(conv, bn), x, None):
             net.set_submodule(conv_name, fused)
-            # In eval mode like the rest of the copy (a Tapper runs a network
-            # with any module in training mode to its end).
+            # In eval mode, as the rest of the copy: a Tapper stops early only then.
             net.set_submodule(bn_name, nn.Identity().eval())
             folded.append((conv_name, bn_name))
     return folded
@@ -156,8 +141,7 @@ def _fold(net: nn.Module, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, s
 
 def _raw_output(raw: nn.Module, args: tuple, output: Any) -> torch.Tensor:
     """What a tap of a folded convolution's output reads: the fitted
-    convolution ``raw`` run on the same input, as in the fitted network
-    (without its hooks)."""
+    convolution ``raw`` run on the same input (without its hooks)."""
     return type(raw).forward(raw, *args)
 
 
@@ -186,8 +170,7 @@ def _store_weights(module: nn.Module, dtype: torch.dtype) -> None:
 
 @contextlib.contextmanager
 def _hooks_off(module: nn.Module) -> Iterator[None]:
-    """``module`` without its forward hooks for a while: the checks below are
-    not forward passes its hooks (a user's counters) should see."""
+    """``module`` without its forward hooks (a user's counters) for a while."""
     saved = [(m, m._forward_hooks, m._forward_pre_hooks) for m in module.modules()]
     for m, _, _ in saved:
         m._forward_hooks, m._forward_pre_hooks = OrderedDict(), OrderedDict()
@@ -240,9 +223,8 @@ def _copy(module: nn.Module) -> nn.Module:
 
 class _Snapshot:
     """What the copy was made from: every submodule and hook, every tensor
-    and its version, storage, dtype and device. It holds the objects
-    themselves (the root aside: a cache keyed by it must let it go), so that
-    a module or tensor replaced since is told apart even at a reused address."""
+    and its version, storage, dtype and device; it holds the objects (but the
+    root, a weak cache key), so that a replaced one is told apart."""
 
     def __init__(self, module: nn.Module) -> None:
         subs = list(module.modules())
@@ -272,10 +254,8 @@ def _user_hooks(m: nn.Module) -> Iterator[int]:
 
 
 class InferenceCopy:
-    """The rewritten copy of one network, and which pairs it folded.
-
-    ``module`` is the copy, or None where nothing could be folded (the fitted
-    network is used as it is)."""
+    """The rewritten copy of one network (``module``; None where nothing was
+    folded), and which pairs it folded."""
 
     def __init__(
         self,

@@ -24,16 +24,12 @@ def list_layers(
     """The layers of ``model`` that can be tapped, in forward order.
 
     Every module that runs exactly once in a forward pass and returns a tensor
-    is listed, nested ones included (``"layer3"`` and ``"layer3.1.conv2"``), in
-    the order their outputs are computed (a block after its sublayers). A module
-    object reused at several places (resnet's ``layer1.0.relu``, say) is left
-    out: its output would be ambiguous.
-
-    Each layer's layout says which axis of its output holds the channels, and
-    so what ``pooling`` reduces: ``"NCHW"`` (convolution maps), ``"NHWC"``
-    (Swin stages, ConvNeXt block internals, MaxViT windows), ``"NLD"`` (ViT
-    tokens), ``"NC"`` (vectors), or None where the network does not show it
-    (tap such a layer with ``layout=`` or ``pooling="flatten"``).
+    is listed, nested ones included, in the order their outputs are computed
+    (a block after its sublayers); a module reused at several places is left
+    out. Each layer's layout says which axis holds the channels: ``"NCHW"``,
+    ``"NHWC"`` (Swin stages), ``"NLD"`` (ViT tokens), ``"NC"`` (vectors), or
+    None where the network does not show it (then tap it with ``layout=`` or
+    ``pooling="flatten"``).
 
     Parameters
     ----------
@@ -69,15 +65,10 @@ def list_layers(
 
 
 def probe_network(module: nn.Module, example: torch.Tensor) -> Trace:
-    """``trace(module, example)``, with the failures a user can act on.
-
-    A network in channels_last memory format that fails (a forward written
-    with ``x.view(...)``, which needs contiguous tensors) goes back to the
-    contiguous format and is tried again; ``uses_channels_last(module)`` then
-    says so, and the batches follow. A network that fails on the probe's size
-    but runs on another raises a ValueError naming the size and the
-    ``image_size`` to set.
-    """
+    """``trace(module, example)``, with the failures a user can act on: a
+    channels_last network that fails (``x.view``) goes back to the contiguous
+    format; one that fails on this size but runs on another says which
+    ``image_size`` to set."""
     channels_last = uses_channels_last(module) and example.ndim == 4
     if channels_last:
         example = example.contiguous(memory_format=torch.channels_last)

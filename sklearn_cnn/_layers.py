@@ -1,24 +1,21 @@
 """Find a network's layers by running it once, and tap their outputs.
 
-Layers are named as in ``model.named_modules()``. Outputs are captured with
-forward hooks (no graph tracing, so any module works), and the forward pass is
-cut short once the last tapped layer has run: an early layer costs only the
-compute up to it.
+Layers are named as in ``model.named_modules()`` and tapped with forward hooks
+(any module works); the forward stops once the last tapped layer has run.
 
-The trace also works out the *layout* of every output, that is which axis
-holds the channels: ``"NCHW"`` maps (convolutions), ``"NHWC"`` maps (Swin
-stages, ConvNeXt block internals), ``"NLD"`` tokens (ViT encoders) or ``"NC"``
-vectors. Layouts follow the data: each tensor is known by identity, modules of
-known kinds fix the layout of what they return (``Conv2d``: channels first;
-``Linear`` and ``LayerNorm``: channels last; ``Permute``: permuted), modules
-that keep the shape keep the layout, and a tensor of unknown layout takes the
-one its consumer expects. What stays unknown is reported, never guessed.
+The trace also works out each output's *layout* (which axis holds the
+channels: ``"NCHW"``, ``"NHWC"``, ``"NLD"`` tokens or ``"NC"`` vectors) by
+following the tensors: modules of known kinds fix it (``Conv2d``: first;
+``Linear``, ``LayerNorm``: last; ``Permute``: permuted), shape-keeping modules
+keep it, consumers tell it backwards. What stays unknown is reported, never
+guessed.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import math
 import threading
 import weakref
 from collections import Counter
@@ -99,6 +96,14 @@ class Trace:
         return Counter(self.calls)
 
     @property
+    def first_calls(self) -> dict[str, int]:
+        """Module name -> position of its first (completed) call."""
+        first: dict[str, int] = {}
+        for i, name in enumerate(self.calls):
+            first.setdefault(name, i)
+        return first
+
+    @property
     def layers(self) -> list[Layer]:
         """Modules that run exactly once and return a tensor, in forward order."""
         counts = self.counts
@@ -153,9 +158,8 @@ def network_output(output: Any) -> torch.Tensor:
 
 
 class _TensorIds:
-    """Stable keys for tensor objects during one forward pass (by identity;
-    weak references, so that a freed tensor's recycled ``id`` is not confused
-    with it and the trace holds no activations)."""
+    """Keys for tensors during one forward pass, by identity (weak references:
+    a recycled ``id`` is not confused, and no activation is held)."""
 
     def __init__(self) -> None:
         self._refs: dict[int, tuple[weakref.ref, int]] = {}
@@ -182,8 +186,7 @@ def trace(module: nn.Module, example: torch.Tensor) -> Trace:
     def make_hook(name: str):
         def hook(m: nn.Module, args: tuple, output: Any) -> None:
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            # A tuple's first tensor (attention's output) still carries a
-            # layout to follow, though the module cannot be tapped.
+            # A tuple's first tensor has a layout, though it cannot be tapped.
             y = first_tensor(output)
             calls.append(
                 _Call(
@@ -360,9 +363,8 @@ def _forward_kind(c: _Call, kinds: dict[int, str], before: list[_Call]) -> str |
         return None
     if in_kind is not None and c.in_shape == c.out_shape:
         return in_kind
-    # A block that combines its sublayers' outputs (a concatenation, a
-    # residual sum after a downsampling): its sublayers' layout, if they all
-    # agree and one of them has the same spatial size.
+    # A block that combines its sublayers' outputs: their layout, if they all
+    # agree and one has the same spatial size.
     prefix = c.name + "." if c.name else ""
     found = set()
     for d in before:
@@ -408,10 +410,8 @@ def _backward_kind(c: _Call, kinds: dict[int, str]) -> str | None:
 
 @dataclass(frozen=True)
 class Tap:
-    """Where to read a tensor: a module's output, or its input (``pre``).
-
-    The empty name is the network's own output.
-    """
+    """Where to read a tensor: a module's output, or its input (``pre``); the
+    empty name is the network's own output."""
 
     module: str
     pre: bool = False
@@ -419,12 +419,9 @@ class Tap:
 
 def resolve_layers(layer: Any, tr: Trace) -> tuple[list[str], list[Tap]]:
     """Validate ``layer`` against a trace; return display names and taps."""
-    if layer is None:
-        head = tr.head
-        if head is None:
-            # No classifier to strip: the network's own output is its features.
-            return [PENULTIMATE], []
-        return [PENULTIMATE], [Tap(head, pre=True)]
+    if layer is None:  # the classifier's input, else the network's output
+        taps = [] if tr.head is None else [Tap(tr.head, pre=True)]
+        return [PENULTIMATE], taps
     names = [layer] if isinstance(layer, str) else list(layer)
     if not names:
         raise ValueError("layer is an empty list: name at least one layer.")
@@ -482,22 +479,14 @@ def _neighbours(tr: Trace, position: int, valid: set[str]) -> str:
 
 
 class _Stop(BaseException):
-    """Raised from a hook once every tapped tensor is in: ends the forward.
-
-    A BaseException, like KeyboardInterrupt, so that a forward that catches
-    ``Exception`` cannot swallow it. Raised only while no module is in
-    training mode (see ``Tapper``).
-    """
+    """Ends the forward once every tapped tensor is in (in eval mode only); a
+    BaseException, so that a forward catching ``Exception`` cannot swallow it."""
 
 
 class _Hub:
-    """The tap hooks of one module, shared by every call in flight.
-
-    Hooks are registered when the first call needs them and removed when the
-    last one ends; each hook hands its tensor to the call running in its own
-    thread, so that concurrent calls on one fitted estimator neither see
-    each other's tensors nor wait for each other.
-    """
+    """The tap hooks of one module, shared by every call in flight: registered
+    for the first call, removed after the last; each hook hands its tensor to
+    the call of its own thread."""
 
     def __init__(self) -> None:
         self.local = threading.local()
@@ -523,22 +512,19 @@ class _Hub:
 
 def tapped_output(m: nn.Module, args: tuple, output: Any) -> Any:
     """What a tap of ``m``'s output reads: the output, unless ``m`` says
-    otherwise (a convolution with a BatchNorm folded in gives its own
-    output, see ``_inference``)."""
+    otherwise (a convolution with a folded BatchNorm, see ``_inference``)."""
     read = m.__dict__.get("sklearn_cnn_tapped_output")
     return output if read is None else read(args, output)
 
 
 def is_tap_hook(fn: Any) -> bool:
-    """Whether ``fn`` is a hook this library puts on a network while it taps
-    it (``Tapper``, ``_cache.PooledTapper``), not one of the network's own."""
+    """Whether ``fn`` is a tap hook of this library, not the network's own."""
     return getattr(fn, "sklearn_cnn_tap", False)
 
 
 def drop_tap_hooks(module: nn.Module) -> None:
-    """Remove from ``module`` (a copy) the tap hooks it inherited from calls
-    in flight at the time: they would hand its tensors to the original's
-    taps, and closures do not pickle. The network's own hooks stay."""
+    """Remove from ``module`` (a copy) the tap hooks of calls in flight: they
+    would feed the original's taps, and do not pickle."""
     for m in module.modules():
         for hooks in (m._forward_hooks, m._forward_pre_hooks):
             for key, hook in list(hooks.items()):
@@ -584,29 +570,17 @@ class _TapCall:
         self.store[tap] = value
         if self.stop and len(self.store) == len(self.wanted):
             raise _Stop
-        # The forward goes on, and in-place ops after this layer (resnet's
-        # ReLU(inplace=True), ``out += identity``) would overwrite the tensor.
-        self.store[tap] = value.clone()
+        self.store[tap] = value.clone()  # in-place ops later would change it
 
 
 class Tapper:
     """Hooks that collect tapped tensors; use as a context manager.
 
-    Thread-safe: several threads may each enter a Tapper on one module (a
-    fitted estimator's ``transform`` called from a thread pool); each sees
-    only its own tensors. An empty ``taps`` returns the network's output.
-
-    With every module in eval mode the forward ends at the last tap (``_Stop``)
-    and the modules after it do not run. In training mode modules change
-    state as they run (BatchNorm's running statistics, dropout's draws from
-    the random generator), and a forward cut short would leave the layers
-    before the tap updated and those after it not: there the forward runs to
-    its end, and leaves the module as ``module(x)`` would. What the early end
-    cannot keep whole is a forward of one's own that changes the module's
-    attributes in eval mode (a call counter, a cache) after the tap inside
-    the same forward: that part does not run. torch's and torchvision's layers
-    keep no such state in eval mode, and the estimators tap only networks in
-    eval mode.
+    Thread-safe: each thread that enters a Tapper on one module sees only its
+    own tensors. An empty ``taps`` returns the network's output. In eval mode
+    the forward ends at the last tap (``_Stop``); in training mode it runs to
+    its end, so that it updates the module (BatchNorm statistics, dropout's
+    draws) as ``module(x)`` would.
     """
 
     def __init__(self, module: nn.Module, taps: Sequence[Tap]) -> None:
@@ -634,10 +608,7 @@ class Tapper:
                     entry = hub.hooks[tap] = [handle, 0]
                 entry[1] += 1
         self._hub = hub
-        stack = getattr(hub.local, "stack", None)
-        if stack is None:
-            stack = hub.local.stack = []
-        stack.append(self._call)
+        hub.local.__dict__.setdefault("stack", []).append(self._call)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -686,18 +657,14 @@ def pool(
 ) -> torch.Tensor:
     """(N, ...) activations of ``layout`` -> (N, F) float32 features.
 
-    Maps are reduced over their spatial axes, tokens (``"NLD"``) over their
-    patch tokens (the first ``prefix_tokens``, class and register tokens, are
-    left out; "cls" takes the first token instead). "avgmax" is the mean of
-    average and max pooling (timm's convention); "gem" is generalized-mean
-    pooling with p=3 on activations clamped at 1e-6. ``layout`` is needed for
-    anything but vectors and "flatten".
+    Maps are reduced over their spatial axes, tokens (``"NLD"``) over the
+    patch tokens after ``prefix_tokens`` ("cls": the first token). "avgmax" is
+    timm's mean of average and max; "gem" is generalized-mean pooling (p=3,
+    clamped at 1e-6). ``layout`` is needed except for vectors and "flatten".
     """
     rows = max(1, POOL_CHUNK // max(1, t[0].numel())) if len(t) else 1
     if t.ndim > 2 and how != "flatten" and len(t) > rows:
-        # A few images at a time: the float32 copy of a whole batch of large
-        # bf16 maps costs more in page faults than the reduction itself
-        # (64 maps of 64 x 48 x 48: 14 ms at once, 1.0 ms in chunks of 4 MiB).
+        # A few images at a time: a whole batch's float32 copy costs more.
         parts = [pool(c, how, layout, prefix_tokens, gem_p) for c in t.split(rows)]
         return torch.cat(parts)
     t = t.float()
@@ -728,10 +695,7 @@ def pool(
 def pooled_width(shape: tuple[int, ...], how: str, layout: str | None = "NCHW") -> int:
     """Number of features ``pool`` makes of an output of ``shape`` (no batch)."""
     if len(shape) <= 1 or how == "flatten":
-        n = 1
-        for s in shape:
-            n *= s
-        return n
+        return math.prod(shape)
     return (
         shape[-1] if layout is not None and layout_kind(layout) == "last" else shape[0]
     )
@@ -780,15 +744,9 @@ def check_pooling(
 
 
 class PooledTapper:
-    """Hooks that pool each tapped tensor as soon as it is computed.
-
-    Unlike :class:`~sklearn_cnn._layers.Tapper` the forward pass runs to its
-    end and nothing is cloned: each activation is reduced to its pooled rows
-    in its hook, before any in-place operation can change it. A tap that
-    ``pool_fn`` refuses (a layer whose layout is unknown) is left out. Hooks
-    act only on the thread that entered, so other threads may run the same
-    network meanwhile.
-    """
+    """Hooks that pool each tapped tensor in its hook, as it is computed (the
+    forward runs to its end, nothing is cloned). A tap that ``pool_fn``
+    refuses is left out; hooks act only on the thread that entered."""
 
     def __init__(
         self,
@@ -806,14 +764,12 @@ class PooledTapper:
         modules = dict(self.module.named_modules())
         for tap in self.taps:
             m = modules[tap.module]
-            if tap.pre:
-                hook = functools.partial(self._pre, tap)
-                hook.sklearn_cnn_tap = True  # see _layers.is_tap_hook
-                self._handles.append(m.register_forward_pre_hook(hook))
-            else:
-                hook = functools.partial(self._post, tap)
-                hook.sklearn_cnn_tap = True
-                self._handles.append(m.register_forward_hook(hook))
+            hook = functools.partial(self._pre if tap.pre else self._post, tap)
+            hook.sklearn_cnn_tap = True  # see is_tap_hook
+            register = (
+                m.register_forward_pre_hook if tap.pre else m.register_forward_hook
+            )
+            self._handles.append(register(hook))
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -36,9 +36,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Environment variable: seconds a weight download waits for the server to
 #: answer (each connection attempt and each read), ``0`` for no limit.
 DOWNLOAD_TIMEOUT_ENV = "SKLEARN_CNN_DOWNLOAD_TIMEOUT"
-#: Without the variable: long enough for a slow link, short enough that a
-#: connection which is accepted and then stays silent (a stalled proxy or
-#: firewall) fails instead of hanging for ever.
+#: Without the variable: a silent connection (a stalled proxy) fails, not hangs.
 DEFAULT_DOWNLOAD_TIMEOUT = 30.0
 
 
@@ -60,14 +58,9 @@ def download_timeout() -> float | None:
 
 @contextlib.contextmanager
 def bounded_downloads() -> Iterator[float | None]:
-    """Give sockets opened inside the block a timeout of ``download_timeout()``.
-
-    torch.hub's downloads (torchvision's weights, timm's URL checkpoints) open
-    their connections without a timeout, so a server that accepts and never
-    answers would block ``fit`` for ever. The timeout is set as the socket
-    default for the duration of the download, and only when the program has
-    not set one itself. Yields the timeout that applies.
-    """
+    """Give sockets opened inside the block (torch.hub's downloads have none) a
+    timeout of ``download_timeout()``, unless the program set a default of its
+    own; yields the timeout that applies."""
     previous = socket.getdefaulttimeout()
     timeout = download_timeout() if previous is None else previous
     if previous is not None or timeout is None:
@@ -209,15 +202,10 @@ def load_state_dict_file(module: nn.Module, path: str | os.PathLike) -> None:
 
 
 def offline_builder_kwargs(name: str, weights: WeightsEnum) -> dict[str, Any]:
-    """The arguments torchvision's builder ``name`` derives from ``weights``.
-
-    ``get_model(name, weights=None, **offline_builder_kwargs(name, weights))``
-    builds the architecture that ``get_model(name, weights=weights)`` builds,
-    without downloading the weights (rules of torchvision's builders, 0.19 to
-    0.29): the number of classes; inception's and googlenet's input
-    transform, without their auxiliary heads; the image size of ViTs and
-    MaxViT.
-    """
+    """The arguments torchvision's builder ``name`` derives from ``weights``
+    (classes, inception's input transform, ViTs' image size), so that
+    ``get_model(name, weights=None, **kwargs)`` builds the same architecture
+    without downloading (torchvision 0.19 to 0.29)."""
     meta = weights.meta
     kwargs: dict[str, Any] = {}
     if meta.get("categories"):
@@ -292,8 +280,6 @@ def _build_timm(name: str, weights: Any) -> nn.Module:
             + (" (No such file exists.)" if isinstance(weights, str) else "")
         )
     pretrained = isinstance(weights, str) and weights == "DEFAULT"
-    # Checkpoints on the Hugging Face Hub go through huggingface_hub (asked
-    # once quickly first, below), URL checkpoints through torch.hub.
     with bounded_downloads() as timeout:
         if pretrained:
             _check_hub_answers(name, timeout)
@@ -323,14 +309,8 @@ def _timm_url(name: str) -> str:
 
 def _check_hub_answers(name: str, timeout: float | None) -> None:
     """Fail within ``timeout`` when timm's weights must come from a Hugging Face
-    Hub that does not answer.
-
-    huggingface_hub retries a silent connection for minutes (timeouts of up to
-    60 s, six tries per file, two files), so one quick request to the Hub comes
-    first; nothing is asked when the weights are in the local cache, when
-    ``HF_HUB_OFFLINE`` is set or when they come from a URL (torch.hub, bounded
-    by the socket timeout).
-    """
+    Hub that does not answer (huggingface_hub retries for minutes); nothing is
+    asked for cached weights, ``HF_HUB_OFFLINE`` or a URL checkpoint."""
     if timeout is None:
         return
     try:
@@ -363,13 +343,7 @@ def _timm_failure(name: str, exc: BaseException, timeout: float | None) -> str:
 
 def build_architecture(model: Any, weights: Any) -> nn.Module:
     """The network ``model`` names, without its weights (a save file's come
-    next), built offline.
-
-    torchvision builds some architectures differently when given weights
-    (inception's ``transform_input``, vit_h_14's image size): the builder gets
-    the arguments those weights imply (``offline_builder_kwargs``) instead of
-    the weights, so nothing is downloaded.
-    """
+    next), built offline (``offline_builder_kwargs``)."""
     if isinstance(model, str) and model.startswith(TIMM_PREFIX):
         return _build_timm(model[len(TIMM_PREFIX) :], None)
     if isinstance(model, str):
@@ -379,6 +353,10 @@ def build_architecture(model: Any, weights: Any) -> nn.Module:
             if enum_member is not None:
                 kwargs = offline_builder_kwargs(model, enum_member)
         return torchvision.models.get_model(model, weights=None, **kwargs)
+    return _call_builder(model)
+
+
+def _call_builder(model: Any) -> nn.Module:
     module = model()
     if not isinstance(module, nn.Module):
         raise TypeError(
@@ -403,10 +381,8 @@ def seeded(random_state: Any) -> Iterator[None]:
 
 
 def build_model(model: Any, weights: Any) -> tuple[nn.Module, WeightsEnum | None]:
-    """The module with its weights loaded, and the torchvision enum if any.
-
-    The user's own module is deep-copied, so fitting never changes it.
-    """
+    """The module with its weights loaded, and the torchvision enum if any (a
+    module of the user's own is copied, never changed)."""
     if isinstance(model, str) and model.startswith(TIMM_PREFIX):
         return _build_timm(model[len(TIMM_PREFIX) :], weights), None
     if isinstance(model, str):
@@ -414,12 +390,7 @@ def build_model(model: Any, weights: Any) -> tuple[nn.Module, WeightsEnum | None
     if isinstance(model, nn.Module):
         module = copy.deepcopy(model)
     elif callable(model):
-        module = model()
-        if not isinstance(module, nn.Module):
-            raise TypeError(
-                f"model is a callable that returned {type(module).__name__}; it "
-                "must return a torch.nn.Module."
-            )
+        module = _call_builder(model)
     else:
         raise TypeError(
             f"model must be a torchvision model name, a torch.nn.Module or a "
@@ -485,11 +456,9 @@ class _TimmMeta:
 
 
 def _torchvision_meta(model: str, module: nn.Module | None) -> Any:
-    """The default weights' transforms of a torchvision architecture, for
-    random weights or a state-dict file (a static table, nothing downloads);
-    for a model built for another input size than the default weights (the
-    ViTs' ``image_size``: vit_h_14 is built for 224, its default weights for
-    518), the weights of that size."""
+    """The transforms of a torchvision architecture's default weights (a static
+    table, nothing downloads), or of its weights for the size it was built
+    for (the ViTs' ``image_size``)."""
     enum = _torchvision_weights_enum(model)
     if enum is None:
         return None
@@ -510,12 +479,9 @@ def resolve_preprocessing(
     std: Any,
     module: nn.Module | None = None,
 ) -> Preprocessing:
-    """Preprocessing from the user's parameters, else the weights' metadata.
-
-    A state-dict file for a torchvision architecture uses the metadata of that
-    architecture's default weights (a static table, nothing is downloaded). A
-    timm model (by name or as a module) uses its ``pretrained_cfg``.
-    """
+    """Preprocessing from the user's parameters, else the weights' metadata
+    (a timm model's ``pretrained_cfg``; for a state-dict file, the default
+    weights' of the torchvision architecture)."""
     check_image_size(image_size)
     meta = None
     cfg = getattr(module, "pretrained_cfg", None)

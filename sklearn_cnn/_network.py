@@ -1,15 +1,9 @@
 """The fitted network: one object that ``fit`` builds and every pass runs on.
 
-:class:`Network` owns what fit resolves for a network: the module, the
-preprocessing, the device and precision, the trace of one forward pass, the
-folded inference copy (``_inference``), the compiled forward (``_runtime``)
-and what is computed from the weights (their digest, feature widths), kept
-only while the weights are unchanged. :meth:`Network.stream` is the one
-inference loop: ``transform``, ``predict*``, filling the activation cache,
-the fine-tuning probe features and frozen prefix all run through it.
-
-Networks that fits may share (a search with ``memory=``) are kept in
-:data:`SHARED`, the process's one registry of networks.
+:class:`Network` owns what fit resolves for a network (module, preprocessing,
+device, precision, trace, folded and compiled copies, what is computed from
+the weights). :meth:`Network.stream` is the one inference loop. Networks that
+fits may share (a search with ``memory=``) are kept in :data:`SHARED`.
 """
 
 from __future__ import annotations
@@ -41,7 +35,6 @@ from ._runtime import (
     auto_compile_pays,
     autocast,
     batches,
-    compiled_forward,
     halve_on_oom,
     place,
     progress,
@@ -76,27 +69,10 @@ def _mean(a: Any, b: Any) -> Any:
 
 
 class Network:
-    """A built network and everything fit resolved to run it.
-
-    Parameters
-    ----------
-    module : torch.nn.Module
-        The network, on ``device``.
-    preprocessing : Preprocessing
-        From images to the network's input.
-    device : torch.device
-        Where the network runs.
-    precision : str
-        The ``precision`` parameter fit saw; its autocast dtype depends on the
-        device the network is on (see :attr:`dtype`).
-    trace : Trace
-        What one forward pass of ``example_shape`` revealed.
-    example_shape : tuple of int
-        The preprocessed shape (C, H, W) of the image that was traced.
-    stem : dict or None
-        How the first convolution was adapted to the images' bands (its
-        ``layer``, ``bands`` and ``rule``, see ``_bands``); None for RGB.
-    """
+    """A built network and everything fit resolved to run it: ``precision`` is
+    the parameter (see :attr:`dtype`), ``trace`` the forward pass of an image
+    of ``example_shape`` (C, H, W), ``stem`` how the first convolution was
+    adapted to bands (``_bands``; None for RGB)."""
 
     def __init__(
         self,
@@ -136,12 +112,8 @@ class Network:
         stem: str = "repeat",
     ) -> Network:
         """Build the network ``model`` and ``weights`` name, place it on
-        ``device`` and trace it on the first image of ``X``.
-
-        Images of other than 3 channels (bands; see ``_images``) get their
-        mean and std per band (``band_preprocessing``) and the network's first
-        convolution adapted to them by the rule ``stem`` (``_bands``).
-        """
+        ``device`` and trace it on the first image of ``X`` (bands: the first
+        convolution adapted by the rule ``stem``, see ``_bands``)."""
         module, enum = build_model(model, weights)
         rgb_mean = None if isinstance(mean, str) else mean  # "fit": below
         rgb_std = None if isinstance(std, str) else std
@@ -182,18 +154,13 @@ class Network:
         return resolve_precision(self.precision, self.device)
 
     def memo(self) -> dict:
-        """What callers compute from the weights (their digest, feature
-        widths): emptied whenever a parameter or buffer has been written
-        since (training, ``load_state_dict``, an edit by hand)."""
+        """What callers compute from the weights (digest, feature widths),
+        emptied whenever a parameter or buffer has been written since."""
         version = weights_version(self.module)
         with self._lock:
             if version != self._memo_version:
                 self._memo, self._memo_version = {}, version
             return self._memo
-
-    def retrace(self, example: torch.Tensor) -> None:
-        """Trace the module again (after its head was replaced)."""
-        self.trace = probe_network(self.module, example)
 
     def place(self, device: torch.device) -> None:
         """Move the network to ``device`` (after unpickling or loading)."""
@@ -201,8 +168,7 @@ class Network:
         place(self.module, device, uses_channels_last(self.module))
 
     def __getstate__(self) -> dict:
-        # The module travels on the CPU, so that a network fitted on a GPU
-        # loads on a machine without one; compiled code and locks stay behind.
+        # The module travels on the CPU; compiled code and locks stay behind.
         state = dict(self.__dict__)
         module = without_tap_hooks(self.module)  # another thread's taps
         if _off_cpu(module):
@@ -245,8 +211,7 @@ class Network:
 
     def inference_copy(self, X: Any) -> InferenceCopy:
         """The network with BatchNorms folded and weights in the autocast
-        dtype (see ``_inference``), made from a pass of the first image of
-        ``X`` and anew whenever the network changes."""
+        dtype (see ``_inference``), made anew whenever the network changes."""
         return inference_copy(self.module, self.dtype, lambda: self.example(X))
 
     # -- the inference loop ----------------------------------------------------------
@@ -254,15 +219,16 @@ class Network:
     def _compiled(
         self, network: nn.Module, taps: list[Tap], reuse_only: bool
     ) -> CompiledForward | None:
-        """The compiled tapped forward of ``network`` for ``taps``, kept while
-        the network stays the same; with ``reuse_only``, only one compiled
-        already (or None)."""
+        """The compiled tapped forward of ``network`` for ``taps`` (compiled
+        at its first full batch), kept while the network stays the same
+        (``reuse_only``: None if none is)."""
         key = (tuple(taps), self.dtype, str(self.device))
         cached = self.compiled
+        fresh = cached is not None and cached.fresh_for(network, key)
         if reuse_only:
-            fresh = cached is not None and cached.fresh_for(network, key)
             return cached if fresh and not cached.failed else None
-        self.compiled = compiled_forward(cached, network, taps, key)
+        if not fresh:
+            self.compiled = CompiledForward(network, taps, key)
         return self.compiled
 
     def stream(
@@ -280,20 +246,16 @@ class Network:
         compile: bool | str = False,
         verbose: int = 0,
     ) -> Iterator[Any]:
-        """``reduce`` of each batch of ``X`` (of the images ``index``), in order.
+        """``reduce`` of each batch of ``X`` (of the images ``index``), in order,
+        on the folded copy (:meth:`inference_copy`) under autocast.
 
         Without ``pool``, ``reduce`` takes the list of the ``taps``' tensors
-        (the network's output for no taps); the forward stops after the last
-        tap. With ``pool``, each tap is pooled by ``pool(tap, tensor)`` in its
-        hook as the whole network runs, and ``reduce`` takes the dict of the
-        taps that gave rows. With ``flip``, the mean of each image's and its
-        mirror's. Batches stream in inference mode on the folded copy of the
-        network (see :meth:`inference_copy`), under autocast; a batch that runs
-        out of CUDA memory is split in halves, and so are the next ones.
-        ``compile`` (True, or "auto": once the pass is predicted to take over
-        five minutes) runs a compiled forward where there is no ``pool``.
+        (the output for no taps) and the forward stops at the last tap. With
+        ``pool(tap, tensor)``, taps are pooled in their hooks and ``reduce``
+        takes the dict of those that gave rows; such a pass is never compiled.
+        ``flip``: the mean of each image's and its mirror's. Batches that run
+        out of CUDA memory are halved.
         """
-        # A cache-filling pass (pool) runs once per image: never compiled.
         n = len(X) if index is None else len(index)
         self.module.eval()
         dtype = self.dtype
@@ -378,13 +340,8 @@ def _off_cpu(module: nn.Module) -> bool:
 
 
 def cpu_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose parameters and buffers are on the CPU.
-
-    Each tensor is copied straight to the CPU (``copy.deepcopy`` with a memo
-    that maps it to its CPU copy): the module is never duplicated on its
-    device, which ``copy.deepcopy(module).cpu()`` would do. Tied weights stay
-    tied.
-    """
+    """A copy of ``module`` on the CPU, each tensor copied straight there (never
+    duplicated on its device); tied weights stay tied."""
     memo: dict[int, Any] = {}
     for t in [*module.parameters(), *module.buffers()]:
         if id(t) in memo:
@@ -396,22 +353,16 @@ def cpu_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-# ---------------------------------------------------------------------------
-# Networks shared between fits
-# ---------------------------------------------------------------------------
+# -- Networks shared between fits ---------------------------------------------
 
 
 class SharedNetworks:
     """Networks that fits in this process share (CNNFeatureTransformer with
-    ``memory=``, which only reads its network): in a search, building and
-    probing the network would otherwise cost more than reading the cached
-    features of a fold.
+    ``memory=``, which only reads its network): in a search, building one
+    would cost more than reading a fold's cached features.
 
-    Invalidation: the ``size`` most recently used networks are kept; a
-    network whose weights were written since it was built (by hand, or a
-    ``load_state_dict``) is dropped at the next lookup, so a later fit builds
-    anew instead of sharing it; a builder function is keyed by the function
-    object, so a function redefined in a notebook builds anew.
+    The ``size`` most recently used are kept; one whose weights were written
+    since it was built is dropped at the next lookup.
     """
 
     def __init__(self, size: int = 2) -> None:
@@ -459,13 +410,9 @@ SHARED = SharedNetworks()
 
 
 def _builder_identity(model: Any) -> Any:
-    """What identifies a builder, or None where that cannot be told safely
-    (a module instance, a lambda or a function defined inside another).
-
-    A function is itself (a redefined one is a new object); a bound
-    classmethod (``EfficientNet.from_name``) is its class and function,
-    both of which stay the same objects across accesses; a
-    ``functools.partial`` is its function's identity and its arguments.
+    """What identifies a builder: a name, a function (a redefined one is a new
+    object), a bound classmethod's class and function, a partial's function
+    and arguments; None where that cannot be told safely (a module, a lambda).
     """
     if isinstance(model, str):
         return model
@@ -484,23 +431,13 @@ def _builder_identity(model: Any) -> Any:
     return None
 
 
-def network_key(
-    kind: str,
-    model: Any,
-    weights: Any,
-    random_state: Any,
-    image_size: Any,
-    mean: Any,
-    std: Any,
-    device: Any,
-    precision: str,
-    bands: str = "auto",
-    stem: str = "repeat",
-) -> tuple | None:
-    """What decides the network a fit builds, or None where that cannot be
-    told safely (see :func:`_builder_identity`; unseeded random weights; a
-    mean or std fitted to the images, which differ between folds)."""
-    builder = _builder_identity(model)
+def network_key(kind: str, random_state: Any, params: dict[str, Any]) -> tuple | None:
+    """What decides the network ``Network.build(**params)`` builds, or None
+    where that cannot be told safely (see :func:`_builder_identity`; unseeded
+    random weights; a mean or std fitted to the images, which differ between
+    folds)."""
+    builder = _builder_identity(params["model"])
+    weights, mean, std = params["weights"], params["mean"], params["std"]
     if builder is None or isinstance(mean, str) or isinstance(std, str):
         return None
     if weights is None and not isinstance(random_state, Integral):
@@ -510,6 +447,6 @@ def network_key(
         weights = (os.path.abspath(weights), info.st_mtime_ns, info.st_size)
     return (
         kind, builder, repr(weights), repr(random_state),
-        repr(image_size), repr(mean), repr(std), str(device), precision,
-        bands, stem,
+        repr(params["image_size"]), repr(mean), repr(std), str(params["device"]),
+        params["precision"], params["bands"], params["stem"],
     )  # fmt: skip

@@ -1,22 +1,15 @@
 """Save and load fitted estimators without pickle: JSON and tensors, no code.
 
-A file holds the estimator's parameters and fitted attributes as JSON, and the
-network's state dict as tensors: a safetensors file (the ``persist`` extra)
-whose metadata carries the JSON, or, without safetensors, a ``torch.save``
-file of plain strings and tensors, read back with ``weights_only=True``. A
-SHA-256 digest of the JSON and of every tensor's bytes is checked on load, so
-a truncated or modified file is refused instead of giving wrong results.
-
-Loading runs no code from the file. The network is rebuilt from the
-parameters: a torchvision name needs nothing else; a callable is stored as its
-import path (``"package.module:function"``, or a ``functools.partial`` of one
-with JSON arguments) and is imported and called on load only when the caller
-lists it in ``trusted``, as skops does for types it does not know.
+A file holds the parameters and fitted attributes as JSON and the network's
+state dict as tensors: a safetensors file whose metadata carries the JSON, or
+without safetensors a ``torch.save`` file read with ``weights_only=True``; a
+SHA-256 digest of both is checked on load. The network is rebuilt from the
+parameters: a callable is stored as its import path and imported on load only
+when listed in ``trusted`` (as skops does).
 
 This module knows the file, not the estimators: ``write`` and ``read`` take
-and give plain values (parameters, fitted attributes, tensors); the estimator
-classes register themselves (``register``), and ``_base.NetworkMixin`` saves
-an estimator and rebuilds one from what ``read`` gives.
+and give plain values; the estimator classes ``register`` themselves, and
+``_base.NetworkMixin`` saves and rebuilds them.
 """
 
 from __future__ import annotations
@@ -29,6 +22,7 @@ import importlib
 import io
 import json
 import os
+import pathlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -60,9 +54,7 @@ class _Unsaveable(TypeError):
     pass
 
 
-# ---------------------------------------------------------------------------
-# Values <-> JSON, with tags for what JSON lacks
-# ---------------------------------------------------------------------------
+# -- Values <-> JSON, with tags for what JSON lacks ---------------------------
 
 
 def _import_path(obj: Any) -> str:
@@ -92,33 +84,27 @@ def _resolve(path: str) -> Any:
     return obj
 
 
-def _encode(value: Any, where: str) -> Any:
-    """A JSON-serialisable form of ``value``; ``where`` names it in errors."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, (int, float)):
+def _encode(value: Any) -> Any:
+    """A JSON-serialisable form of ``value``."""
+    if value is None or isinstance(value, (bool, str, int, float)):
         return value
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, tuple):
-        return {"__tuple__": [_encode(v, where) for v in value]}
+        return {"__tuple__": [_encode(v) for v in value]}
     if isinstance(value, list):
-        return [_encode(v, where) for v in value]
+        return [_encode(v) for v in value]
     if isinstance(value, (set, frozenset)):
-        return {"__set__": [_encode(v, where) for v in sorted(value, key=repr)]}
+        return {"__set__": [_encode(v) for v in sorted(value, key=repr)]}
     if isinstance(value, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in value):
-            return {k: _encode(v, where) for k, v in value.items()}
-        return {
-            "__dict__": [
-                [_encode(k, where), _encode(v, where)] for k, v in value.items()
-            ]
-        }
+            return {k: _encode(v) for k, v in value.items()}
+        return {"__dict__": [[_encode(k), _encode(v)] for k, v in value.items()]}
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biufUO":
             raise _Unsaveable(f"an array of dtype {value.dtype}")
         return {
-            "__ndarray__": [_encode(v, where) for v in value.ravel().tolist()],
+            "__ndarray__": [_encode(v) for v in value.ravel().tolist()],
             "dtype": value.dtype.str if value.dtype.kind != "O" else "object",
             "shape": list(value.shape),
         }
@@ -131,8 +117,8 @@ def _encode(value: Any, where: str) -> Any:
     if isinstance(value, Preprocessing):
         return {
             "__preprocessing__": {
-                "resize": _encode(value.resize, where),
-                "crop": _encode(value.crop, where),
+                "resize": _encode(value.resize),
+                "crop": _encode(value.crop),
                 "mean": list(value.mean),
                 "std": list(value.std),
                 "interpolation": value.interpolation.value,
@@ -145,9 +131,9 @@ def _encode(value: Any, where: str) -> Any:
     if isinstance(value, functools.partial):
         return {
             "__partial__": {
-                "func": _encode(value.func, where),
-                "args": [_encode(v, where) for v in value.args],
-                "keywords": {k: _encode(v, where) for k, v in value.keywords.items()},
+                "func": _encode(value.func),
+                "args": [_encode(v) for v in value.args],
+                "keywords": {k: _encode(v) for k, v in value.keywords.items()},
             }
         }
     if isinstance(value, nn.Module):
@@ -178,8 +164,6 @@ def _decode(value: Any, trusted: frozenset[str]) -> Any:
         if tag == "__device__":
             return torch.device(body)
         if tag == "__path__":
-            import pathlib
-
             return pathlib.Path(body)
         if tag == "__weights__":
             return torchvision.models.get_weight(body)
@@ -229,9 +213,7 @@ def _callables(value: Any) -> Iterable[str]:
                 yield from _callables(v)
 
 
-# ---------------------------------------------------------------------------
-# Tensors and the digest
-# ---------------------------------------------------------------------------
+# -- Tensors and the digest ---------------------------------------------------
 
 
 def _digest(header: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -270,9 +252,7 @@ def _safetensors():
     return safetensors.torch
 
 
-# ---------------------------------------------------------------------------
-# save
-# ---------------------------------------------------------------------------
+# -- save ---------------------------------------------------------------------
 
 
 #: The estimator classes that save() stores and load() rebuilds, by name;
@@ -288,15 +268,11 @@ def register(cls: type) -> type:
 
 def check_registered(cls: type) -> None:
     """Refuse a class that load() would not rebuild as itself."""
-    if _estimator_classes().get(cls.__name__) is not cls:
+    if _ESTIMATORS.get(cls.__name__) is not cls:
         raise TypeError(
             f"save() stores {' and '.join(sorted(_ESTIMATORS))}, not "
             f"{cls.__name__} (a subclass would be loaded as its base class)."
         )
-
-
-def _estimator_classes() -> dict[str, type]:
-    return dict(_ESTIMATORS)
 
 
 #: What a save file holds of the fitted network besides its tensors: what
@@ -324,7 +300,7 @@ def write(
         out = {}
         for key, value in items.items():
             try:
-                out[key] = _encode(value, key)
+                out[key] = _encode(value)
             except _Unsaveable as exc:
                 raise ValueError(
                     refusal.format(key=key, value=value, why=exc)
@@ -374,8 +350,7 @@ def write(
             torch.save(
                 {_META_KEY: header, _DIGEST_KEY: digest, "tensors": tensors}, tmp
             )
-        # safetensors creates its file readable by the owner only; a saved
-        # model gets the permissions of any other new file (the umask's).
+        # safetensors makes it owner-only: the umask's, as any new file.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)  # never a half-written file at ``path``
     finally:
@@ -383,9 +358,7 @@ def write(
             os.remove(tmp)
 
 
-# ---------------------------------------------------------------------------
-# load
-# ---------------------------------------------------------------------------
+# -- load ---------------------------------------------------------------------
 
 
 def _corrupt(path: str, why: str) -> ValueError:
@@ -454,8 +427,7 @@ def read(
         raise _corrupt(path, "its checksum does not match its content")
     try:
         info = json.loads(header)
-        classes = _estimator_classes()
-        cls = classes[info["estimator"]]
+        cls = _ESTIMATORS[info["estimator"]]
         if info["format"] != FORMAT or info["format_version"] > FORMAT_VERSION:
             raise ValueError(
                 f"{path!r} was written by a newer sklearn_cnn "
@@ -541,6 +513,5 @@ def load(
     True
     """
     cls, params, fitted, tensors = read(path, trusted)
-    # The class rebuilds itself (``NetworkMixin._from_saved``): found through
-    # the registry its classes fill, never imported from here.
+    # The registered class rebuilds itself (``NetworkMixin._from_saved``).
     return cls._from_saved(params, fitted, tensors, os.fspath(path), device)

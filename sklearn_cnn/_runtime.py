@@ -21,18 +21,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._images import collate_batch, raise_worker_failure
-from ._layers import drop_tap_hooks
+from ._layers import Tapper, drop_tap_hooks
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: Any) -> torch.device:
-    """ "auto" -> CUDA when available, else the CPU.
-
-    A CUDA device asked for on a machine without one (an estimator fitted on a
-    GPU and loaded elsewhere) falls back to the CPU with a warning.
-    """
+    """ "auto" -> CUDA when available, else the CPU; CUDA on a machine without
+    it (an estimator loaded elsewhere) falls back to the CPU with a warning."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -79,23 +76,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def has_conv2d(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in module.modules())
-
-
 def place(
     module: nn.Module, device: torch.device, channels_last: bool | None = None
 ) -> nn.Module:
-    """Move ``module`` to ``device``; channels_last for conv nets.
-
-    channels_last is faster for convolutions on CUDA and with oneDNN on the
-    CPU (resnet18 at 224 px: 1.3x on this project's CI machine). None decides
-    by the module (any ``Conv2d``); False keeps the memory format it has (a
-    network that needs contiguous tensors, see ``uses_channels_last``).
-    """
+    """Move ``module`` to ``device``; channels_last (faster convolutions) when
+    ``channels_last``, or for None when it has a ``Conv2d``."""
     module.to(device)
     if channels_last is None:
-        channels_last = has_conv2d(module)
+        channels_last = any(isinstance(m, nn.Conv2d) for m in module.modules())
     if channels_last:
         module.to(memory_format=torch.channels_last)
     return module
@@ -103,10 +91,8 @@ def place(
 
 def uses_channels_last(module: nn.Module) -> bool:
     """Whether ``module``'s convolutions are in channels_last format, so its
-    batches should be too. A network whose forward needs contiguous tensors
-    (``x.view(...)``) is put back in the contiguous format when its first
-    forward fails (``_inspect.probe_network``); this follows that decision,
-    also after pickling, since tensors keep their strides."""
+    batches should be too (``_inspect.probe_network`` puts a network that
+    needs contiguous tensors back in that format)."""
     return any(
         isinstance(m, nn.Conv2d)
         and m.weight.ndim == 4
@@ -127,17 +113,11 @@ def batches(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
 ) -> Iterator[Any]:
-    """The batches of ``dataset`` on ``device``, one at a time.
-
-    A batch is an image tensor, or a tuple whose first item is one (images
-    with labels). Only one batch (per worker) is in memory at once, whatever
-    the size of the data.
-    """
+    """The batches of ``dataset`` on ``device``, one at a time: image tensors,
+    or tuples whose first item is one (images with labels)."""
     if generator is None:
-        # The loader draws a base seed at every pass: from a generator of its
-        # own, not torch's global one, so that an inference pass (or its rows
-        # read from memory= instead) never changes what is drawn next (a
-        # fit's dropout, the caller's own draws).
+        # The loader's base seed, drawn from its own generator: an inference
+        # pass never changes what torch's global one draws next.
         generator = torch.Generator().manual_seed(0)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -162,20 +142,14 @@ def batches(
 
 
 def progress(total: int, label: str, enabled: bool) -> tqdm:
-    """A tqdm progress bar on stderr for ``verbose > 0`` (images per second).
-
-    No bar for no images (a step with nothing to do, such as calibrating
-    without a validation split): an empty bar only adds noise to the log.
-    """
+    """A tqdm progress bar on stderr for ``verbose > 0``; none for no images."""
     return tqdm(
         total=total, desc=label, unit="img", disable=not enabled or total == 0,
         leave=True, dynamic_ncols=True,
     )  # fmt: skip
 
 
-# ---------------------------------------------------------------------------
-# Decoding workers
-# ---------------------------------------------------------------------------
+# -- Decoding workers ---------------------------------------------------------
 
 #: Files per worker below which ``num_workers="auto"`` keeps decoding in the
 #: main process: starting a worker costs more than decoding a few batches.
@@ -183,10 +157,7 @@ _MIN_BATCHES_PER_WORKER = 4
 
 
 #: ``batch_size="auto"`` on a CPU: a power of two near this many pixels per
-#: batch. Measured on a 2-core AMD EPYC (resnet18 and EfficientNet-Lite0,
-#: bf16): the fastest batch was 8 images at 224 px, 16 at 160, 32 at 96 and
-#: 64 to 128 at 48; larger batches ran up to 2.5x slower, their activations no
-#: longer fitting in the caches.
+#: batch (larger batches' activations no longer fit in the caches).
 CPU_BATCH_PIXELS = 400_000
 #: ``batch_size="auto"`` on a GPU, which wants large batches.
 GPU_BATCH = 64
@@ -224,16 +195,9 @@ def _holds_files(dataset: Any) -> bool:
 
 
 def resolve_num_workers(num_workers: int | str, dataset: Any, batch_size: int) -> int:
-    """``"auto"``: decoding workers for image files, none for arrays.
-
-    Arrays and PIL images are already decoded (a worker would only add a
-    copy between processes), and so is a handful of files (starting workers
-    costs more than it saves). Files get one worker per CPU beyond the two
-    that run the network, at most 8, and no more than there are batches to
-    decode. On two CPUs a worker only takes a core from the network:
-    measured idle there, one worker read JPEGs at 0.36x to 0.57x the speed of
-    decoding in the main process.
-    """
+    """``"auto"``: decoding workers for image files (one per CPU beyond the two
+    that run the network, at most 8, ``_MIN_BATCHES_PER_WORKER`` batches
+    each), none for decoded images (a worker would only add a copy)."""
     if num_workers != "auto":
         return int(num_workers)
     if not _holds_files(dataset):
@@ -245,32 +209,21 @@ def resolve_num_workers(num_workers: int | str, dataset: Any, batch_size: int) -
     return max(0, min(cpus, 8, n_batches // _MIN_BATCHES_PER_WORKER))
 
 
-# ---------------------------------------------------------------------------
-# torch.compile of the tapped forward
-# ---------------------------------------------------------------------------
+# -- torch.compile of the tapped forward --------------------------------------
 
-#: What ``compile`` passes to ``torch.compile``. ``freezing`` treats the
-#: weights as constants (inference only, on a private copy): BatchNorm folds
-#: into the convolutions and oneDNN packs the weights once, which is where the
-#: CPU gains come from. Tests swap in ``{"backend": "eager"}`` to stay fast.
+#: What ``compile`` passes to ``torch.compile``: ``freezing`` treats the
+#: weights of the private copy as constants (BatchNorm folds, oneDNN packs the
+#: weights once). Tests swap in ``{"backend": "eager"}``.
 COMPILE_KWARGS: dict[str, Any] = {"options": {"freezing": True}, "dynamic": False}
 
 #: ``compile="auto"`` compiles once the images left are predicted to take
-#: longer than this uncompiled. Measured on the project's 2-core CPU: the
-#: first compile took 32 s (resnet18) and 59 s (Lite0), 6 s and 10 s once
-#: inductor's on-disk cache held the network; the compiled network ran 1.25x
-#: to 1.9x faster at 64 images a pass, but only 1.03x to 1.08x at 8. Five
-#: minutes covers a first compile wherever the gain is above about 1.25x.
+#: longer than this uncompiled: enough to pay for a first compile.
 AUTO_COMPILE_AFTER_S = 300.0
 
 
 def _own_code(method: Any) -> Any:
-    """``method`` with a code object of its own.
-
-    torch.compile keeps its compiled graphs per code object: every Tapper's
-    ``__call__`` shares one, so without this, networks compiled in one process
-    would share (and exhaust) one cache of graphs.
-    """
+    """``method`` with a code object of its own: torch.compile caches graphs
+    per code object, which every Tapper's ``__call__`` would share."""
     func = method.__func__
     own = types.FunctionType(
         func.__code__.replace(),
@@ -289,15 +242,10 @@ def weights_version(module: nn.Module) -> tuple[int, ...]:
 
 
 class CompiledForward:
-    """``torch.compile`` of the tapped forward of a private copy of a network.
-
-    The copy carries its taps' hooks for good (hooks that come and go would
-    make torch.compile recompile at every call), and a hook that stops the
-    forward early (``_layers.Tapper``) stops the compiled one too: the graph
-    holds only what runs before the last tap. One input shape is compiled;
-    other shapes (the last, smaller batch) run ``fallback``, the uncompiled
-    tapped forward. A model that does not compile warns once and runs
-    uncompiled; results agree with the uncompiled network to float tolerance.
+    """``torch.compile`` of the tapped forward of a private copy of a network,
+    which carries its taps' hooks for good (no recompiling). One input shape
+    is compiled; others (the last batch) run ``fallback``, as does a model
+    that does not compile (it warns once).
     """
 
     def __init__(
@@ -307,8 +255,6 @@ class CompiledForward:
         key: tuple,
         verbose: bool = False,
     ) -> None:
-        from ._layers import Tapper
-
         self.key = key
         self.source = weakref.ref(module)  # not id(): ids are reused
         self.version = weights_version(module)
@@ -379,20 +325,6 @@ class CompiledForward:
             return self._fn(images)
 
 
-def compiled_forward(
-    cached: CompiledForward | None,
-    module: nn.Module,
-    taps: Sequence[Any],
-    key: tuple,
-    verbose: bool = False,
-) -> CompiledForward:
-    """``cached`` if it was compiled for ``key`` and the current weights,
-    else a new one (compiled lazily, at its first full batch)."""
-    if cached is not None and cached.fresh_for(module, key):
-        return cached
-    return CompiledForward(module, taps, key, verbose)
-
-
 def auto_compile_pays(
     seconds_so_far: float, images_done: int, images_left: int
 ) -> bool:
@@ -403,27 +335,16 @@ def auto_compile_pays(
     return seconds_so_far / images_done * images_left > AUTO_COMPILE_AFTER_S
 
 
-# ---------------------------------------------------------------------------
-# CUDA out of memory: halve the batch and retry
-# ---------------------------------------------------------------------------
+# -- CUDA out of memory: halve the batch and retry ----------------------------
 
 T = TypeVar("T")
 
 
-def _free_device_memory() -> None:
-    if torch.cuda.is_initialized():  # never initialise CUDA just to free it
-        torch.cuda.empty_cache()
-
-
 def halve_on_oom(run: Callable[[int], T], size: int, *, what: str) -> tuple[T, int]:
-    """``run(size)``; on CUDA out of memory, halve ``size`` and run again.
-
-    ``run(k)`` must process a whole batch in chunks of at most ``k`` images and
-    be safe to repeat (a training step zeroes its gradients first). Each
-    halving warns; one image that still does not fit raises
-    ``torch.OutOfMemoryError`` with advice. Returns the result and the size
-    that worked, which the caller passes to the next batch so that the retries
-    happen once, not at every batch.
+    """``run(size)``; on CUDA out of memory, halve ``size`` (with a warning)
+    and run again. ``run(k)`` processes a whole batch in chunks of at most
+    ``k`` images and is safe to repeat. Returns the result and the size that
+    worked, for the next batch.
 
     Examples
     --------
@@ -449,10 +370,9 @@ def halve_on_oom(run: Callable[[int], T], size: int, *, what: str) -> tuple[T, i
                     f"'fp16', or device='cpu'. ({str(exc).splitlines()[0]})"
                 ) from exc
             failed = True
-        # Outside the except block, so that the traceback (and the tensors its
-        # frames hold) is released before the cache is emptied.
-        if failed:
-            _free_device_memory()
+        if failed:  # outside the except block: its frames' tensors are freed
+            if torch.cuda.is_initialized():  # never initialise CUDA to free it
+                torch.cuda.empty_cache()
             smaller = size // 2
             warnings.warn(
                 f"The device ran out of memory in {what} with {size} images per "
@@ -474,9 +394,8 @@ def in_chunks(
 
 
 def cpu_state(model: nn.Module) -> OrderedDict:
-    """A copy of the state dict on the CPU, tensor by tensor (never a second
-    copy on a GPU), with its ``_metadata`` (module versions, which MNASNet's
-    loader needs)."""
+    """A copy of the state dict on the CPU, tensor by tensor, with its
+    ``_metadata`` (MNASNet's loader needs it)."""
     state = model.state_dict()
     out = OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in state.items())
     out._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]

@@ -1,12 +1,10 @@
 """What the epochs of one FineTuneClassifier fit train and validate on.
 
 Images, augmented if ``augment`` says so; or, without augmentation, what the
-frozen part of the network computes, stored once per image: the pooled
-features when only the head trains (shared with the probe), else the outputs
-of the frozen prefix of stages, after which every epoch runs only the rest of
-the network (``PrefixSkip``, checked against the whole network first).
-With ``memory=``, what is stored once per image also goes to the disk cache
-(``_cache``), for the next fit: a later fold, or a candidate of a search.
+frozen part of the network computes, stored once per image (and with
+``memory=`` on disk, for the next fit): the pooled features when only the head
+trains, else the frozen prefix's outputs, after which every epoch runs only
+the rest of the network (``PrefixSkip``, checked against the whole network).
 """
 
 from __future__ import annotations
@@ -18,24 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._cache import (
-    ActivationCache,
-    entry_name,
-    fine_tune_key,
-    image_digests,
-)
+from ._cache import ActivationCache, entry_name, fine_tune_key, image_digests
 from ._freezing import frozen_prefix
 from ._head import check_vector_head, float_logits
 from ._layers import Tap
 from ._network import Network
 from ._runtime import uses_channels_last
-from ._training import (
-    Augmented,
-    FeatureSource,
-    ImageSource,
-    Labelled,
-    PrefixSkip,
-)
+from ._training import Augmented, FeatureSource, ImageSource, Labelled, PrefixSkip
 
 #: Most memory that the stored outputs of a frozen prefix may take.
 PREFIX_BYTES = 2 * 2**30
@@ -48,11 +35,9 @@ def _flat(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 class Sources:
     """The sources of one fit: images ``X`` with encoded labels ``y`` and
-    weights ``w``, split into ``train_idx`` and ``val_idx``, read through the
-    fitted ``network`` whose classifier is the submodule ``head`` and whose
-    stages are ``stages``. ``augment``, ``memory`` (an activation cache
-    folder or None), ``batch_size``, ``num_workers`` and ``verbose`` are the
-    estimator's parameters of the same names.
+    weights ``w``, split into ``train_idx`` and ``val_idx``, read through
+    ``network`` (its classifier ``head``); the rest are the estimator's
+    parameters (``memory``: a cache folder or None).
     """
 
     def __init__(
@@ -131,17 +116,14 @@ class Sources:
         self, taps: list[Tap], shapes: list[tuple], index: np.ndarray
     ) -> list[torch.Tensor]:
         """Each tap's outputs for the images ``index``, float32 on the CPU: read
-        from the cache in ``memory`` where stored, the rest in one pass (and
-        stored there for the next fit: a later fold or candidate)."""
+        from ``memory`` where stored, the rest in one pass (and stored there)."""
         directory = self.memory
         missing = np.ones(len(index), dtype=bool)
         outputs = [np.empty((len(index), *shape), np.float32) for shape in shapes]
         names = [entry_name(t) for t in taps]
         if directory is not None:
-            cache, (key, about) = (
-                ActivationCache(directory),
-                fine_tune_key(self.network, self.head),
-            )
+            cache = ActivationCache(directory)
+            key, about = fine_tune_key(self.network, self.head)
             if self.digests is None:
                 self.digests = image_digests(self.X, self.network.preprocessing)
             digests = [self.digests[i] for i in index]
@@ -184,20 +166,11 @@ class Sources:
             size = self.network.preprocessing.output_size
             skip = PrefixSkip(self.network.module, prefix[:-1], prefix[-1], (3, *size))
             if self._replays_exactly(skip):
-                return (
-                    skip,
-                    *(
-                        self._features(p, self.stored["prefix " + p])
-                        for p in self.index
-                    ),
-                    self.network.dtype,
-                )
-        return (
-            self.network.module,
-            self._images("train"),
-            self._images("valid"),
-            self.network.dtype,
-        )
+                outputs = (self.stored["prefix " + p] for p in self.index)
+                features = map(self._features, self.index, outputs)
+                return (skip, *features, self.network.dtype)
+        images = map(self._images, self.index)
+        return (self.network.module, *images, self.network.dtype)
 
     def _features(self, part: str, features: torch.Tensor) -> FeatureSource:
         i = self.index[part]
@@ -224,8 +197,7 @@ class Sources:
 
     def _replays_exactly(self, skip: PrefixSkip) -> bool:
         """Whether the network after the prefix, on stored outputs, gives what
-        the whole network gives (a model that reuses an early tensor later,
-        say, would not), on the first training images."""
+        the whole network gives on the first training images."""
         index = self.index["train"][:4]
         whole = self._run([], float_logits, self.n_classes, "check", index)
         outputs = self.stored["prefix train"][: len(index)].to(self.network.device)

@@ -13,9 +13,8 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, column_or_1d
 
-#: Fewest validation images that selection and early stopping trust: below it
-#: one image moves the accuracy by more than 5 points, so an epoch's "best" is
-#: noise. Smaller data trains on every image and keeps the last epoch.
+#: Fewest validation images that selection trusts (below, one image moves the
+#: accuracy by over 5 points).
 MIN_VALIDATION = 20
 
 
@@ -79,10 +78,8 @@ def check_sample_weight(sample_weight: Any, n_images: int) -> np.ndarray | None:
 def class_weights(
     class_weight: Any, classes: np.ndarray, y: np.ndarray
 ) -> np.ndarray | None:
-    """One weight per class (``class_weight`` as in LogisticRegression), or None.
-
-    ``y`` is encoded; "balanced" counts the training images only.
-    """
+    """One weight per class (``class_weight`` as in LogisticRegression), or
+    None; ``y`` is encoded (the training images')."""
     if class_weight is None:
         return None
     if isinstance(class_weight, dict):
@@ -98,14 +95,9 @@ def class_weights(
 def validation_split(
     y: np.ndarray, n_classes: int, fraction: float | None, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted training and validation indices, stratified by class.
-
-    The validation side holds ``ceil(fraction * n)`` images, raised to one per
-    class where the training side can spare them. Data too small for a
-    validation split that means something (fewer than ``MIN_VALIDATION``
-    images, or a class with a single image) trains on every image, with a
-    warning: early stopping and calibration then have nothing to watch.
-    """
+    """Sorted training and validation indices, stratified by class: at least
+    ``ceil(fraction * n)`` and one per class; none, with a warning, for data
+    too small (fewer than ``MIN_VALIDATION``, or a class of one image)."""
     index = np.arange(len(y))
     if not fraction:
         return index, index[:0]

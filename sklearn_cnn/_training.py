@@ -25,18 +25,13 @@ from ._head import logits as _logits
 from ._images import ImageDataset, Preprocessing
 from ._runtime import autocast, batches, cpu_state, halve_on_oom, in_chunks, progress
 
-# ---------------------------------------------------------------------------
-# The extension point for data-parallel training
-# ---------------------------------------------------------------------------
+# -- The extension point for data-parallel training ---------------------------
 
 
 class DataParallel(Protocol):
-    """How a process of a data-parallel fit takes part in the training loop.
-
-    ``sklearn_cnn.distributed`` gives each of its processes one, through
-    :data:`DATA_PARALLEL`; without one the loop trains on one device.
-    Validation, the probe and calibration never go through it.
-    """
+    """How a process of a data-parallel fit (``sklearn_cnn.distributed``, set
+    in :data:`DATA_PARALLEL`) takes part in the training loop; validation, the
+    probe and calibration never go through it."""
 
     def image_batches(
         self, dataset: Any, batch_size: int, generator: torch.Generator,
@@ -61,9 +56,7 @@ DATA_PARALLEL: ContextVar[DataParallel | None] = ContextVar(
 )
 
 
-# ---------------------------------------------------------------------------
-# Data: labelled batches of a subset of X, augmentation
-# ---------------------------------------------------------------------------
+# -- Data: labelled batches of a subset of X, augmentation --------------------
 
 
 #: ``augment="light"``: fraction of the area and aspect ratios of the crop.
@@ -71,16 +64,11 @@ LIGHT_SCALE, LIGHT_RATIO = (0.85, 1.0), (0.9, 1 / 0.9)
 
 
 def light_augment(image: torch.Tensor) -> torch.Tensor:
-    """``augment="light"``: a random resized crop (85-100 % of the area, aspect
-    ratio within 10 %, back to the image's own size) and a horizontal flip with
-    probability 1/2.
-
-    Works on one (C, H, W) tensor, uint8 or float, before normalization. Light
-    on purpose: on small data, the usual crops (torchvision's 8-100 % of the
-    area, or 70-100 %) move the training images so far from the test images
-    that the probe-initialised head starts far from its optimum (figures in
-    benchmarks/README.md).
-    """
+    """``augment="light"`` on one (C, H, W) tensor: a random resized crop
+    (85-100 % of the area, aspect ratio within 10 %, to the image's own size)
+    and a horizontal flip with probability 1/2. Light on purpose: the usual
+    crops move small data so far that the probe head starts far from its
+    optimum (benchmarks/README.md)."""
     h, w = image.shape[-2:]
     top, left, ch, cw = RandomResizedCrop.get_params(
         image, scale=list(LIGHT_SCALE), ratio=list(LIGHT_RATIO)
@@ -145,11 +133,8 @@ class Labelled(torch.utils.data.Dataset):
 
 
 class Loss:
-    """Cross-entropy with class weights, label smoothing and sample weights.
-
-    Returns the weighted sum and the total weight, so that batches of any size
-    add up to the same mean as one pass over all the images.
-    """
+    """Cross-entropy with class weights, label smoothing and sample weights:
+    the weighted sum and the total weight (batches add up to one mean)."""
 
     def __init__(
         self, class_weights: np.ndarray | None, smoothing: float, device: torch.device
@@ -176,8 +161,7 @@ class Loss:
         per_image = self.fn(logits.float(), target) * weight
         return per_image.sum(), self.weights(target, weight).sum()
 
-    #: The history column of the validation score that selection maximises
-    #: (the losses of other tasks, in ``_tasks``, name theirs).
+    #: The history column of the validation score that selection maximises.
     metric = "valid_accuracy"
 
     def score(
@@ -191,9 +175,8 @@ class Loss:
 
 class Selection:
     """The best epoch so far (whose weights are kept), and early stopping's
-    patience, which counts from the best *trained* epoch: the start (the probe
-    head) competes for best, but a dip in the first epochs, while the head and
-    backbone adjust to each other, does not stop training."""
+    patience, counted from the best *trained* epoch (a dip in the first epochs
+    below the probe head's start does not stop training)."""
 
     def __init__(
         self, epoch: int, acc: float, loss: float, model: nn.Module, has_val: bool
@@ -226,14 +209,11 @@ class Selection:
         return self.epoch
 
 
-# ---------------------------------------------------------------------------
-# Sources of training batches: images, or features computed once
-# ---------------------------------------------------------------------------
+# -- Sources of training batches: images, or features computed once -----------
 
 
 class ImageSource:
-    """Labelled images, and their logits through the estimator's inference
-    loop (``predict``, a callable)."""
+    """Labelled images, and their logits by the callable ``predict``."""
 
     def __init__(
         self, dataset: Labelled, predict: Callable[[], np.ndarray], *,
@@ -318,8 +298,7 @@ class FeatureSource:
         self, batch_size: int, generator: torch.Generator
     ) -> Iterator[tuple[torch.Tensor, ...]]:
         n = len(self.y)
-        # The draws of a shuffled DataLoader over the images (its workers' base
-        # seed, then the permutation), so that both paths see the same order.
+        # A shuffled DataLoader's draws (base seed, permutation): the same order.
         torch.empty((), dtype=torch.int64).random_(generator=generator)
         order = torch.randperm(n, generator=generator).to(self.y.device)
         parallel = DATA_PARALLEL.get()
@@ -388,9 +367,8 @@ def chance_accuracy(
     return float(_shares(y, w, loss, n_classes).max())
 
 
-#: A trained epoch wrecked the network when it gave back more than this share
-#: of what the start (training loss) or the best epoch (validation accuracy)
-#: had over a network that learned nothing.
+#: An epoch wrecked the network when it gave back more than this share of the
+#: lead over a network that learned nothing (see ``Guard``).
 WRECK_SHARE = 0.75
 #: Recoveries per fit, each at a tenth of the backbone's rate before it.
 MAX_RECOVERIES = 2
@@ -400,15 +378,12 @@ MAX_RECOVERIES = 2
 class Guard:
     """Tells a wrecked network from the dip of a first epoch.
 
-    With validation images, an epoch wrecked the network when its validation
-    accuracy lost more than ``WRECK_SHARE`` of the best epoch's lead over the
-    largest class (``chance_accuracy``): the measure that selection trusts.
-    Without, when its training loss went back more than that share of the way
-    from the start's (``start_loss``, the probe head's; None when unknown) to
-    the loss of a network that learned nothing (``chance_loss``). A smaller
-    dip is left to selection: such dips recover within the epochs that follow.
-    ``chance_accuracy`` is the floor of whatever score the task's selection
-    maximises (R² for regression: 0); ``names`` name that score and its floor.
+    With validation images: the validation score lost more than
+    ``WRECK_SHARE`` of the best epoch's lead over ``chance_accuracy`` (the
+    floor of the task's score; ``names`` name both). Without: the training
+    loss went back more than that share of the way from ``start_loss`` (the
+    probe head's; None: unknown) to ``chance_loss``. Smaller dips are left to
+    selection.
     """
 
     chance_loss: float
@@ -446,23 +421,19 @@ class Guard:
 def validation_metrics(
     logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, loss: Loss
 ) -> tuple[float, float]:
-    """Loss and score (``loss.score``: accuracy for classes) weighted as in
-    training, by sample and class weights (NaN without validation images):
-    selection sees what training optimises."""
+    """Loss and score (``loss.score``) weighted as in training (NaN without
+    validation images): selection sees what training optimises."""
     if len(y) == 0:
         return math.nan, math.nan
     total, weight = loss(logits, y, w)
     return float(total / weight), loss.score(logits, y, w)
 
 
-# ---------------------------------------------------------------------------
-# The epochs
-# ---------------------------------------------------------------------------
+# -- The epochs ---------------------------------------------------------------
 
 
 def _train_forward(forward: nn.Module, x: torch.Tensor) -> Any:
-    """``forward(x)`` in training mode, with BatchNorm's one-value error
-    explained in terms of the parameters that avoid it."""
+    """``forward(x)``, with BatchNorm's one-value error explained."""
     try:
         return forward(x)
     except ValueError as exc:
@@ -478,11 +449,9 @@ def _train_forward(forward: nn.Module, x: torch.Tensor) -> Any:
 
 @dataclass
 class EpochLoop:
-    """Runs epochs of one training phase and records them in ``history``.
-
-    ``forward`` maps a batch of the training source to logits; ``train_mode``
-    puts the model in training mode for an epoch (frozen parts stay in eval).
-    """
+    """Runs epochs of one training phase and records them in ``history``
+    (``forward``: a batch of the source to logits; ``train_mode``: the model
+    in training mode, frozen parts in eval)."""
 
     model: nn.Module
     forward: nn.Module
@@ -515,10 +484,8 @@ class EpochLoop:
         scaler: torch.amp.GradScaler,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The gradient of the batch's mean loss, accumulated over chunks of at
-        most ``chunk`` images; on CUDA out of memory the chunks halve (see
-        ``halve_on_oom``) and stay halved. The gradient is the whole batch's,
-        BatchNorm in training mode aside (its statistics are then per chunk).
-        Returns the batch's summed loss and weight."""
+        most ``chunk`` images (halved on CUDA out of memory, and kept so);
+        returns the batch's summed loss and weight."""
         total = self.loss.weights(yb, wb).sum()
         norm = total.clamp(min=1e-12)
 
@@ -547,8 +514,7 @@ class EpochLoop:
         return validation_metrics(z, *self.valid.targets, self.loss)
 
     def log(self, **row: float) -> None:
-        """Append ``row`` to the history; with ``verbose``, print the values it
-        has (a fit without a validation split prints no validation column)."""
+        """Append ``row`` to the history; with ``verbose``, print its values."""
         self.history.append(row)
         if self.verbose:
             names = {
@@ -580,12 +546,9 @@ class EpochLoop:
         patience: int | None,
     ) -> str:
         """Train ``epochs`` epochs (fewer when ``patience`` epochs in a row do not
-        improve). Return "done", "interrupted" (Ctrl-C: the caller restores the
-        best weights and re-raises), "wrecked" (``guard`` judged that the last
-        epoch wrecked the network, ``wreck`` says why: it is not offered to
-        ``selection``, whose weights the caller restores before going on at a
-        lower rate) or "diverged" (a non-finite training loss: the caller
-        restores the best weights)."""
+        improve). Return "done", "interrupted" (Ctrl-C), "wrecked" (``guard``
+        judged the last epoch, not offered to ``selection``, wrecked the
+        network; ``wreck`` says why) or "diverged" (a non-finite loss)."""
         scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.dtype == torch.float16
         )
@@ -656,9 +619,7 @@ class EpochLoop:
         return "done"
 
 
-# ---------------------------------------------------------------------------
-# A frozen prefix computed once: the rest of the network on its outputs
-# ---------------------------------------------------------------------------
+# -- A frozen prefix computed once: the rest of the network on its outputs ----
 
 
 class _PassThrough(nn.Module):
@@ -682,13 +643,9 @@ class _Replay(nn.Module):
 def _view(
     root: nn.Module, replacements: dict[str, nn.Module]
 ) -> tuple[nn.Module, list[tuple[nn.Module, nn.Module]]]:
-    """A view of ``root`` with the submodules ``replacements`` names swapped.
-
-    The modules on the paths to the swapped ones are shallow copies with
-    their own table of children; everything else (every parameter, buffer
-    and other submodule) is ``root``'s own, so training the view trains
-    ``root``. Returns the view and the (copy, original) pairs.
-    """
+    """A view of ``root`` with the submodules ``replacements`` names swapped:
+    the modules on their paths are shallow copies, everything else is
+    ``root``'s own. Returns the view and the (copy, original) pairs."""
 
     def own(m: nn.Module) -> nn.Module:
         c = copy.copy(m)
@@ -714,12 +671,10 @@ def _view(
 class PrefixSkip(nn.Module):
     """The network from the output of stage ``cut`` on, given that output.
 
-    It runs a view of ``model`` (see ``_view``) in which the frozen stages
+    A view of ``model`` (``_view``, sharing its weights) in which the stages
     before ``cut`` pass their input through and ``cut`` returns the stored
-    batch of its outputs; ``model`` itself is not changed, and the view
-    shares its weights. The view runs on a blank input of the images' shape,
-    so that parameter-free operations before the cut still see the shapes
-    they expect. A context manager: leaving it drops the stored batch.
+    batch, run on a blank input of the images' shape (so that parameter-free
+    operations see the shapes they expect). Leaving the context drops the batch.
     """
 
     def __init__(

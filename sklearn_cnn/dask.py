@@ -6,25 +6,16 @@ arrays and ``distributed``).
 How the work is laid out, and why:
 
 * The fitted transformer is one node of the task graph (a literal, or the
-  result of one fit task), and every feature task depends on it. Dask sends it
-  to each worker once, as a dependency, and each worker process unpickles the
-  network once and reuses it for all its tasks: the weights travel by
-  reference, never inside each task (pickling the model into every task, as a
-  naive ``map_blocks(transformer.transform)`` does, reached only 0.45-0.65 of
-  the single-process speed on two cores). Being a graph node rather than
-  scattered data, it is recomputed if every worker holding it dies. A later
-  call with the same fitted transformer and client reuses that node (it was
-  persisted): nothing is sent again.
+  result of one fit task) that every feature task depends on: each worker
+  receives and unpickles the network once, not inside every task, and the
+  node is recomputed if every worker holding it dies. A later call with the
+  same fitted transformer and client reuses it (it was persisted).
 * File paths are opened on the workers; in-memory arrays travel chunk by chunk
-  inside the tasks that use them, so a task lost with its worker can run again
-  elsewhere from the graph alone.
-* Dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (its setting
-  ``distributed.nanny.pre-spawn-environ``). Setting that variable makes glibc
-  stop adapting its mmap threshold, so every large tensor PyTorch allocates is
-  a fresh mmap: six times as many page faults and 1.5-1.7x the CPU time for
-  resnet18 on 64 px images on this project's machine. :func:`local_cluster`
-  starts workers without it, and :func:`featurize` warns when the workers of a
-  cluster of your own have it.
+  inside their tasks, so a task lost with its worker can run again elsewhere.
+* Dask starts workers with ``MALLOC_TRIM_THRESHOLD_`` set, which makes every
+  large tensor PyTorch allocates a fresh mmap (up to 1.7x the CPU time):
+  :func:`local_cluster` starts workers without it, and :func:`featurize`
+  warns when the workers of a cluster of your own have it.
 """
 
 from __future__ import annotations
@@ -36,7 +27,6 @@ import uuid
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
 from numbers import Integral
 from typing import Any
 
@@ -69,9 +59,7 @@ WORKER_ENVIRON: dict[str, Any] = {
 _TRIM = "MALLOC_TRIM_THRESHOLD_"
 
 
-# ---------------------------------------------------------------------------
-# The cluster
-# ---------------------------------------------------------------------------
+# -- The cluster --------------------------------------------------------------
 
 
 def local_cluster(
@@ -81,10 +69,8 @@ def local_cluster(
 
     The same as ``LocalCluster(n_workers, threads_per_worker, **kwargs)``, but
     its worker processes start without ``MALLOC_TRIM_THRESHOLD_``, which Dask
-    sets by default and which makes PyTorch 1.5-1.7x slower (see the module
-    docstring). One thread per worker is the right default for CNNs: each
-    worker process then runs one network on one core (Dask also starts its
-    workers with ``OMP_NUM_THREADS=1``), with no contention between threads.
+    sets by default and which makes PyTorch up to 1.7x slower. One thread per
+    worker (the default) runs one network per core, without contention.
 
     Parameters
     ----------
@@ -114,8 +100,7 @@ def local_cluster(
     """
     from distributed import LocalCluster
 
-    # Nannies started in this process copy their pre-spawn environment into
-    # os.environ, so an earlier cluster leaves the variable behind for ours.
+    # An earlier cluster's nannies left the variable in os.environ.
     saved = os.environ.pop(_TRIM, None)
     try:
         with dask.config.set(WORKER_ENVIRON):
@@ -170,9 +155,7 @@ def _warn_malloc_trim(client: Any) -> None:
         )
 
 
-# ---------------------------------------------------------------------------
-# What runs on the workers
-# ---------------------------------------------------------------------------
+# -- What runs on the workers -------------------------------------------------
 
 #: Per process: token -> (the thread that owns the shared network, network).
 #: Invalidation: the token names a fitted transformer's content; the ``_KEEP``
@@ -184,28 +167,16 @@ _LOCAL = threading.local()
 _KEEP = 2
 
 
-def _for_tasks(transformer: CNNFeatureTransformer) -> CNNFeatureTransformer:
-    # A shallow copy shares the network. Inside a worker process (daemonic)
-    # DataLoader workers cannot start, and Dask already runs tasks in parallel.
-    net = copy.copy(transformer)
-    net.num_workers = 0
-    return net
-
-
 def _network(fitted: CNNFeatureTransformer, token: str) -> CNNFeatureTransformer:
-    """This thread's network for ``token``, made once per process (and thread).
-
-    Dask hands every task of a worker the same unpickled ``fitted`` object; the
-    first thread to ask uses its network, other threads of the worker get their
-    own deep copy, because the layer taps (forward hooks) of one module cannot
-    serve two threads at once.
-    """
+    """This thread's network for ``token``, made once per process: the first
+    thread to ask uses ``fitted``'s, other threads get their own deep copy."""
     thread = threading.get_ident()
     with _LOCK:
         entry = _NETWORKS.get(token)
         if entry is None:
-            entry = (thread, _for_tasks(fitted))
-            _NETWORKS[token] = entry
+            shared = copy.copy(fitted)  # the same network
+            shared.num_workers = 0  # no DataLoader workers in a Dask worker
+            entry = _NETWORKS[token] = (thread, shared)
             while len(_NETWORKS) > _KEEP:
                 _NETWORKS.popitem(last=False)
         else:
@@ -253,9 +224,7 @@ def _width(fitted: CNNFeatureTransformer) -> int:
     return int(fitted.n_features_out_)
 
 
-# ---------------------------------------------------------------------------
-# featurize
-# ---------------------------------------------------------------------------
+# -- featurize ----------------------------------------------------------------
 
 
 def _is_fitted(transformer: CNNFeatureTransformer) -> bool:
@@ -276,12 +245,9 @@ _PERSISTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _on_cluster(client: Any, transformer: CNNFeatureTransformer, token: str) -> tuple:
     """The fitted transformer as a graph node, and the token of its network.
 
-    With a client, the first call persists it (a task whose value is the
-    transformer, so that it is computed again if its workers die) and later
-    calls with the same fitted transformer reuse that node: the network is not
-    pickled and sent again, and the workers' unpickled copies (``_network``)
-    serve again. A refit gives the transformer a new ``model_``, and so a new
-    node.
+    With a client, the first call persists it and later calls with the same
+    fitted transformer (the same ``model_``) reuse that node and the workers'
+    unpickled copies.
     """
     node = dask.delayed(transformer, name=f"sklearn-cnn-network-{token}")
     if client is None:
@@ -410,22 +376,20 @@ def featurize(
         )
     if isinstance(X, da.Array):
         _check_dask_images(X)
-        example = X[:1]
     else:
         X = check_images(
             X, unit_floats=transformer.mean is None and transformer.std is None
         )
-        example = X[:1]
+    example = X[:1]
 
-    # The feature tasks of each call have keys of their own (other images, same
-    # network); ``token`` names the network, which later calls may share.
+    # Each call's feature tasks have keys of their own; ``token`` names the
+    # network, which later calls may share.
     token = call = uuid.uuid4().hex
     if _is_fitted(transformer):
         fitted, token = _on_cluster(client, transformer, token)
         width = int(transformer.n_features_out_)
     elif client is not None:
-        # One task fits a copy on a worker; persisted (not scattered), so that
-        # it can be computed again if its workers die.
+        # One task fits a copy on a worker; persisted, not scattered.
         fitted = client.persist(dask.delayed(_fit, pure=False)(transformer, example))
         width = client.compute(dask.delayed(_width)(fitted)).result()
     else:
@@ -450,19 +414,15 @@ def featurize(
     blocks = [
         da.from_delayed(
             dask.delayed(_features, pure=True)(
-                _block(X, start, chunk_size),
+                X[start : start + chunk_size],
                 fitted,
                 token,
                 dask_key_name=(f"sklearn-cnn-features-{call}", i),
             ),
-            shape=(len(_block(X, start, chunk_size)), width),
+            shape=(min(chunk_size, len(X) - start), width),
             dtype=np.float32,
             meta=np.empty((0, 0), dtype=np.float32),
         )
         for i, start in enumerate(range(0, len(X), chunk_size))
     ]
     return da.concatenate(blocks, axis=0)
-
-
-def _block(X: np.ndarray | Sequence, start: int, size: int) -> Any:
-    return X[start : start + size]

@@ -18,12 +18,8 @@ largest where the evidence for the class is strongest:
 :class:`ActivationMapDisplay` draws them over the images, in scikit-learn's
 Display convention.
 
-Why not grad-cam or captum: Grad-CAM itself is a dozen lines (one hook, one
-``autograd.grad``). What those libraries leave to their users is what this
-module is for: finding the layer and its layout (their trackers' most common
-ViT questions are reshaping tokens and picking the layer), and the exact CAM
-of a scikit-learn pipeline, which neither offers. A dependency would add
-an install and a second notion of "target" without saving code here.
+Not grad-cam or captum: Grad-CAM is a dozen lines; what they leave to their
+users (the layer and its layout, a pipeline's exact CAM) is this module's job.
 """
 
 from __future__ import annotations
@@ -92,10 +88,9 @@ def activation_maps(
     layer : str or None, default=None
         Grad-CAM's layer, a name from :func:`~sklearn_cnn.list_layers` whose
         output is a map or tokens. None takes the last such layer (for a ViT
-        with a class token, the input norm of the last block: the patch
-        tokens after the last attention reach the head only through the
-        class token, so their gradients are zero). A pipeline's CAM reads the
-        layer its transformer pools; leave None (or name that layer).
+        with a class token, the last block's input norm: later patch tokens
+        have zero gradients). A pipeline's CAM reads the layer its transformer
+        pools; leave None (or name that layer).
     target : None, label or array-like of shape (n_samples,), default=None
         The class to explain: a label of ``classes_`` for every image, one
         label per image, or None for each image's predicted class. For a
@@ -128,31 +123,21 @@ def activation_maps(
 
     For the pipeline, let ``A_c(h, w)`` be channel ``c`` of the tapped map,
     ``w_c`` the linear model's coefficient of the class, ``b`` its intercept,
-    and let the scalers between them compute ``(x_c - mu_c) / s_c`` (a
-    ``StandardScaler``; any chain of the scalers above folds into one such
-    pair). Average pooling makes the class score
-
-    ``score = sum_c w_c (mean_hw A_c - mu_c) / s_c + b
-    = mean_hw M(h, w) + k``,
-
-    with ``M(h, w) = sum_c (w_c / s_c) A_c(h, w)`` and the constant
-    ``k = b - sum_c w_c mu_c / s_c``, the same for every position. The map
-    is ``M`` clipped at 0, as CAM does; ``k`` is left out, since it moves no
-    position ahead of another. The identity is checked on every batch
-    against the pipeline's own ``decision_function`` (``predict`` for a
-    regressor), so a final step that is not linear in its input is refused
-    rather than explained wrongly. With several tapped layers, their maps
-    are upsampled and summed. A transformer with ``layer=None`` pools the
-    input of the network's last linear layer; when that is the average of
-    a map (ResNet, EfficientNet: checked on the images), the CAM reads that
-    map.
+    and ``(x_c - mu_c) / s_c`` what the scalers between them compute (any
+    chain of them folds into one such pair). Average pooling makes the class
+    score ``mean_hw M(h, w) + k``, with ``M(h, w) = sum_c (w_c / s_c) A_c(h, w)``
+    and ``k = b - sum_c w_c mu_c / s_c``. The map is ``M`` clipped at 0, as CAM
+    does. The identity is checked on every batch against the pipeline's own
+    ``decision_function`` (``predict`` for a regressor), so a final step that
+    is not linear is refused rather than explained wrongly. With several
+    tapped layers, their maps are upsampled and summed. With ``layer=None``,
+    the CAM reads the map whose average the network's last linear layer
+    reads, where there is one (checked on the images).
 
     Grad-CAM weights each channel of the layer's output by the spatial mean
     of the gradient of the class's logit (before softmax and temperature),
-    sums them and clips at 0. Test-time augmentation (``tta``) is not
-    applied. A layer where those gradients are zero at every position (one
-    that reaches the output only through a class token) gives zero maps,
-    with a warning.
+    sums them and clips at 0; ``tta`` is not applied. A layer whose
+    gradients are zero at every position gives zero maps, with a warning.
 
     Examples
     --------
@@ -187,8 +172,7 @@ def _explain(
     batch_size: int = 16,
     images: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Maps, the network's input images (with ``images``) and the target of
-    each map (a label, or an output index)."""
+    """Maps, the input images (with ``images``) and each map's target."""
     if not (isinstance(batch_size, Integral) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}.")
     estimator = getattr(estimator, "best_estimator_", estimator)
@@ -239,8 +223,7 @@ def _explain(
 
 def _finish(raw: list[torch.Tensor], size: tuple[int, int], up: bool) -> torch.Tensor:
     """One map from the per-layer maps before the ReLU: clipped, then
-    upsampled (Grad-CAM's order); several layers are upsampled and summed
-    first."""
+    upsampled (Grad-CAM's order); several are upsampled and summed first."""
     if len(raw) == 1:
         clipped = raw[0].clamp(min=0)
         return upsample(clipped, size) if up else clipped
@@ -283,9 +266,7 @@ def _target_indices(target: Any, classes: Any, n: int) -> np.ndarray | None:
 
 
 def _network(estimator: Any) -> Network:
-    """The network of a fitted estimator: the one place that reads its
-    fitted internals (``model_``, ``preprocessing_``, ``device_``,
-    ``trace_``), and refuses parameters changed since fit."""
+    """The network of a fitted estimator (parameters unchanged since fit)."""
     check_is_fitted(estimator)
     estimator._check_params_unchanged()
     return Network(
@@ -335,7 +316,7 @@ class _GradCAM:
             chosen.append(index)
             return index
 
-        raw, _ = grad_cam(self.net, batch, self.layer, self.layout, choose)
+        raw = grad_cam(self.net, batch, self.layer, self.layout, choose)
         return [raw], chosen[0].numpy()
 
 
@@ -415,8 +396,7 @@ class _PipelineCAM:
                     f"features; got {type(step).__name__}."
                 )
             a, b = np.ones(width), np.zeros(width)
-            # The flags, not the attributes: StandardScaler(with_mean=False)
-            # still computes mean_, and does not subtract it.
+            # The flags: StandardScaler(with_mean=False) still computes mean_.
             if isinstance(step, StandardScaler):
                 if step.with_std:
                     a = 1.0 / step.scale_
@@ -472,8 +452,7 @@ class _PipelineCAM:
         if self.check_tap is not None:
             self._check_penultimate(tensors[0], tensors.pop())
         hw = tuple(batch.shape[-2:])
-        # Every output's score, from the pooled maps: checked against the
-        # pipeline's own, then used to pick the predicted class.
+        # Every output's score, checked against the pipeline's own.
         pooled = torch.cat(
             [
                 pool(t, "avg", lay, prefix).double().cpu()
@@ -485,7 +464,7 @@ class _PipelineCAM:
         self._check_scores(pooled.numpy(), scores)
         index, sign = self._choose(scores, wanted)
         w = self.weights[index] * sign[:, None]
-        raw, _ = linear_cam(tensors, self.layouts, prefix, hw, w)
+        raw = linear_cam(tensors, self.layouts, prefix, hw, w)
         return raw, index if not self.binary else np.where(sign > 0, 1, 0)
 
     def _choose(
@@ -689,20 +668,10 @@ class ActivationMapDisplay:
             As for :func:`activation_maps`.
         X : array-like of images or list of paths / PIL images
             Images to explain (a few: one axes each).
-        layer : str or None, default=None
-            See :func:`activation_maps`.
-        target : None, label or array-like, default=None
-            See :func:`activation_maps`; titles show it.
-        batch_size : int, default=16
-            Images per forward pass.
-        ax : matplotlib Axes, array-like of Axes or None, default=None
-            See :meth:`plot`.
-        alpha : float, default=0.5
-            Opacity of the maps.
-        cmap : str, default="jet"
-            Colour map of the maps.
-        n_cols : int, default=4
-            Columns of a new figure's grid.
+        layer, target, batch_size :
+            As for :func:`activation_maps`; titles show the targets.
+        ax, alpha, cmap, n_cols :
+            As for :meth:`plot`.
 
         Returns
         -------
