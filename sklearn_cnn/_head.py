@@ -118,20 +118,39 @@ def standardize(features: np.ndarray) -> tuple[StandardScaler, np.ndarray]:
     return scaler, scaler.transform(Z)
 
 
+def scalings(
+    features: np.ndarray, raw: bool
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The probe's inputs to choose from, each as ``(Z, mean, scale)`` with
+    ``Z = (features - mean) / scale``: standardised (``standardize``) and,
+    with ``raw``, the features as they are. On ReLU features with many nearly
+    dead units the raw ones can win: standardising gives each of those the
+    weight of an active feature under the penalty."""
+    scaler, Z = standardize(features)
+    options = [(Z, scaler.mean_, scaler.scale_)]
+    if raw:
+        n = features.shape[1]
+        options.append((features.astype(np.float64), np.zeros(n), np.ones(n)))
+    return options
+
+
 def fit_probe(
     features: np.ndarray,
     y: np.ndarray,
     n_classes: int,
     weights: np.ndarray | None,
     seed: int,
+    choose_scaling: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A logistic regression on standardized features, folded into the head's
     weight and bias (``n_classes`` rows); ``weights`` are per image. ``C``
     comes from a stratified 3-fold CV over ``PROBE_CS`` by log-loss (1 where a
-    class has fewer than 3 images)."""
-    scaler, Zs = standardize(features)
+    class has fewer than 3 images); with ``choose_scaling`` the same CV also
+    chooses between standardized and raw features (``scalings``)."""
+    searches = np.bincount(y, minlength=n_classes).min() >= 3
     # Our own search: plain fit parameters, whatever the caller's routing.
-    one_thread = Zs.size <= PROBE_ONE_THREAD
+    one_thread = features.size <= PROBE_ONE_THREAD
+    best = None
     with (
         warnings.catch_warnings(),
         config_context(enable_metadata_routing=False),
@@ -139,22 +158,26 @@ def fit_probe(
     ):
         # The probe is a starting point; fine-tuning goes on from it.
         warnings.simplefilter("ignore", ConvergenceWarning)
-        probe = LogisticRegression(max_iter=_PROBE_MAX_ITER)
-        if np.bincount(y, minlength=n_classes).min() >= 3:
-            probe = GridSearchCV(
-                probe,
-                {"C": list(PROBE_CS)},
-                cv=StratifiedKFold(3, shuffle=True, random_state=seed),
-                scoring="neg_log_loss",
-            )
-        probe.fit(Zs, y, sample_weight=weights)
-        probe = getattr(probe, "best_estimator_", probe)
+        for Z, mean, scale in scalings(features, choose_scaling and searches):
+            probe = LogisticRegression(max_iter=_PROBE_MAX_ITER)
+            if searches:
+                probe = GridSearchCV(
+                    probe,
+                    {"C": list(PROBE_CS)},
+                    cv=StratifiedKFold(3, shuffle=True, random_state=seed),
+                    scoring="neg_log_loss",
+                )
+            probe.fit(Z, y, sample_weight=weights)
+            score = getattr(probe, "best_score_", 0.0)
+            if best is None or score > best[0]:
+                best = score, getattr(probe, "best_estimator_", probe), mean, scale
+    _, probe, mean, scale = best
     coef, intercept = probe.coef_, probe.intercept_
     if coef.shape[0] == 1:  # binary: softmax of (-z/2, z/2) is sigmoid(z)
         coef = np.vstack([-coef / 2, coef / 2])
         intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
-    weight = coef / scaler.scale_
-    return weight, intercept - weight @ scaler.mean_
+    weight = coef / scale
+    return weight, intercept - weight @ mean
 
 
 def set_head(head: nn.Linear, weight: np.ndarray, bias: np.ndarray) -> None:

@@ -57,7 +57,8 @@ default="squared_error"
         "probe" fits the head first as a ridge regression on the pooled
         features of the un-augmented training images (alpha over
         ``_tasks.RIDGE_ALPHAS``, and whether to standardise the features, by
-        efficient leave-one-out), folded into the linear layer. "random" keeps PyTorch's default initialisation.
+        efficient leave-one-out), folded into the linear layer. "random"
+        keeps PyTorch's default initialisation.
     augment : "light", None or callable, default="light"
         As for :class:`FineTuneClassifier`; "light" crops slightly and mirrors.
         Set None (or an augmentation of your own) when a mirror image or a

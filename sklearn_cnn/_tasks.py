@@ -30,7 +30,7 @@ from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.utils.validation import check_array
 from torch.nn import functional as F
 
-from ._head import calibration, fit_binary_temperature, fit_probe, standardize
+from ._head import calibration, fit_binary_temperature, fit_probe, scalings
 from ._targets import (
     MIN_VALIDATION,
     check_targets,
@@ -313,9 +313,10 @@ class MultiLabel(_Labels):
         self, features: np.ndarray, y: np.ndarray, weights: np.ndarray | None,
         seed: int,
     ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        """One-vs-rest logistic regressions (each as ``fit_probe``'s, its C by
-        3-fold CV), one row of the head per label; a label constant on these
-        images gets no weights and the bias of its (smoothed) frequency."""
+        """One-vs-rest logistic regressions (each as ``fit_probe``'s, its C and
+        the features' scaling by 3-fold CV), one row of the head per label; a
+        label constant on these images gets no weights and the bias of its
+        (smoothed) frequency."""
         rows, biases = [], []
         for j in range(y.shape[1]):
             column = y[:, j].astype(np.int64)
@@ -324,7 +325,9 @@ class MultiLabel(_Labels):
                 rows.append(np.zeros(features.shape[1]))
                 biases.append(math.log(share / (1 - share)))
                 continue
-            weight, bias = fit_probe(features, column, 2, weights, seed)
+            weight, bias = fit_probe(
+                features, column, 2, weights, seed, choose_scaling=True
+            )
             # Softmax over (z0, z1) is the sigmoid of z1 - z0.
             rows.append(weight[1] - weight[0])
             biases.append(bias[1] - bias[0])
@@ -518,17 +521,10 @@ class Regression:
     ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """A ridge regression as the head's weight and bias: closed form, so
         epoch 0 is the probe a user would fit. Alpha (over ``RIDGE_ALPHAS``)
-        and whether to standardise the features are chosen by efficient
-        leave-one-out: dividing nearly dead features by their tiny spread can
-        cost more than the scaling gains."""
-        raw = features.astype(np.float64)
-        scaler, standardised = standardize(features)
-        n = raw.shape[1]
+        and the features' scaling (``_head.scalings``) are chosen by
+        efficient leave-one-out."""
         best = None
-        for Z, mean, scale in (
-            (standardised, scaler.mean_, scaler.scale_),
-            (raw, np.zeros(n), np.ones(n)),
-        ):
+        for Z, mean, scale in scalings(features, raw=True):
             with config_context(enable_metadata_routing=False):
                 ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(Z, y, sample_weight=weights)
             if best is None or ridge.best_score_ > best[0].best_score_:

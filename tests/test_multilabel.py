@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 import torch
 from numpy.testing import assert_allclose, assert_array_equal
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, average_precision_score
-from sklearn.model_selection import cross_val_score
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
 from sklearn.preprocessing import MultiLabelBinarizer
 from tiny_cnn import make_tiny_cnn
 
 from sklearn_cnn import FineTuneClassifier, load
+from sklearn_cnn._head import standardize
+from sklearn_cnn._layers import Tap
 from sklearn_cnn._tasks import MultiLabel, MultiLabelLoss, mean_average_precision
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -134,14 +137,53 @@ def test_other_label_layouts_are_refused(data, bad, match):
 # -- the probe, selection, the loss ---------------------------------------------
 
 
+def logistic_reference(
+    Z: np.ndarray, y: np.ndarray, seed: int, scalings=("standardised", "raw")
+) -> np.ndarray:
+    """A binary logistic probe's logits on ``Z``, by hand: C by stratified
+    3-fold CV (log-loss) on the standardised or the raw features, whichever
+    scores better."""
+    inputs = {"standardised": standardize(Z)[1], "raw": Z.astype(np.float64)}
+    best = None
+    for name in scalings:
+        search = GridSearchCV(
+            LogisticRegression(max_iter=1000),
+            {"C": [1e-3, 1e-2, 1e-1, 1.0, 10.0]},
+            cv=StratifiedKFold(3, shuffle=True, random_state=seed),
+            scoring="neg_log_loss",
+        ).fit(inputs[name], y)
+        if best is None or search.best_score_ > best[0]:
+            best = search.best_score_, search.decision_function(inputs[name])
+    return best[1]
+
+
 def test_the_start_is_one_vs_rest_logistic_probes(data):
-    """epochs=0: each label's logit is the binary probe a single-label fit on
-    that column alone starts from."""
+    """epochs=0: each label's logit is a logistic regression on that column
+    of the frozen network's pooled features."""
     X, Y = data
-    multi = make(epochs=0).fit(X, Y).decision_function(X)
+    clf = make(epochs=0).fit(X, Y)
+    Z = clf._run(X, [Tap(clf.head_, pre=True)], lambda o: o[0].float(), 32, "f")
+    seed = int(np.random.RandomState(0).randint(2**31 - 1))  # random_state=0
+    multi = clf.decision_function(X)
     for j in range(Y.shape[1]):
-        binary = make(epochs=0).fit(X, Y[:, j]).decision_function(X)
-        assert_allclose(multi[:, j], binary, rtol=1e-5, atol=1e-5)
+        reference = logistic_reference(Z, Y[:, j], seed)
+        assert_allclose(multi[:, j], reference, rtol=1e-4, atol=1e-4)
+
+
+def test_the_probe_may_take_the_raw_features():
+    """On features with many nearly dead units the raw features win the CV,
+    and the probe's logits are then those of the raw-feature regression."""
+    rng = np.random.default_rng(0)
+    n = 90
+    x = rng.normal(size=n)
+    F = np.c_[x, np.zeros((n, 30))].astype(np.float32)
+    for j in range(1, 31):  # each fires, weakly, on two images
+        F[rng.choice(n, 2, replace=False), j] = 1e-3
+    Y = np.c_[x + 0.5 * rng.normal(size=n) > 0, x > 0.5].astype(np.int64)
+    weight, bias = MultiLabel(None, 0.0, np.arange(2)).probe(F, Y, None, 0)
+    for j in range(2):
+        raw = logistic_reference(F, Y[:, j], 0, scalings=("raw",))
+        assert_allclose(F @ weight[j] + bias[j], raw, atol=1e-6)
 
 
 @pytest.mark.slow
