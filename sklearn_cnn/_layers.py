@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
 import threading
 import weakref
 from collections import Counter
@@ -690,15 +689,6 @@ def pool(
     if how == "gem":
         return t.clamp(min=1e-6).pow(gem_p).mean(dims).pow(1.0 / gem_p)
     raise ValueError(f"Unknown pooling {how!r}; choose one of {POOLINGS}.")
-
-
-def pooled_width(shape: tuple[int, ...], how: str, layout: str | None = "NCHW") -> int:
-    """Number of features ``pool`` makes of an output of ``shape`` (no batch)."""
-    if len(shape) <= 1 or how == "flatten":
-        return math.prod(shape)
-    return (
-        shape[-1] if layout is not None and layout_kind(layout) == "last" else shape[0]
-    )
 
 
 def check_pooling(
