@@ -40,7 +40,7 @@ from blake3 import blake3
 from torch import nn
 
 from ._image_array import ImageArray
-from ._images import ArrayLikeImages, _fitted, image_to_tensor
+from ._images import ArrayLikeImages, _fitted, array_batches, image_to_tensor
 from ._layers import Tap, Trace
 from ._network import Network
 from ._version import __version__
@@ -310,16 +310,8 @@ def image_digests(
             lambda rows: _digests(_canonical(images.read(rows, unit_floats)), bands),
         )
     if isinstance(X, (np.ndarray, ArrayLikeImages)):
-        out = []
-        for start in range(0, len(X), 256):
-            stop = min(start + 256, len(X))
-            batch = (
-                X[start:stop]
-                if isinstance(X, np.ndarray)
-                else X.read(list(range(start, stop)), unit_floats)
-            )
-            out.extend(_digests(_canonical(batch), bands))
-        return out
+        batches = array_batches(X, 256, unit_floats)
+        return [d for batch in batches for d in _digests(_canonical(batch), bands)]
     digests = []
     for i, item in enumerate(X):
         # The same checks and decoding as the network's input.
