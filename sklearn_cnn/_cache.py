@@ -443,18 +443,10 @@ class ActivationCache:
     def fetch(
         self, key: str, digests: Sequence[bytes], names: Sequence[str]
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The cached rows of ``names`` for the images ``digests``.
-
-        Returns
-        -------
-        found : ndarray of bool, shape (len(digests),)
-            Whether every name is cached for that image.
-        rows : dict
-            For each name, an array of the found images' rows, in the order of
-            ``digests`` (``rows[name][k]`` belongs to the k-th True of
-            ``found``). A corrupt shard is deleted with a warning and its
-            images count as not found.
-        """
+        """The cached rows of ``names`` for the images ``digests``: a bool per
+        image, whether every name is cached for it, and each name's rows of
+        the found images in ``digests`` order. A corrupt shard is deleted with
+        a warning; its images count as not found."""
         while True:
             try:
                 return self._fetch(key, list(digests), list(names))

@@ -376,15 +376,11 @@ MAX_RECOVERIES = 2
 
 @dataclass
 class Guard:
-    """Tells a wrecked network from the dip of a first epoch.
-
-    With validation images: the validation score lost more than
-    ``WRECK_SHARE`` of the best epoch's lead over ``chance_accuracy`` (the
-    floor of the task's score; ``names`` name both). Without: the training
-    loss went back more than that share of the way from ``start_loss`` (the
-    probe head's; None: unknown) to ``chance_loss``. Smaller dips are left to
-    selection.
-    """
+    """Tells a wrecked network from the dip of a first epoch, by the rule
+    ``backbone_lr``'s doc states: with validation images, by the score's lead
+    over ``chance_accuracy`` (``names`` name both); without, by the training
+    loss's way from ``start_loss`` (the probe head's; None: unknown) back to
+    ``chance_loss``. Smaller dips are left to selection."""
 
     chance_loss: float
     start_loss: float | None
