@@ -692,11 +692,7 @@ def pool(
 
 
 def check_pooling(
-    name: str,
-    shape: tuple[int, ...],
-    layout: str | None,
-    how: str,
-    prefix_tokens: int,
+    name: str, shape: tuple[int, ...], layout: str | None, how: str, prefix_tokens: int
 ) -> None:
     """Refuse, with the fix, a pooling that cannot be done right on ``name``."""
     if len(shape) <= 1 or how == "flatten":

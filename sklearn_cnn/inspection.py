@@ -259,10 +259,7 @@ def _network(estimator: Any) -> Network:
     check_is_fitted(estimator)
     estimator._check_params_unchanged()
     return Network(
-        estimator.model_,
-        estimator.preprocessing_,
-        estimator.device_,
-        estimator.trace_,
+        estimator.model_, estimator.preprocessing_, estimator.device_, estimator.trace_
     )
 
 
