@@ -460,7 +460,6 @@ class EpochLoop:
     train_mode: Callable[[], None]
     history: list[dict] = field(default_factory=list)
     verbose: int = 0
-    max_grad_norm: float | None = None
     chunk: int | None = None  # images per forward once CUDA ran out of memory
     #: Stops ``run`` at an epoch that wrecked the network (None: never).
     guard: Guard | None = None
@@ -548,7 +547,6 @@ class EpochLoop:
         scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.dtype == torch.float16
         )
-        params = [p for g in optimizer.param_groups for p in g["params"]]
         parallel = DATA_PARALLEL.get()
         self.stepped = None if parallel is None else parallel.wrap(self.forward)
         first = self.history[-1]["epoch"] + 1
@@ -566,9 +564,6 @@ class EpochLoop:
                 weight = torch.zeros((), device=self.device)
                 for xb, yb, wb in self.train.batches(self.batch_size, generator):
                     loss_sum, w_sum = self.step(xb, yb, wb, optimizer, scaler)
-                    if self.max_grad_norm is not None:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(params, self.max_grad_norm)
                     scaler.step(optimizer)
                     scaler.update()
                     schedule.step()
