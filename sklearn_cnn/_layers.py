@@ -354,7 +354,7 @@ def _forward_kind(c: _Call, kinds: dict[int, str], before: list[_Call]) -> str |
     known = _expects(c.module, c.out_shape)
     if known is not None:
         return known
-    in_kind = kinds.get(c.in_key) if c.in_key is not None else None
+    in_kind = kinds.get(c.in_key)  # None for a key of no tensor
     perm = _axis_map(c.module, ndim)
     if perm is not None:
         if in_kind in ("first", "last"):
@@ -393,7 +393,7 @@ def _backward_kind(c: _Call, kinds: dict[int, str]) -> str | None:
     known = _expects(c.module, c.in_shape)
     if known is not None:
         return known
-    out_kind = kinds.get(c.out_key) if c.out_key is not None else None
+    out_kind = kinds.get(c.out_key)
     perm = _axis_map(c.module, ndim)
     if perm is not None:
         if out_kind in ("first", "last"):
