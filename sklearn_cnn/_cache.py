@@ -289,16 +289,13 @@ def image_digests(
     X: np.ndarray | ArrayLikeImages | list, preprocessing: Any = None
 ) -> list[bytes]:
     """A 16-byte BLAKE3 digest of each image of ``X`` (as ``check_images``
-    returns it), taken as the network's preprocessing receives it (pixels as
-    uint8, uint16 or float32, RGB or bands, files decoded and upright): an
-    image has one digest however it is given, and images that differ in any
-    pixel, band, size or dtype differ.
-
-    ``preprocessing`` (the fitted :class:`~sklearn_cnn._images.Preprocessing`,
-    None: colour, floats in [0, 1]) decides ``bands`` and ``unit_floats``.
-    Nothing is remembered between calls (an array may change in place),
-    except an :class:`~sklearn_cnn.ImageArray`'s digests (its images cannot).
-    """
+    returns it) as the network's preprocessing receives it (uint8, uint16 or
+    float32 pixels, RGB or bands, files decoded and upright): one digest
+    however an image is given, another for any change of pixel, band, size or
+    dtype. ``preprocessing`` (None: colour, floats in [0, 1]) decides
+    ``bands`` and ``unit_floats``. Nothing is remembered between calls (an
+    array may change in place) but an :class:`~sklearn_cnn.ImageArray`'s
+    digests (its images cannot)."""
     preprocessing = _fitted(preprocessing)
     bands = bool(getattr(preprocessing, "bands", False))
     unit_floats = bool(getattr(preprocessing, "unit_floats", True))

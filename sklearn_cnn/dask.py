@@ -243,12 +243,9 @@ _PERSISTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _on_cluster(client: Any, transformer: CNNFeatureTransformer, token: str) -> tuple:
-    """The fitted transformer as a graph node, and the token of its network.
-
-    With a client, the first call persists it and later calls with the same
-    fitted transformer (the same ``model_``) reuse that node and the workers'
-    unpickled copies.
-    """
+    """The fitted transformer as a graph node, and the token of its network;
+    with a client, persisted by the first call and reused by later calls with
+    the same fitted network (``model_``), with the workers' unpickled copies."""
     node = dask.delayed(transformer, name=f"sklearn-cnn-network-{token}")
     if client is None:
         return node, token
