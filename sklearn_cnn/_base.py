@@ -208,11 +208,8 @@ _BUILD_PARAMS = (
     "device",
 )  # fmt: skip
 
-#: Attributes that save() does not store: rebuilt on load with the network,
-#: or recomputed when needed (compiled code, the activation cache key).
-_NOT_SAVED = frozenset(
-    {"_network", "_taps", "_fitted_params", "_compiled", "_cache_parts"}
-)
+#: Attributes that save() does not store: rebuilt on load with the network.
+_NOT_SAVED = frozenset({"_network", "_taps", "_fitted_params"})
 
 
 class NetworkMixin:
