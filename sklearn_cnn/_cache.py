@@ -350,10 +350,7 @@ class _Shard:
                 raw = f.read(length + _CHECK)
                 if len(raw) != length + _CHECK:
                     raise _Corrupt(path, "truncated header")
-                if (
-                    hashlib.blake2b(raw[:length], digest_size=_CHECK).digest()
-                    != (raw[length:])
-                ):
+                if _checksum(raw[:length]) != raw[length:].hex():
                     raise _Corrupt(path, "header checksum mismatch")
                 header = json.loads(raw[:length])
                 self.data_start = 16 + length + _CHECK
