@@ -1,18 +1,8 @@
-"""A pretrained network's first convolution, adapted to images of any
-number of bands.
-
-Pretrained weights expect RGB: the first convolution has 3 input channels.
-:func:`adapt_stem` gives it one input channel per band, in place, by one of
-three rules (the ``stem`` parameter):
-
-- ``"repeat"`` (timm's ``adapt_input_conv``, also torchgeo's rule): for one
-  band the sum of the R, G and B filters; otherwise band ``i`` gets the
-  filter of RGB channel ``i % 3``, all scaled by ``3 / bands``. Bands that
-  repeat an RGB image k times then give the RGB image's output exactly.
-- ``"mean"``: every band gets the mean of the three filters, scaled by
-  ``3 / bands`` (no band is tied to a colour).
-- ``"random"``: a new random filter for every band (PyTorch's own
-  initialisation of a convolution), drawn from the fit's seed.
+"""A pretrained network's first convolution, adapted to images of any number
+of bands: :func:`adapt_stem` gives it one input channel per band, in place, by
+the rule ``stem`` names (``CNNFeatureTransformer``'s parameter). "repeat" is
+timm's ``adapt_input_conv`` (and torchgeo's rule): bands that repeat an RGB
+image k times give the RGB image's output exactly.
 
 The first convolution is the first ``nn.Conv2d`` that runs in a forward pass,
 or a timm model's ``pretrained_cfg["first_conv"]``; it must read the image.
@@ -98,7 +88,7 @@ def first_conv(module: nn.Module, example: torch.Tensor) -> tuple[str, nn.Conv2d
 
 def adapted_weight(weight: torch.Tensor, bands: int, rule: str) -> torch.Tensor:
     """The first convolution's RGB ``weight`` (O, 3, kh, kw) for ``bands``
-    input channels by ``rule`` (see the module's docstring)."""
+    input channels by ``rule`` (see ``CNNFeatureTransformer``'s ``stem``)."""
     w = weight.detach().float()
     if rule == "repeat":
         if bands == 1:

@@ -204,15 +204,12 @@ class ImageClassifierMixin:
 
 #: The parameters ``Network.build`` takes.
 _BUILD_PARAMS = (
-    "model", "weights", "image_size", "mean", "std", "device", "precision",
-    "bands", "stem",
+    "model", "weights", "image_size", "mean", "std", "bands", "stem", "precision",
+    "device",
 )  # fmt: skip
 
-#: Attributes that save() does not store: rebuilt on load with the network,
-#: or recomputed when needed (compiled code, the activation cache key).
-_NOT_SAVED = frozenset(
-    {"_network", "_taps", "_fitted_params", "_compiled", "_cache_parts"}
-)
+#: Attributes that save() does not store: rebuilt on load with the network.
+_NOT_SAVED = frozenset({"_network", "_taps", "_fitted_params"})
 
 
 class NetworkMixin:
@@ -226,16 +223,10 @@ class NetworkMixin:
     or load, the others at once (they do not change the results).
     """
 
-    #: Parameters whose value at fit decides what inference computes.
-    _inference_params: tuple[str, ...] = (
-        "model",
-        "weights",
-        "image_size",
-        "mean",
-        "std",
-        "bands",
-        "stem",
-        "precision",
+    #: Parameters whose value at fit decides what inference computes: what
+    #: builds the network, but where it runs.
+    _inference_params: tuple[str, ...] = tuple(
+        p for p in _BUILD_PARAMS if p != "device"
     )
 
     # The fitted network's parts, as public fitted attributes.

@@ -40,7 +40,7 @@ from blake3 import blake3
 from torch import nn
 
 from ._image_array import ImageArray
-from ._images import ArrayLikeImages, _fitted, image_to_tensor
+from ._images import ArrayLikeImages, _fitted, array_batches, image_to_tensor
 from ._layers import Tap, Trace
 from ._network import Network
 from ._version import __version__
@@ -289,16 +289,13 @@ def image_digests(
     X: np.ndarray | ArrayLikeImages | list, preprocessing: Any = None
 ) -> list[bytes]:
     """A 16-byte BLAKE3 digest of each image of ``X`` (as ``check_images``
-    returns it), taken as the network's preprocessing receives it (pixels as
-    uint8, uint16 or float32, RGB or bands, files decoded and upright): an
-    image has one digest however it is given, and images that differ in any
-    pixel, band, size or dtype differ.
-
-    ``preprocessing`` (the fitted :class:`~sklearn_cnn._images.Preprocessing`,
-    None: colour, floats in [0, 1]) decides ``bands`` and ``unit_floats``.
-    Nothing is remembered between calls (an array may change in place),
-    except an :class:`~sklearn_cnn.ImageArray`'s digests (its images cannot).
-    """
+    returns it) as the network's preprocessing receives it (uint8, uint16 or
+    float32 pixels, RGB or bands, files decoded and upright): one digest
+    however an image is given, another for any change of pixel, band, size or
+    dtype. ``preprocessing`` (None: colour, floats in [0, 1]) decides
+    ``bands`` and ``unit_floats``. Nothing is remembered between calls (an
+    array may change in place) but an :class:`~sklearn_cnn.ImageArray`'s
+    digests (its images cannot)."""
     preprocessing = _fitted(preprocessing)
     bands = bool(getattr(preprocessing, "bands", False))
     unit_floats = bool(getattr(preprocessing, "unit_floats", True))
@@ -310,16 +307,8 @@ def image_digests(
             lambda rows: _digests(_canonical(images.read(rows, unit_floats)), bands),
         )
     if isinstance(X, (np.ndarray, ArrayLikeImages)):
-        out = []
-        for start in range(0, len(X), 256):
-            stop = min(start + 256, len(X))
-            batch = (
-                X[start:stop]
-                if isinstance(X, np.ndarray)
-                else X.read(list(range(start, stop)), unit_floats)
-            )
-            out.extend(_digests(_canonical(batch), bands))
-        return out
+        batches = array_batches(X, 256, unit_floats)
+        return [d for batch in batches for d in _digests(_canonical(batch), bands)]
     digests = []
     for i, item in enumerate(X):
         # The same checks and decoding as the network's input.
@@ -361,10 +350,7 @@ class _Shard:
                 raw = f.read(length + _CHECK)
                 if len(raw) != length + _CHECK:
                     raise _Corrupt(path, "truncated header")
-                if (
-                    hashlib.blake2b(raw[:length], digest_size=_CHECK).digest()
-                    != (raw[length:])
-                ):
+                if _checksum(raw[:length]) != raw[length:].hex():
                     raise _Corrupt(path, "header checksum mismatch")
                 header = json.loads(raw[:length])
                 self.data_start = 16 + length + _CHECK
@@ -451,18 +437,10 @@ class ActivationCache:
     def fetch(
         self, key: str, digests: Sequence[bytes], names: Sequence[str]
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The cached rows of ``names`` for the images ``digests``.
-
-        Returns
-        -------
-        found : ndarray of bool, shape (len(digests),)
-            Whether every name is cached for that image.
-        rows : dict
-            For each name, an array of the found images' rows, in the order of
-            ``digests`` (``rows[name][k]`` belongs to the k-th True of
-            ``found``). A corrupt shard is deleted with a warning and its
-            images count as not found.
-        """
+        """The cached rows of ``names`` for the images ``digests``: a bool per
+        image, whether every name is cached for it, and each name's rows of
+        the found images in ``digests`` order. A corrupt shard is deleted with
+        a warning; its images count as not found."""
         while True:
             try:
                 return self._fetch(key, list(digests), list(names))

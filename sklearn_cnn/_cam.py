@@ -21,7 +21,7 @@ from torch import nn
 
 from ._images import ImageDataset, Preprocessing
 from ._layers import Tap, Tapper, Trace, first_tensor, layout_kind
-from ._runtime import uses_channels_last
+from ._runtime import batches, uses_channels_last
 
 #: Layouts whose outputs have positions in the image (2-D grids or tokens).
 SPATIAL = ("NCHW", "NHWC", "NLD")
@@ -39,16 +39,10 @@ class Network:
 
 def input_batches(net: Network, X: Any, batch_size: int) -> Iterator[torch.Tensor]:
     """Preprocessed float32 batches of ``X`` on the network's device."""
-    dataset = ImageDataset(X, net.preprocessing)
-    fmt = (
-        torch.channels_last
-        if uses_channels_last(net.module)
-        else torch.contiguous_format
-    )
-    for start in range(0, len(dataset), batch_size):
-        idx = list(range(start, min(start + batch_size, len(dataset))))
-        batch = dataset.__getitems__(idx)
-        yield batch.to(net.device).contiguous(memory_format=fmt)
+    return batches(
+        ImageDataset(X, net.preprocessing), batch_size=batch_size, num_workers=0,
+        device=net.device, channels_last=uses_channels_last(net.module),
+    )  # fmt: skip
 
 
 def unnormalize(net: Network, batch: torch.Tensor) -> np.ndarray:

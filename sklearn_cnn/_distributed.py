@@ -210,9 +210,8 @@ def fit_ddp(
         raise TypeError(
             f"fit_ddp fine-tunes a FineTuneClassifier; got {type(estimator).__name__}."
         )
-    work = clone(estimator) if not getattr(estimator, "warm_start", False) else None
-    if work is None:  # warm start: continue from the fitted network
-        work = pickle.loads(pickle.dumps(estimator))
+    warm = getattr(estimator, "warm_start", False)  # goes on from the fitted network
+    work = pickle.loads(pickle.dumps(estimator)) if warm else clone(estimator)
     work._validate_params()
     if params["batch_size"] < n_devices:
         raise ValueError(

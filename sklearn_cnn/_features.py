@@ -223,12 +223,8 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         "memory": [None, str, os.PathLike, HasMethods(["cache"])],
     }
     _inference_params = (
-        *NetworkMixin._inference_params,
-        "layer",
-        "pooling",
-        "layout",
-        "random_state",
-    )
+        *NetworkMixin._inference_params, "layer", "pooling", "layout", "random_state",
+    )  # fmt: skip
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ import os
 import stat
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -644,6 +645,17 @@ def check_channels(images: torch.Tensor, preprocess: Any, where: str) -> None:
     )
 
 
+def array_batches(
+    X: np.ndarray | ArrayLikeImages, size: int, unit_floats: bool
+) -> Iterator[np.ndarray]:
+    """The images of an array ``X``, ``size`` at a time, as their pixels are."""
+    for start in range(0, len(X), size):
+        if isinstance(X, np.ndarray):
+            yield X[start : start + size]
+        else:
+            yield X.read(list(range(start, min(start + size, len(X)))), unit_floats)
+
+
 def band_statistics(
     X: np.ndarray | ArrayLikeImages | list, bands: bool = False
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -670,13 +682,7 @@ def band_statistics(
         count += x.shape[1]
 
     if isinstance(X, (np.ndarray, ArrayLikeImages)):
-        for start in range(0, len(X), 64):
-            idx = list(range(start, min(start + 64, len(X))))
-            batch = (
-                X[start : idx[-1] + 1]
-                if isinstance(X, np.ndarray)
-                else (X.read(idx, unit_floats=False))
-            )
+        for batch in array_batches(X, 64, unit_floats=False):
             add(array_to_tensor(batch, batched=True, bands=bands))
     else:
         for i, item in enumerate(X):
@@ -783,10 +789,9 @@ def collate_batch(batch: torch.Tensor) -> torch.Tensor:
 def _first_image(X: Any, unit_floats: bool, bands: bool) -> torch.Tensor:
     """The first image of ``X`` (as :func:`check_images` returns it), as the
     network's preprocessing receives it: (C, H, W)."""
-    if isinstance(X, np.ndarray):
-        return array_to_tensor(X[0], batched=False, bands=bands)
-    if isinstance(X, ArrayLikeImages):
-        return array_to_tensor(X.read([0], unit_floats)[0], batched=False, bands=bands)
+    if isinstance(X, (np.ndarray, ArrayLikeImages)):
+        first = next(array_batches(X, 1, unit_floats))[0]
+        return array_to_tensor(first, batched=False, bands=bands)
     return image_to_tensor(X[0], 0, unit_floats, bands)
 
 

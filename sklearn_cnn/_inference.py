@@ -293,9 +293,7 @@ class InferenceCopy:
 
 
 def inference_copy(
-    module: nn.Module,
-    dtype: torch.dtype | None,
-    example: Callable[[], torch.Tensor],
+    module: nn.Module, dtype: torch.dtype | None, example: Callable[[], torch.Tensor]
 ) -> InferenceCopy:
     """The rewritten copy of ``module`` for ``dtype``: made once per network,
     device and dtype (its pairs found in a pass of the image ``example()``),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
 import threading
 import weakref
 from collections import Counter
@@ -355,7 +354,7 @@ def _forward_kind(c: _Call, kinds: dict[int, str], before: list[_Call]) -> str |
     known = _expects(c.module, c.out_shape)
     if known is not None:
         return known
-    in_kind = kinds.get(c.in_key) if c.in_key is not None else None
+    in_kind = kinds.get(c.in_key)  # None for a key of no tensor
     perm = _axis_map(c.module, ndim)
     if perm is not None:
         if in_kind in ("first", "last"):
@@ -394,7 +393,7 @@ def _backward_kind(c: _Call, kinds: dict[int, str]) -> str | None:
     known = _expects(c.module, c.in_shape)
     if known is not None:
         return known
-    out_kind = kinds.get(c.out_key) if c.out_key is not None else None
+    out_kind = kinds.get(c.out_key)
     perm = _axis_map(c.module, ndim)
     if perm is not None:
         if out_kind in ("first", "last"):
@@ -692,21 +691,8 @@ def pool(
     raise ValueError(f"Unknown pooling {how!r}; choose one of {POOLINGS}.")
 
 
-def pooled_width(shape: tuple[int, ...], how: str, layout: str | None = "NCHW") -> int:
-    """Number of features ``pool`` makes of an output of ``shape`` (no batch)."""
-    if len(shape) <= 1 or how == "flatten":
-        return math.prod(shape)
-    return (
-        shape[-1] if layout is not None and layout_kind(layout) == "last" else shape[0]
-    )
-
-
 def check_pooling(
-    name: str,
-    shape: tuple[int, ...],
-    layout: str | None,
-    how: str,
-    prefix_tokens: int,
+    name: str, shape: tuple[int, ...], layout: str | None, how: str, prefix_tokens: int
 ) -> None:
     """Refuse, with the fix, a pooling that cannot be done right on ``name``."""
     if len(shape) <= 1 or how == "flatten":

@@ -38,12 +38,8 @@ def param_groups(
     weight_decay: float,
 ) -> list[dict]:
     """The head's and the backbone's trainable parameters, each split into
-    decayed (matrices, kernels) and not decayed (biases, norms) groups.
-
-    With ``layer_decay`` the backbone is split by stage: the last stage trains
-    at ``backbone_lr`` and each earlier one at the next one's rate times
-    ``layer_decay`` (timm's layer-wise decay).
-    """
+    decayed (matrices, kernels) and not decayed (biases, norms) groups; with
+    ``layer_decay``, the backbone's by stage (timm's layer-wise decay)."""
     rates: dict[str, float] = {}
     members: dict[str, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():

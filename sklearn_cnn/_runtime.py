@@ -6,7 +6,6 @@ import contextlib
 import copy
 import math
 import os
-import sys
 import threading
 import time
 import types
@@ -248,20 +247,13 @@ class CompiledForward:
     that does not compile (it warns once).
     """
 
-    def __init__(
-        self,
-        module: nn.Module,
-        taps: Sequence[Any],
-        key: tuple,
-        verbose: bool = False,
-    ) -> None:
+    def __init__(self, module: nn.Module, taps: Sequence[Any], key: tuple) -> None:
         self.key = key
         self.source = weakref.ref(module)  # not id(): ids are reused
         self.version = weights_version(module)
         self.shape: tuple[int, ...] | None = None
         self.failed = False
         self.compile_seconds: float | None = None
-        self.verbose = verbose
         self._lock = threading.Lock()  # the tapper's store is per copy
         with torch.inference_mode(False):  # a copy of ordinary tensors
             private = copy.deepcopy(module).eval()
@@ -315,12 +307,6 @@ class CompiledForward:
                     return fallback(images)
                 self.shape = shape
                 self.compile_seconds = time.perf_counter() - start
-                if self.verbose:
-                    print(
-                        f"compiled the network in {self.compile_seconds:.1f} s",
-                        file=sys.stderr,
-                        flush=True,
-                    )
                 return out
             return self._fn(images)
 

@@ -173,13 +173,9 @@ class Sources:
         return (self.network.module, *images, self.network.dtype)
 
     def _features(self, part: str, features: torch.Tensor) -> FeatureSource:
-        i = self.index[part]
+        i, net = self.index[part], self.network
         return FeatureSource(
-            features,
-            self.y[i],
-            self.w[i],
-            self.network.device,
-            uses_channels_last(self.network.module),
+            features, self.y[i], self.w[i], net.device, uses_channels_last(net.module)
         )
 
     def _images(self, part: str) -> ImageSource:

@@ -119,9 +119,7 @@ def validation_split(
 
 
 def example_weights(
-    y: np.ndarray,
-    class_weight: np.ndarray | None,
-    sample_weight: np.ndarray | None,
+    y: np.ndarray, class_weight: np.ndarray | None, sample_weight: np.ndarray | None
 ) -> np.ndarray | None:
     """Each image's weight in the loss: its class weight times its sample weight."""
     if class_weight is None and sample_weight is None:

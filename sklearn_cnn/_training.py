@@ -376,15 +376,11 @@ MAX_RECOVERIES = 2
 
 @dataclass
 class Guard:
-    """Tells a wrecked network from the dip of a first epoch.
-
-    With validation images: the validation score lost more than
-    ``WRECK_SHARE`` of the best epoch's lead over ``chance_accuracy`` (the
-    floor of the task's score; ``names`` name both). Without: the training
-    loss went back more than that share of the way from ``start_loss`` (the
-    probe head's; None: unknown) to ``chance_loss``. Smaller dips are left to
-    selection.
-    """
+    """Tells a wrecked network from the dip of a first epoch, by the rule
+    ``backbone_lr``'s doc states: with validation images, by the score's lead
+    over ``chance_accuracy`` (``names`` name both); without, by the training
+    loss's way from ``start_loss`` (the probe head's; None: unknown) back to
+    ``chance_loss``. Smaller dips are left to selection."""
 
     chance_loss: float
     start_loss: float | None
@@ -464,7 +460,6 @@ class EpochLoop:
     train_mode: Callable[[], None]
     history: list[dict] = field(default_factory=list)
     verbose: int = 0
-    max_grad_norm: float | None = None
     chunk: int | None = None  # images per forward once CUDA ran out of memory
     #: Stops ``run`` at an epoch that wrecked the network (None: never).
     guard: Guard | None = None
@@ -552,7 +547,6 @@ class EpochLoop:
         scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.dtype == torch.float16
         )
-        params = [p for g in optimizer.param_groups for p in g["params"]]
         parallel = DATA_PARALLEL.get()
         self.stepped = None if parallel is None else parallel.wrap(self.forward)
         first = self.history[-1]["epoch"] + 1
@@ -570,9 +564,6 @@ class EpochLoop:
                 weight = torch.zeros((), device=self.device)
                 for xb, yb, wb in self.train.batches(self.batch_size, generator):
                     loss_sum, w_sum = self.step(xb, yb, wb, optimizer, scaler)
-                    if self.max_grad_norm is not None:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(params, self.max_grad_norm)
                     scaler.step(optimizer)
                     scaler.update()
                     schedule.step()

@@ -44,7 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._features import CNNFeatureTransformer
-from ._images import check_images
+from ._images import _check_shape, check_images
 
 __all__ = ["featurize", "local_cluster", "WORKER_ENVIRON"]
 
@@ -243,12 +243,9 @@ _PERSISTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _on_cluster(client: Any, transformer: CNNFeatureTransformer, token: str) -> tuple:
-    """The fitted transformer as a graph node, and the token of its network.
-
-    With a client, the first call persists it and later calls with the same
-    fitted transformer (the same ``model_``) reuse that node and the workers'
-    unpickled copies.
-    """
+    """The fitted transformer as a graph node, and the token of its network;
+    with a client, persisted by the first call and reused by later calls with
+    the same fitted network (``model_``), with the workers' unpickled copies."""
     node = dask.delayed(transformer, name=f"sklearn-cnn-network-{token}")
     if client is None:
         return node, token
@@ -264,24 +261,6 @@ def _on_cluster(client: Any, transformer: CNNFeatureTransformer, token: str) -> 
         (weakref.ref(client), weakref.ref(transformer.model_), persisted, token)
     )
     return persisted, token
-
-
-def _check_dask_images(X: da.Array) -> None:
-    """What can be checked without computing: dimensions and dtype."""
-    if X.ndim not in (3, 4) or (
-        X.ndim == 4 and X.shape[1] in (1, 3, 4) and X.shape[-1] > 4
-    ):
-        raise ValueError(
-            f"X is a dask array of shape {X.shape}; image arrays must be "
-            "N x H x W (grey) or N x H x W x C, channels (or bands) last: "
-            "transpose a channels-first array, X.transpose(0, 2, 3, 1)."
-        )
-    if X.dtype.kind not in "uif":
-        raise TypeError(
-            f"X has dtype {X.dtype}; images must be uint8 in [0, 255], uint16 or float."
-        )
-    if X.shape[0] == 0:
-        raise ValueError("X is empty: pass at least one image.")
 
 
 def featurize(
@@ -375,7 +354,7 @@ def featurize(
             "fit sees: fit it on the training images first, then featurize."
         )
     if isinstance(X, da.Array):
-        _check_dask_images(X)
+        _check_shape(X.shape, X.dtype)  # what needs no compute
     else:
         X = check_images(
             X, unit_floats=transformer.mean is None and transformer.std is None

@@ -1,22 +1,11 @@
 """Where the network looks: class activation maps of fitted estimators.
 
-:func:`activation_maps` returns one map per image, at the resolution of the
-network's input (after the estimator's own resize and crop), non-negative,
-largest where the evidence for the class is strongest:
-
-* for a fitted :class:`~sklearn_cnn.FineTuneClassifier`, Grad-CAM
-  (Selvaraju et al. 2017) at a layer: the layer's channels weighted by the
-  spatial mean of the class logit's gradient, summed, clipped at 0;
-* for a fitted ``Pipeline([CNNFeatureTransformer(pooling="avg"), <linear
-  model>])``, with per-feature scalers in between, the exact class activation
-  map (Zhou et al. 2016): the linear model's coefficients applied to the
-  tapped layer's map at every position, no gradient needed;
-* token layers of ViTs (the class and register tokens dropped, the patch
-  tokens laid on their grid) and channels-last maps (Swin) alike, from the
-  layouts the network's trace found.
-
-:class:`ActivationMapDisplay` draws them over the images, in scikit-learn's
-Display convention.
+:func:`activation_maps` gives Grad-CAM (Selvaraju et al. 2017) for a fitted
+:class:`~sklearn_cnn.FineTuneClassifier`, and the exact CAM (Zhou et al. 2016)
+for a ``Pipeline`` of a :class:`~sklearn_cnn.CNNFeatureTransformer`, affine
+scalers and a linear model; maps and ViT tokens alike, from the layouts the
+network's trace found. :class:`ActivationMapDisplay` draws them over the
+images, in scikit-learn's Display convention.
 
 Not grad-cam or captum: Grad-CAM is a dozen lines; what they leave to their
 users (the layer and its layout, a pipeline's exact CAM) is this module's job.
@@ -270,10 +259,7 @@ def _network(estimator: Any) -> Network:
     check_is_fitted(estimator)
     estimator._check_params_unchanged()
     return Network(
-        estimator.model_,
-        estimator.preprocessing_,
-        estimator.device_,
-        estimator.trace_,
+        estimator.model_, estimator.preprocessing_, estimator.device_, estimator.trace_
     )
 
 
