@@ -131,7 +131,8 @@ class CNNFeatureTransformer(NetworkMixin, TransformerMixin, BaseEstimator):
         "auto" compiles during a ``transform`` whose images left are
         predicted to take over five minutes uncompiled. The features agree
         with the uncompiled network's to float tolerance; a model that does
-        not compile runs uncompiled, with a warning.
+        not compile runs uncompiled, with a warning. ``verbose`` reports the
+        compile time.
     random_state : int, RandomState instance or None, default=None
         Seeds the random initialisation of the network when it has no
         pretrained weights (``weights=None``, or a callable that builds a

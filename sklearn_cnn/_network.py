@@ -217,7 +217,7 @@ class Network:
     # -- the inference loop ----------------------------------------------------------
 
     def _compiled(
-        self, network: nn.Module, taps: list[Tap], reuse_only: bool
+        self, network: nn.Module, taps: list[Tap], reuse_only: bool, verbose: int
     ) -> CompiledForward | None:
         """The compiled tapped forward of ``network`` for ``taps`` (compiled
         at its first full batch), kept while the network stays the same
@@ -228,7 +228,7 @@ class Network:
         if reuse_only:
             return cached if fresh and not cached.failed else None
         if not fresh:
-            self.compiled = CompiledForward(network, taps, key)
+            self.compiled = CompiledForward(network, taps, key, bool(verbose))
         return self.compiled
 
     def stream(
@@ -272,7 +272,7 @@ class Network:
         auto = compile == "auto" and pool is None
         compiled = None
         if pool is None and compile:
-            compiled = self._compiled(network, taps, reuse_only=auto)
+            compiled = self._compiled(network, taps, auto, verbose)
         bar = progress(n, label, enabled=bool(verbose))
         began, done = time.perf_counter(), 0
         tapper: Any = (
@@ -299,7 +299,7 @@ class Network:
                     and compiled is None
                     and auto_compile_pays(time.perf_counter() - began, done, n - done)
                 ):
-                    compiled = self._compiled(network, taps, reuse_only=False)
+                    compiled = self._compiled(network, taps, False, verbose)
                 rows, size = halve_on_oom(
                     functools.partial(chunked, batch=batch), size, what=label
                 )

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import math
 import os
+import sys
 import threading
 import time
 import types
@@ -247,8 +248,10 @@ class CompiledForward:
     that does not compile (it warns once).
     """
 
-    def __init__(self, module: nn.Module, taps: Sequence[Any], key: tuple) -> None:
-        self.key = key
+    def __init__(
+        self, module: nn.Module, taps: Sequence[Any], key: tuple, verbose: bool
+    ) -> None:
+        self.key, self.verbose = key, verbose
         self.source = weakref.ref(module)  # not id(): ids are reused
         self.version = weights_version(module)
         self.shape: tuple[int, ...] | None = None
@@ -307,6 +310,12 @@ class CompiledForward:
                     return fallback(images)
                 self.shape = shape
                 self.compile_seconds = time.perf_counter() - start
+                if self.verbose:
+                    print(
+                        f"compiled the network in {self.compile_seconds:.1f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 return out
             return self._fn(images)
 

@@ -127,13 +127,15 @@ def test_features_at_the_target_size_match_plain_torch(layer):
 
 
 @pytest.mark.slow
-def test_compile_matches_uncompiled_with_inductor():
-    """The real thing, once: inductor with frozen weights, on the CPU."""
+def test_compile_matches_uncompiled_with_inductor(capsys):
+    """The real thing, once: inductor with frozen weights, on the CPU;
+    ``verbose`` reports the compile time."""
     expected = tiny().fit(X).transform(X)
-    est = tiny(compile=True).fit(X)
+    est = tiny(compile=True, verbose=1).fit(X)
     assert_allclose(est.transform(X), expected, rtol=1e-4, atol=1e-5)
     assert est._network.compiled.compile_seconds is not None
     assert not est._network.compiled.failed
+    assert "compiled the network in" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # torch.compile traces the network
