@@ -40,7 +40,12 @@ from blake3 import blake3
 from torch import nn
 
 from ._image_array import ImageArray
-from ._images import ArrayLikeImages, _fitted, array_batches, image_to_tensor
+from ._images import (
+    ArrayLikeImages,
+    array_batches,
+    fitted_preprocessing,
+    image_to_tensor,
+)
 from ._layers import Tap, Trace
 from ._network import Network
 from ._version import __version__
@@ -296,7 +301,7 @@ def image_digests(
     ``bands`` and ``unit_floats``. Nothing is remembered between calls (an
     array may change in place) but an :class:`~sklearn_cnn.ImageArray`'s
     digests (its images cannot)."""
-    preprocessing = _fitted(preprocessing)
+    preprocessing = fitted_preprocessing(preprocessing)
     bands = bool(getattr(preprocessing, "bands", False))
     unit_floats = bool(getattr(preprocessing, "unit_floats", True))
     shared = X if isinstance(X, ImageArray) else getattr(X, "data", None)

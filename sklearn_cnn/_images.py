@@ -200,7 +200,7 @@ def check_images(
     if not isinstance(X, (np.ndarray, list, tuple)) and hasattr(X, "__array__"):
         if _numeric_array_like(X):
             X = ArrayLikeImages(X)  # read batch by batch, never all at once
-            _check_shape(X.shape, X.dtype)
+            check_shape(X.shape, X.dtype)
             return X
         X = np.asarray(X)  # e.g. a polars Series of paths
     if isinstance(X, np.ndarray) and X.dtype.kind in "USO":
@@ -223,7 +223,7 @@ def check_images(
             f"X must be an array of images or a list of paths or PIL images; "
             f"got {type(X).__name__}."
         )
-    _check_shape(X.shape, X.dtype)
+    check_shape(X.shape, X.dtype)
     _check_values(X, "X", unit_floats=unit_floats)
     return X
 
@@ -248,7 +248,7 @@ def _check_path_text(path: str | os.PathLike, index: int) -> None:
         )
 
 
-def _check_shape(shape: tuple[int, ...], dtype: np.dtype) -> None:
+def check_shape(shape: tuple[int, ...], dtype: np.dtype) -> None:
     if shape[0:1] == (0,) or 0 in shape:
         raise ValueError(f"X is empty (shape {shape}): pass at least one image.")
     ndim = len(shape)
@@ -578,7 +578,7 @@ MAX_RESIZED_PIXELS = 2**24
 def check_resize(preprocess: Any, height: int, width: int, where: str) -> int | None:
     """Refuse an image that the preprocessing's resize would blow up; return
     its pixels after resizing its shorter side (None: no such resize)."""
-    size = getattr(_fitted(preprocess), "resize", None)
+    size = getattr(fitted_preprocessing(preprocess), "resize", None)
     if not isinstance(size, int) or height <= 0 or width <= 0:
         return None  # (h, w) or no resize: the output size is fixed or the input's
     scale = size / min(height, width)
@@ -615,14 +615,14 @@ def image_to_tensor(
     return array_to_tensor(item, batched=False, bands=bands)
 
 
-def _fitted(preprocess: Any) -> Any:
+def fitted_preprocessing(preprocess: Any) -> Any:
     """The :class:`Preprocessing` of ``preprocess`` (an augmenting wrapper's)."""
     return getattr(preprocess, "preprocess", preprocess)
 
 
 def check_channels(images: torch.Tensor, preprocess: Any, where: str) -> None:
     """Refuse images whose channels are not those the network was fitted on."""
-    pre = _fitted(preprocess)
+    pre = fitted_preprocessing(preprocess)
     expected = getattr(pre, "channels", 3)
     got = images.shape[-3]
     if got == expected:
@@ -718,7 +718,7 @@ class ImageDataset(torch.utils.data.Dataset):
             return WorkerFailure(exc)  # raised as it is by the main process
 
     def _get(self, indices: list[int]) -> torch.Tensor:
-        pre = _fitted(self.preprocess)
+        pre = fitted_preprocessing(self.preprocess)
         bands = getattr(pre, "bands", False)
         if isinstance(self.X, (np.ndarray, ArrayLikeImages)):
             batch = (
@@ -753,7 +753,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _one(self, i: int) -> torch.Tensor:
         """Image ``i`` of a list X, checked and preprocessed."""
-        pre = _fitted(self.preprocess)
+        pre = fitted_preprocessing(self.preprocess)
         image = image_to_tensor(
             self.X[i],
             i,

@@ -44,7 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._features import CNNFeatureTransformer
-from ._images import _check_shape, check_images
+from ._images import check_images, check_shape
 
 __all__ = ["featurize", "local_cluster", "WORKER_ENVIRON"]
 
@@ -354,7 +354,7 @@ def featurize(
             "fit sees: fit it on the training images first, then featurize."
         )
     if isinstance(X, da.Array):
-        _check_shape(X.shape, X.dtype)  # what needs no compute
+        check_shape(X.shape, X.dtype)  # what needs no compute
     else:
         X = check_images(
             X, unit_floats=transformer.mean is None and transformer.std is None
